@@ -1,0 +1,1 @@
+"""The node: local data, DP-SGD training, the privacy ledger, and the Flower ClientApp."""

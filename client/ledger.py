@@ -1,0 +1,240 @@
+"""The node's privacy ledger: every DP-SGD step ever taken on one dataset, on the node's own disk.
+
+One JSON file per protected dataset under the operator's state directory. Its `accountant` entry is an
+Opacus accountant `state_dict` (mechanism and history), so ε can be recomputed by Opacus from the file
+alone; `rounds` says which run and round each history entry belongs to. A round's spend is written
+(reserved) *before* training starts, so a crash at any point can only over-count, never under-count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .accounting import Spend, calibrate_noise, epsilon
+
+LEDGER_VERSION = 1
+
+
+class BudgetExhausted(RuntimeError):
+    """The round asked for would take the node past its privacy budget."""
+
+
+class LedgerError(RuntimeError):
+    """The ledger file cannot be trusted (corrupt, or written by another version)."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The DP parameters of one run on this node, fixed on its first round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+    target_epsilon: float
+
+
+def ledger_filename(data_key: str) -> str:
+    """A file name safe on every OS, readable, and unique for `data_key`."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", data_key)[:80]
+    digest = hashlib.sha256(data_key.encode()).hexdigest()[:12]
+    return f"{readable}-{digest}.json"
+
+
+class PrivacyLedger:
+    def __init__(self, path: Path, data_key: str, state: dict[str, Any] | None = None) -> None:
+        self.path = path
+        self.data_key = data_key
+        self._state = state or {
+            "version": LEDGER_VERSION,
+            "data_key": data_key,
+            "accountant": {"mechanism": "rdp", "history": []},
+            "rounds": [],
+            "runs": {},
+        }
+
+    # ---- persistence -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, state_dir: str | Path, data_key: str) -> PrivacyLedger:
+        """Load the ledger of `data_key` from `state_dir`, or start an empty one."""
+        state_dir = Path(state_dir).expanduser()
+        path = state_dir / ledger_filename(data_key)
+        if not path.exists():
+            return cls(path, data_key)
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise LedgerError(
+                f"privacy ledger {path} is unreadable ({err}); refusing to train rather than "
+                "forget past spend — restore it from backup"
+            ) from None
+        if state.get("version") != LEDGER_VERSION or state.get("data_key") != data_key:
+            raise LedgerError(
+                f"privacy ledger {path} has version {state.get('version')!r} and key "
+                f"{state.get('data_key')!r}; expected version {LEDGER_VERSION} and key {data_key!r}"
+            )
+        return cls(path, data_key, state)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """Read-modify-write under an exclusive lock, so two processes on one dataset cannot
+        both spend what only one of them may."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
+            yield
+            self._save()
+
+    def state_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._state))
+
+    def _save(self) -> None:
+        """Write atomically and durably: a crash leaves the old file or the new one, never half."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self._state, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # ---- reading -----------------------------------------------------------------------------
+    @property
+    def history(self) -> list[Spend]:
+        return [(float(s), float(q), int(n)) for s, q, n in self._state["accountant"]["history"]]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+        return epsilon(self.history, delta, accountant)
+
+    def run_plan(self, run_id: str) -> RunPlan | None:
+        plan = self._state["runs"].get(run_id)
+        return RunPlan(**plan) if plan else None
+
+    def rounds_of(self, run_id: str) -> list[dict[str, Any]]:
+        return [r for r in self._state["rounds"] if r["run"] == run_id]
+
+    # ---- spending ----------------------------------------------------------------------------
+    def plan_run(
+        self,
+        run_id: str,
+        *,
+        sample_rate: float,
+        steps_per_round: int,
+        planned_rounds: int,
+        run_epsilon: float,
+        max_epsilon: float,
+        delta: float,
+        accountant: str = "rdp",
+    ) -> RunPlan:
+        """Fix σ for a run, once: the run alone stays within `run_epsilon`, and everything this
+        dataset has ever spent, this run included, within `max_epsilon`."""
+        with self._transaction():
+            existing = self.run_plan(run_id)
+            if existing is not None:
+                return existing
+            steps = steps_per_round * planned_rounds
+            sigma_run = calibrate_noise([], sample_rate, steps, run_epsilon, delta, accountant)
+            try:
+                sigma_cap = calibrate_noise(
+                    self.history, sample_rate, steps, max_epsilon, delta, accountant
+                )
+            except ValueError as err:
+                raise BudgetExhausted(
+                    f"privacy budget exhausted: node cap ε={max_epsilon:g} cannot fund this run ({err})"
+                ) from None
+            plan = RunPlan(
+                noise_multiplier=max(sigma_run, sigma_cap),
+                sample_rate=sample_rate,
+                steps_per_round=steps_per_round,
+                planned_rounds=planned_rounds,
+                target_epsilon=min(run_epsilon, max_epsilon),
+            )
+            self._state["runs"][run_id] = plan.__dict__.copy()
+        return plan
+
+    def reserve(
+        self,
+        run_id: str,
+        server_round: int,
+        spend: Spend,
+        *,
+        max_epsilon: float,
+        delta: float,
+        accountant: str = "rdp",
+    ) -> float:
+        """Record a round's spend before it is taken; refuse it if the budget would be exceeded.
+
+        Returns ε after the round. Raises BudgetExhausted, leaving the ledger untouched, otherwise.
+        """
+        with self._transaction():
+            return self._reserve(run_id, server_round, spend, max_epsilon, delta, accountant)
+
+    def _reserve(
+        self, run_id: str, server_round: int, spend: Spend, max_epsilon: float, delta: float, accountant: str
+    ) -> float:
+        if any(r["round"] == server_round for r in self.rounds_of(run_id)):
+            raise BudgetExhausted(
+                f"round {server_round} of run {run_id} was already trained on this data; "
+                "a repeated request would spend the budget twice"
+            )
+        after = epsilon([*self.history, spend], delta, accountant)
+        # 1e-9: bisection and accountant arithmetic agree to far better than this.
+        if after > max_epsilon + 1e-9:
+            spent = self.epsilon(delta, accountant)
+            raise BudgetExhausted(
+                f"privacy budget exhausted: this round would raise ε from {spent:.3f} to {after:.3f}, "
+                f"over the node's cap ε={max_epsilon:g} (δ={delta:g}) for data {self.data_key!r}"
+            )
+        self._state["accountant"]["history"].append(list(spend))
+        self._state["rounds"].append(
+            {
+                "run": run_id,
+                "round": server_round,
+                "entry": len(self._state["accountant"]["history"]) - 1,
+                "status": "reserved",
+                "time": time.time(),
+            }
+        )
+        return after
+
+    def settle(self, run_id: str, server_round: int, steps_taken: int) -> None:
+        """Replace a reservation by the steps really taken (never more than reserved)."""
+        with self._transaction():
+            self._settle(run_id, server_round, steps_taken)
+
+    def _settle(self, run_id: str, server_round: int, steps_taken: int) -> None:
+        for record in self.rounds_of(run_id):
+            if record["round"] == server_round and record["status"] == "reserved":
+                entry = self._state["accountant"]["history"][record["entry"]]
+                if steps_taken > entry[2]:
+                    raise LedgerError(
+                        f"round {server_round} took {steps_taken} steps but reserved only {entry[2]}"
+                    )
+                entry[2] = int(steps_taken)
+                record["status"] = "spent"
+                return
+        raise LedgerError(f"no reservation for round {server_round} of run {run_id}")

@@ -1,0 +1,39 @@
+"""Convolutional network for small images."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .registry import DataSpec, register_model
+
+
+@register_model("cnn")
+def build_cnn(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
+    if len(spec.input_shape) != 3:
+        raise ValueError(
+            f"model 'cnn' needs image data shaped (channels, height, width); got {spec.input_shape}"
+        )
+    channels, height, width = spec.input_shape
+    filters = int(options.get("filters", 16))
+    dropout = float(options.get("dropout", 0.0))
+    # GroupNorm, not BatchNorm: BatchNorm mixes samples of a batch, which per-sample DP-SGD forbids.
+    features = nn.Sequential(
+        nn.Conv2d(channels, filters, 3, padding=1),
+        nn.GroupNorm(min(4, filters), filters),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(filters, 2 * filters, 3, padding=1),
+        nn.GroupNorm(min(4, 2 * filters), 2 * filters),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d((2, 2)),
+        nn.Flatten(),
+    )
+    head: list[nn.Module] = []
+    if dropout > 0:
+        head.append(nn.Dropout(dropout))
+    head += [nn.Linear(2 * filters * 4, 64), nn.Tanh(), nn.Linear(64, max(spec.num_classes, 1))]
+    del height, width  # any size: the adaptive pool fixes the head's input
+    return nn.Sequential(features, *head)
