@@ -102,9 +102,16 @@ def load_file(path: str | Path, label_column: str = "label") -> ArrayDataset:
         raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .npz or .csv")
     if len(x) == 0:
         raise DataError(f"{path}: the file holds no samples")
-    classes, y_index = np.unique(y, return_inverse=True)
-    spec = DataSpec(input_shape=tuple(x.shape[1:]), num_classes=len(classes))
-    return ArrayDataset(x, y_index.astype(np.int64), spec)
+    try:
+        labels = np.asarray(y).astype(np.float64)
+    except ValueError:
+        raise DataError(f"{path}: labels must be class numbers 0..K-1") from None
+    if not np.all(labels == np.round(labels)) or labels.min() < 0:
+        raise DataError(f"{path}: labels must be class numbers 0..K-1; found {np.unique(y)[:10]}")
+    # Every node numbers classes the same way, so K is taken from the largest label seen here; the
+    # coordinator's model says the true K and the node checks its labels fit.
+    spec = DataSpec(input_shape=tuple(x.shape[1:]), num_classes=int(labels.max()) + 1)
+    return ArrayDataset(x, labels.astype(np.int64), spec)
 
 
 PARTITIONERS = ("iid", "dirichlet")

@@ -1,0 +1,181 @@
+"""What the node operator allows, and what the coordinator asks: parsed once, validated at the edge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_DIR = "~/.fedsafe/ledgers"
+DEFAULT_MAX_EPSILON = 10.0
+DEFAULT_DELTA = 1e-5
+
+
+class PolicyError(ValueError):
+    """A node-config or run request value that cannot be used; the message names the key."""
+
+
+def _number(values: Mapping[str, Any], key: str, default: float, kind=float) -> Any:
+    raw = values.get(key, default)
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{key}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _flag(values: Mapping[str, Any], key: str, default: bool) -> bool:
+    raw = values.get(key, default)
+    if isinstance(raw, bool):
+        return raw
+    if str(raw).lower() in ("true", "1", "yes"):
+        return True
+    if str(raw).lower() in ("false", "0", "no"):
+        return False
+    raise PolicyError(f"{key}={raw!r} is not true or false")
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """The node operator's rules (Flower node-config). They cap whatever a run asks for."""
+
+    data_path: str | None = None
+    dataset_id: str | None = None
+    state_dir: str = DEFAULT_STATE_DIR
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    delta: float = DEFAULT_DELTA
+    device: str = "auto"
+    allow_non_private: bool = False  # a run may turn DP off only where the operator said so
+    seed_noise: bool = False  # seeded DP noise is reproducible, and so predictable: simulations only
+
+    def __post_init__(self) -> None:
+        if not self.max_epsilon > 0:
+            raise PolicyError(f"max-epsilon must be > 0; got {self.max_epsilon}")
+        if not 0 < self.delta < 1:
+            raise PolicyError(f"delta must be in (0, 1); got {self.delta}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise PolicyError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
+        known = {
+            "data-path", "dataset-id", "state-dir", "max-epsilon", "delta", "device",
+            "allow-non-private", "partition-id", "num-partitions",
+        }
+        unknown = sorted(set(node_config) - known)
+        if unknown:
+            raise PolicyError(f"unknown node-config keys {unknown}; known: {sorted(known)}")
+        data_path = node_config.get("data-path")
+        return cls(
+            data_path=str(data_path) if data_path else None,
+            dataset_id=str(node_config["dataset-id"]) if node_config.get("dataset-id") else None,
+            state_dir=str(node_config.get("state-dir", DEFAULT_STATE_DIR)),
+            max_epsilon=_number(node_config, "max-epsilon", DEFAULT_MAX_EPSILON),
+            delta=_number(node_config, "delta", DEFAULT_DELTA),
+            device=str(node_config.get("device", "auto")),
+            allow_non_private=_flag(node_config, "allow-non-private", False),
+        )
+
+    def with_overrides(self, **changes: Any) -> NodePolicy:
+        return replace(self, **changes)
+
+    def data_key(self, request: TrainRequest, partition_id: int | None) -> str:
+        """Which data the ledger protects: the operator's dataset id, the data file, or — for a
+        simulated node — exactly the records of its partition."""
+        if self.dataset_id:
+            return self.dataset_id
+        if self.data_path:
+            return "file:" + str(Path(self.data_path).expanduser().resolve())
+        return (
+            f"sim:{request.dataset}:{request.partitioner}:a{request.alpha:g}:"
+            f"n{request.num_partitions}:s{request.seed}:p{partition_id}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the coordinator asks of a node in one round (the train message's config)."""
+
+    run_id: str
+    server_round: int
+    num_rounds: int
+    model: str
+    dataset: str
+    partitioner: str
+    alpha: float
+    num_partitions: int
+    seed: int
+    local_epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    dp: bool
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], run_id: str) -> TrainRequest:
+        missing = [k for k in ("server-round", "num-rounds", "model", "dataset") if k not in config]
+        if missing:
+            raise PolicyError(f"train request lacks {missing}")
+        request = cls(
+            # The coordinator's run key survives its restarts; Flower's run id does not.
+            run_id=str(config.get("run-key", run_id)),
+            server_round=_number(config, "server-round", 1, int),
+            num_rounds=_number(config, "num-rounds", 1, int),
+            model=str(config["model"]),
+            dataset=str(config["dataset"]),
+            partitioner=str(config.get("partitioner", "iid")),
+            alpha=_number(config, "alpha", 0.5),
+            num_partitions=_number(config, "num-partitions", 0, int),
+            seed=_number(config, "seed", 0, int),
+            local_epochs=_number(config, "local-epochs", 1, int),
+            batch_size=_number(config, "batch-size", 32, int),
+            optimizer=str(config.get("optimizer", "sgd")),
+            lr=_number(config, "lr", 0.1),
+            momentum=_number(config, "momentum", 0.0),
+            weight_decay=_number(config, "weight-decay", 0.0),
+            dp=_flag(config, "dp", True),
+            epsilon=_number(config, "epsilon", 1.0),
+            delta=_number(config, "delta", DEFAULT_DELTA),
+            max_grad_norm=_number(config, "max-grad-norm", 1.0),
+            accountant=str(config.get("accountant", "rdp")),
+        )
+        for name in ("local_epochs", "batch_size", "num_rounds", "server_round"):
+            if getattr(request, name) < 1:
+                raise PolicyError(f"{name.replace('_', '-')} must be >= 1; got {getattr(request, name)}")
+        if request.dp and not request.epsilon > 0:
+            raise PolicyError(f"epsilon must be > 0; got {request.epsilon}")
+        if request.dp and not request.max_grad_norm > 0:
+            raise PolicyError(f"max-grad-norm must be > 0; got {request.max_grad_norm}")
+        return request
+
+
+@dataclass(frozen=True)
+class PrivacyTerms:
+    """The (ε, δ) a node will honour for a run: the request, capped by the node's policy."""
+
+    private: bool
+    run_epsilon: float
+    max_epsilon: float
+    delta: float
+
+
+def resolve_terms(policy: NodePolicy, request: TrainRequest) -> PrivacyTerms:
+    if not request.dp:
+        if not policy.allow_non_private:
+            raise PolicyError(
+                "the run asks to train without differential privacy; this node's policy forbids it "
+                "(node-config allow-non-private=false)"
+            )
+        return PrivacyTerms(False, float("inf"), float("inf"), policy.delta)
+    return PrivacyTerms(
+        private=True,
+        run_epsilon=min(request.epsilon, policy.max_epsilon),
+        max_epsilon=policy.max_epsilon,
+        delta=min(request.delta, policy.delta),
+    )

@@ -1,0 +1,1 @@
+"""The coordinator: the ServerApp round loop, central evaluation, checkpoints and resume, results."""

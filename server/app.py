@@ -1,0 +1,62 @@
+"""The coordinator's Flower ServerApp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .loop import ProgressSink, RunOutcome, print_progress, run_rounds
+
+
+def global_model_setup(cfg: RunConfig):
+    """The initial global model, the spec every node must build it from, and the central evaluator."""
+    import torch
+
+    from client.data import load_builtin
+    from models import build_model, evaluate, task_for
+
+    split = load_builtin(cfg.dataset)
+    spec = split.train.spec
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, spec)
+    task = task_for(spec.task, spec.num_classes)
+    model_config = {"input-shape": list(spec.input_shape), "num-classes": spec.num_classes, "task": spec.task}
+
+    def evaluator(arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(model, task, split.test.x, split.test.y)
+
+    return ArrayRecord(model.state_dict()), model_config, evaluator
+
+
+def run_server(grid: Grid, cfg: RunConfig, progress: ProgressSink | None = print_progress) -> RunOutcome:
+    from strategies import build_strategy
+
+    initial, model_config, evaluator = global_model_setup(cfg)
+    strategy = build_strategy(
+        cfg.strategy, fraction_train=cfg.fraction_train,
+        min_train_nodes=min(cfg.min_replies, cfg.min_nodes), min_available_nodes=cfg.min_nodes,
+    )
+    return run_rounds(grid, cfg, strategy, initial, model_config, evaluator, progress)
+
+
+def make_server_app(
+    config_source: Callable[[Context], RunConfig] = lambda ctx: RunConfig.from_mapping(ctx.run_config),
+    on_finish: Callable[[RunOutcome], Any] | None = None,
+) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        outcome = run_server(grid, config_source(context))
+        if on_finish is not None:
+            on_finish(outcome)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,178 @@
+"""The coordinator's round loop: send, collect, validate, aggregate, evaluate, record, checkpoint.
+
+Flower's `Strategy.start` has no checkpoints, resume, or per-node view of replies; this loop drives the
+same strategy methods (`configure_train`, `aggregate_train`) and adds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from strategies import UpdateRejected, validate_update
+
+from .checkpoint import RunState, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .results import ResultsWriter
+
+log = logging.getLogger("fedsafe.server")
+
+BUDGET_EXHAUSTED = 4001  # the node's error code for a refused round (client.app.BUDGET_EXHAUSTED)
+
+Evaluator = Callable[[ArrayRecord], dict[str, float]]
+ProgressSink = Callable[[dict[str, Any], RunConfig], None]
+
+
+@dataclass
+class RunOutcome:
+    arrays: ArrayRecord
+    history: list[dict[str, Any]]
+    node_epsilon: dict[int, float] = field(default_factory=dict)
+
+
+def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig):
+    valid, failures, budget_refusals, rejected = [], [], [], []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            entry = {"node": node, "code": reply.error.code, "reason": reply.error.reason}
+            (budget_refusals if reply.error.code == BUDGET_EXHAUSTED else failures).append(entry)
+            continue
+        try:
+            if "arrays" not in reply.content or "metrics" not in reply.content:
+                raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
+            if "num-examples" not in reply.content["metrics"]:
+                raise UpdateRejected("metrics lack 'num-examples'")
+            validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None)
+        except UpdateRejected as err:
+            rejected.append({"node": node, "reason": str(err)})
+            log.warning("rejected update from node %s: %s", node, err)
+            continue
+        valid.append(reply)
+    return valid, failures, budget_refusals, rejected
+
+
+def run_rounds(
+    grid,
+    cfg: RunConfig,
+    strategy,
+    initial_arrays: ArrayRecord,
+    model_config: dict[str, Any],
+    evaluator: Evaluator | None,
+    progress: ProgressSink | None = None,
+) -> RunOutcome:
+    """Run `cfg.num_rounds` rounds (from the checkpoint's next round when `cfg.resume`)."""
+    out = cfg.out_path
+    results = ResultsWriter(out, cfg.to_mapping())
+    if cfg.resume:
+        state = load_checkpoint(out)
+        arrays = ArrayRecord(state.model_state)
+        history, run_key, first_round = state.history, state.run_key, state.completed_round + 1
+        log.info("resuming run %s after round %d", run_key, state.completed_round)
+    else:
+        arrays, history, run_key, first_round = initial_arrays, [], uuid.uuid4().hex, 1
+        if evaluator is not None:
+            history.append({"round": 0, "eval": evaluator(arrays)})
+    node_epsilon: dict[int, float] = {}
+    for entry in history:
+        node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
+
+    train_config = ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key})
+    for rnd in range(first_round, cfg.num_rounds + 1):
+        started = time.perf_counter()
+        messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg)
+        for entry in failures:
+            log.warning("node %s failed round %d: %s", entry["node"], rnd, entry["reason"])
+        for entry in refusals:
+            log.warning("node %s refused round %d: %s", entry["node"], rnd, entry["reason"])
+
+        round_eps = {}
+        for reply in valid:
+            metrics = reply.content["metrics"]
+            if "epsilon" in metrics:
+                round_eps[reply.metadata.src_node_id] = float(metrics["epsilon"])
+        node_epsilon.update(round_eps)
+
+        aggregated = False
+        train_loss = None
+        if len(valid) >= cfg.min_replies:
+            new_arrays, agg_metrics = strategy.aggregate_train(rnd, valid)
+            if new_arrays is not None:
+                arrays, aggregated = new_arrays, True
+            if agg_metrics is not None and "train-loss" in agg_metrics:
+                train_loss = float(agg_metrics["train-loss"])
+        else:
+            log.warning(
+                "round %d skipped: %d valid replies, %d needed (min-replies); the global model is unchanged",
+                rnd, len(valid), cfg.min_replies,
+            )
+
+        record: dict[str, Any] = {
+            "round": rnd,
+            "aggregated": aggregated,
+            "sent": len(messages),
+            "replies": len(valid),
+            "failures": len(failures),
+            "budget_refusals": len(refusals),
+            "rejected": len(rejected),
+            "train_loss": train_loss,
+            "epsilon_max": max(round_eps.values()) if round_eps else None,
+            "epsilon_mean": mean(round_eps.values()) if round_eps else None,
+            "node_epsilon": {str(k): v for k, v in round_eps.items()},
+            "problems": failures + refusals + rejected,
+        }
+        if evaluator is not None:
+            record["eval"] = evaluator(arrays)
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        results.write(history)
+        save_checkpoint(
+            out,
+            RunState(run_key=run_key, completed_round=rnd, model_state=arrays.to_torch_state_dict(),
+                     history=history, config=cfg.to_mapping()),
+        )
+        if progress is not None:
+            progress(record, cfg)
+
+    summary = {
+        "final": history[-1].get("eval", {}) if history else {},
+        "epsilon_max_all_nodes": max(node_epsilon.values()) if node_epsilon else None,
+        "nodes_seen": len(node_epsilon),
+    }
+    results.write(history, summary)
+    results.plot([h for h in history if h["round"] >= 0])
+    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon)
+
+
+def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
+    ev = record.get("eval", {})
+    eps = record.get("epsilon_max")
+    eps_text = "ε off" if not cfg.dp else (
+        f"ε max {eps:.2f} mean {record['epsilon_mean']:.2f}" if eps is not None else "ε n/a"
+    )
+    parts = [
+        f"round {record['round']:>3}/{cfg.num_rounds}",
+        f"acc {ev.get('accuracy', float('nan')):.3f}",
+        f"loss {ev.get('loss', float('nan')):.3f}",
+        eps_text,
+        f"replies {record['replies']}/{record['sent']}",
+    ]
+    if record["budget_refusals"]:
+        parts.append(f"{record['budget_refusals']} out of budget")
+    if record["failures"] or record["rejected"]:
+        parts.append(f"{record['failures']} failed, {record['rejected']} rejected")
+    parts.append(f"{record['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+def print_progress(record: dict[str, Any], cfg: RunConfig) -> None:
+    print(progress_line(record, cfg), flush=True)

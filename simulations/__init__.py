@@ -1,0 +1,1 @@
+"""Many virtual nodes on one machine (or a Ray cluster) through Flower's simulation engine."""
