@@ -6,6 +6,7 @@ Opacus' accountants; this module only composes histories and searches σ.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -42,13 +43,35 @@ def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> 
             return float(acc.get_epsilon(delta))
         except Exception as err:  # noqa: BLE001 - any PRV failure falls back to the RDP bound
             log.warning("PRV accounting failed (%s); reporting the RDP bound instead", err)
-    acc = create_accountant("rdp")
-    acc.history = list(spends)
+    return _rdp_epsilon(spends, delta)
+
+
+def _rdp_epsilon(spends: Sequence[Spend], delta: float) -> float:
+    """What Opacus' RDPAccountant.get_epsilon computes, with each (σ, q) pair's RDP curve cached:
+    RDP composes by addition, so a history costs one curve per distinct (σ, q), scaled by its steps."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    total = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in spends)
     with warnings.catch_warnings():
         # Opacus warns when the optimal RDP order sits at the edge of its grid (σ far from 1):
         # the bound is still valid, only looser.
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        return float(acc.get_epsilon(delta))
+        eps, _ = get_privacy_spent(orders=_rdp_orders(), rdp=total, delta=delta)
+    return float(eps)
+
+
+@functools.cache
+def _rdp_orders() -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+
+    return tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float):
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_rdp_orders()))
 
 
 def calibrate_noise(

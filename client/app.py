@@ -29,7 +29,7 @@ def policy_from_node_config(context: Context) -> NodePolicy:
 
 
 def load_local_data(policy: NodePolicy, request: TrainRequest, context: Context):
-    from .data import load_builtin, load_file, load_partition
+    from .data import load_file, load_partition
 
     if policy.data_path:
         return load_file(policy.data_path)
@@ -39,8 +39,6 @@ def load_local_data(policy: NodePolicy, request: TrainRequest, context: Context)
             request.dataset, int(context.node_config["partition-id"]), num_partitions,
             request.partitioner, request.alpha, request.seed,
         )
-    if request.dataset and request.num_partitions == 1:
-        return load_builtin(request.dataset).train
     raise PolicyError("this node has no data: set node-config data-path=<file>")
 
 

@@ -46,10 +46,31 @@ SPLIT_SEED = 0
 def _split(x: np.ndarray, y: np.ndarray, spec: DataSpec) -> DataSplit:
     from sklearn.model_selection import train_test_split
 
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y
+        x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=stratify
     )
     return DataSplit(ArrayDataset(x_train, y_train, spec), ArrayDataset(x_test, y_test, spec))
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_DATASETS
+
+
+@functools.cache
+def load_dataset(name_or_path: str) -> DataSplit:
+    """A built-in dataset by name, or a data file (.csv/.npz) split 75/25 into train and held-out test."""
+    if is_builtin(name_or_path):
+        return load_builtin(name_or_path)
+    if Path(name_or_path).suffix in (".csv", ".npz") or Path(name_or_path).exists():
+        data = load_file(name_or_path)
+        if len(data) < 8:
+            raise DataError(f"{name_or_path}: {len(data)} samples are too few to split into train and test")
+        return _split(data.x, data.y, data.spec)
+    raise DataError(
+        f"unknown dataset {name_or_path!r}; built-in: {', '.join(BUILTIN_DATASETS)}, or a .csv/.npz file path"
+    )
 
 
 @functools.cache
@@ -161,15 +182,15 @@ def partition_indices(
 def _cached_partitions(
     dataset: str, num_partitions: int, partitioner: str, alpha: float, seed: int
 ) -> tuple[np.ndarray, ...]:
-    split = load_builtin(dataset)
+    split = load_dataset(dataset)
     return tuple(partition_indices(split.train.y, num_partitions, partitioner, alpha, seed))
 
 
 def load_partition(
     dataset: str, partition_id: int, num_partitions: int, partitioner: str, alpha: float, seed: int
 ) -> ArrayDataset:
-    """One simulated node's share of a built-in dataset's training split."""
+    """One simulated node's share of a dataset's training split."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
     indices = _cached_partitions(dataset, num_partitions, partitioner, float(alpha), int(seed))
-    return load_builtin(dataset).train.subset(indices[partition_id])
+    return load_dataset(dataset).train.subset(indices[partition_id])

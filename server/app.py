@@ -16,10 +16,10 @@ def global_model_setup(cfg: RunConfig):
     """The initial global model, the spec every node must build it from, and the central evaluator."""
     import torch
 
-    from client.data import load_builtin
+    from client.data import load_dataset
     from models import build_model, evaluate, task_for
 
-    split = load_builtin(cfg.dataset)
+    split = load_dataset(cfg.dataset)
     spec = split.train.spec
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, spec)

@@ -21,7 +21,7 @@ class RunConfig:
     alpha: float = 0.5
     num_partitions: int = 0  # simulated nodes; 0 in deployments, where nodes bring their own data
     seed: int = 42
-    local_epochs: int = 1
+    local_epochs: int = 3
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.5

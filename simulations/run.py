@@ -41,10 +41,10 @@ class SimulationOptions:
 
 
 def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
-    from client.data import DataError, load_builtin
+    from client.data import DataError, load_dataset
 
     try:
-        split = load_builtin(cfg.dataset)
+        split = load_dataset(cfg.dataset)
     except DataError as err:
         raise ConfigError(str(err)) from None
     if options.num_nodes > len(split.train):
