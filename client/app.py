@@ -102,7 +102,8 @@ def _train(msg, context, policy, request, terms, data) -> Message:
         before = ledger.epsilon(terms.delta, request.accountant)
         after = ledger.reserve(
             request.run_id, request.server_round, (plan.noise_multiplier, sample_rate, steps),
-            max_epsilon=terms.max_epsilon, delta=terms.delta, accountant=request.accountant,
+            max_epsilon=terms.max_epsilon, run_epsilon=terms.run_epsilon, delta=terms.delta,
+            accountant=request.accountant,
         )
         log.info(
             "round %d: %d DP-SGD steps at σ=%.3f, q=%.4f will spend ε %.3f → %.3f (cap %g, δ=%g)",

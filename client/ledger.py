@@ -184,23 +184,31 @@ class PrivacyLedger:
         *,
         max_epsilon: float,
         delta: float,
+        run_epsilon: float | None = None,
         accountant: str = "rdp",
     ) -> float:
-        """Record a round's spend before it is taken; refuse it if the budget would be exceeded.
+        """Record a round's spend before it is taken; refuse it if a budget would be exceeded: the
+        node's lifetime cap over all spend on this data, and the run's own ε over this run's spend.
 
-        Returns ε after the round. Raises BudgetExhausted, leaving the ledger untouched, otherwise.
+        A round asked for twice (a coordinator resumed after a crash) is charged twice: it is trained
+        twice. Returns ε after the round. Raises BudgetExhausted, leaving the ledger untouched, otherwise.
         """
         with self._transaction():
-            return self._reserve(run_id, server_round, spend, max_epsilon, delta, accountant)
+            return self._reserve(run_id, server_round, spend, max_epsilon, run_epsilon, delta, accountant)
 
     def _reserve(
-        self, run_id: str, server_round: int, spend: Spend, max_epsilon: float, delta: float, accountant: str
+        self, run_id: str, server_round: int, spend: Spend, max_epsilon: float,
+        run_epsilon: float | None, delta: float, accountant: str,
     ) -> float:
-        if any(r["round"] == server_round for r in self.rounds_of(run_id)):
-            raise BudgetExhausted(
-                f"round {server_round} of run {run_id} was already trained on this data; "
-                "a repeated request would spend the budget twice"
-            )
+        if run_epsilon is not None:
+            history = self.history
+            run_spend = [history[r["entry"]] for r in self.rounds_of(run_id)]
+            run_after = epsilon([*run_spend, spend], delta, accountant)
+            if run_after > run_epsilon + 1e-9:
+                raise BudgetExhausted(
+                    f"privacy budget exhausted: round {server_round} would take run {run_id} to "
+                    f"ε={run_after:.3f}, over the ε={run_epsilon:g} it was granted (δ={delta:g})"
+                )
         after = epsilon([*self.history, spend], delta, accountant)
         # 1e-9: bisection and accountant arithmetic agree to far better than this.
         if after > max_epsilon + 1e-9:
@@ -227,7 +235,7 @@ class PrivacyLedger:
             self._settle(run_id, server_round, steps_taken)
 
     def _settle(self, run_id: str, server_round: int, steps_taken: int) -> None:
-        for record in self.rounds_of(run_id):
+        for record in reversed(self.rounds_of(run_id)):
             if record["round"] == server_round and record["status"] == "reserved":
                 entry = self._state["accountant"]["history"][record["entry"]]
                 if steps_taken > entry[2]:

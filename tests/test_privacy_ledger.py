@@ -1,0 +1,139 @@
+"""The product's promise: the ε a node reports is true, persisted, and enforced before it is exceeded."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from client.app import BUDGET_EXHAUSTED, REQUEST_REFUSED, train_round
+from client.data import load_partition
+from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger
+from client.policy import NodePolicy
+from client.training import poisson_loader
+from server.config import RunConfig
+from tests.node_harness import node_context, train_message
+
+CFG = RunConfig(num_rounds=4, model="mlp", dataset="breast-cancer", num_partitions=3, epsilon=2.0,
+                local_epochs=2, batch_size=16, seed=3)
+
+
+def _policy(tmp_path, **kw):
+    return NodePolicy(state_dir=str(tmp_path / "ledgers"), seed_noise=True, **kw)
+
+
+def _eps(reply):
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return float(reply.content["metrics"]["epsilon"])
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_reported_epsilon_composes_every_step_of_every_round(tmp_path):
+    policy = _policy(tmp_path)
+    reported = [_eps(train_round(train_message(CFG, r), node_context(), policy)) for r in range(1, 5)]
+
+    # Independently: the node's data, Opacus' own Poisson loader, and the σ the ledger fixed once.
+    data = load_partition("breast-cancer", 0, 3, "iid", 0.5, 3)
+    loader = poisson_loader(data, CFG.batch_size)
+    steps_per_round = len(loader) * CFG.local_epochs
+    ledger = PrivacyLedger.open(policy.state_dir, policy.data_key(
+        __import__("client.policy", fromlist=["TrainRequest"]).TrainRequest.from_config(
+            train_message(CFG, 1).content["config"], "x"), 0))
+    sigma = ledger.run_plan("run-a").noise_multiplier
+    for k, eps in enumerate(reported, start=1):
+        accountant = RDPAccountant()
+        for _ in range(k * steps_per_round):
+            accountant.step(noise_multiplier=sigma, sample_rate=loader.sample_rate)
+        assert eps == pytest.approx(accountant.get_epsilon(CFG.delta), rel=1e-9)
+    assert reported == sorted(reported) and reported[0] < reported[-1] / 1.5
+    # Calibrated once for rounds × epochs × the loader's real batches: the last round lands on target.
+    assert CFG.epsilon - 0.02 <= reported[-1] <= CFG.epsilon
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_node_at_budget_refuses_the_next_round_and_spends_nothing(tmp_path):
+    policy = _policy(tmp_path)
+    for r in range(1, 5):
+        last = _eps(train_round(train_message(CFG, r), node_context(), policy))
+    ledger_files = list((tmp_path / "ledgers").glob("*.json"))
+    before = ledger_files[0].read_text()
+
+    reply = train_round(train_message(CFG, 5), node_context(), policy)
+    assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
+    assert "privacy budget exhausted" in reply.error.reason and "ε=2 it was granted" in reply.error.reason
+    assert ledger_files[0].read_text() == before
+    # A new run on the same data is bound by the node's lifetime cap over all runs.
+    reply = train_round(train_message(CFG, 1, run_key="run-b"), node_context(), _policy(tmp_path, max_epsilon=last))
+    assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
+    assert "node cap" in reply.error.reason
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_coordinator_asking_more_than_the_node_cap_gets_the_cap(tmp_path):
+    greedy = RunConfig(**{**CFG.__dict__, "epsilon": 50.0})
+    policy = _policy(tmp_path, max_epsilon=1.0)
+    reported = [_eps(train_round(train_message(greedy, r), node_context(), policy)) for r in range(1, 5)]
+    assert 0.98 <= reported[-1] <= 1.0
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_non_private_request_is_refused_unless_the_operator_allows_it(tmp_path):
+    plain = RunConfig(**{**CFG.__dict__, "dp": False})
+    reply = train_round(train_message(plain, 1), node_context(), _policy(tmp_path))
+    assert reply.has_error() and reply.error.code == REQUEST_REFUSED
+    assert "without differential privacy" in reply.error.reason
+    reply = train_round(train_message(plain, 1), node_context(), _policy(tmp_path, allow_non_private=True))
+    assert not reply.has_error() and "epsilon" not in reply.content["metrics"]
+
+
+def test_ledger_survives_a_process_restart(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "hospital-a")
+    ledger.plan_run("r1", sample_rate=0.1, steps_per_round=20, planned_rounds=3, run_epsilon=2.0,
+                    max_epsilon=5.0, delta=1e-5)
+    sigma = ledger.run_plan("r1").noise_multiplier
+    ledger.reserve("r1", 1, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    ledger.settle("r1", 1, 20)
+    expected = ledger.epsilon(1e-5)
+    code = (
+        "from client.ledger import PrivacyLedger; import sys; "
+        f"l = PrivacyLedger.open(sys.argv[1], 'hospital-a'); print(l.epsilon(1e-5), l.run_plan('r1').noise_multiplier)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    eps, sigma_again = map(float, out.stdout.split())
+    assert eps == pytest.approx(expected, rel=1e-12) and sigma_again == sigma and eps > 0
+
+
+def test_spend_is_on_disk_before_training_so_a_crash_never_under_counts(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "bank-b")
+    after = ledger.reserve("r1", 1, (1.0, 0.05, 100), max_epsilon=10.0, delta=1e-5)
+    # The process dies here, mid-training: no settle, no reply.
+    reopened = PrivacyLedger.open(tmp_path, "bank-b")
+    assert reopened.epsilon(1e-5) == pytest.approx(after) and after > 0
+    state = reopened.state_dict()
+    assert state["accountant"]["mechanism"] == "rdp" and state["rounds"][0]["status"] == "reserved"
+    # The file is an Opacus accountant state_dict: Opacus alone recomputes the same ε from it.
+    accountant = RDPAccountant()
+    accountant.load_state_dict({"history": [tuple(h) for h in state["accountant"]["history"]],
+                                "mechanism": "rdp"})
+    assert accountant.get_epsilon(1e-5) == pytest.approx(after, rel=1e-9)
+
+
+def test_refused_reservation_leaves_the_ledger_untouched(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    ledger.reserve("r1", 1, (0.8, 0.1, 100), max_epsilon=20.0, delta=1e-5)
+    before = ledger.path.read_text()
+    with pytest.raises(BudgetExhausted, match="over the node's cap"):
+        ledger.reserve("r1", 2, (0.8, 0.1, 1000), max_epsilon=ledger.epsilon(1e-5) + 0.1, delta=1e-5)
+    assert ledger.path.read_text() == before
+
+
+def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    ledger.reserve("r1", 1, (1.0, 0.1, 10), max_epsilon=20.0, delta=1e-5)
+    ledger.path.write_text(ledger.path.read_text()[:40])
+    with pytest.raises(LedgerError, match="unreadable"):
+        PrivacyLedger.open(tmp_path, "k")
+    ledger.path.write_text(json.dumps({"version": 99, "data_key": "k"}))
+    with pytest.raises(LedgerError, match="version"):
+        PrivacyLedger.open(tmp_path, "k")
