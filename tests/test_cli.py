@@ -1,0 +1,35 @@
+import pytest
+
+from fedsafe.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["simulate", "--model", "resnet9000"], "unknown model 'resnet9000'; choose one of:"),
+        (["simulate", "--epsilon", "0"], "epsilon must be > 0"),
+        (["simulate", "--epsilon", "-2"], "epsilon must be > 0"),
+        (["simulate", "--nodes", "100000"], "more nodes (100000) than training samples"),
+        (["simulate", "--dataset", "/no/such/file.csv"], "data file not found: /no/such/file.csv"),
+        (["simulate", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["simulate", "--nodes", "0"], "nodes must be >= 1"),
+        (["simulate", "--fraction", "1.5"], "fraction-train must be in (0, 1]"),
+        (["simulate", "--nodes", "many"], "invalid int value: 'many'"),
+        (["simulate", "--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
+        (["launch"], "invalid choice: 'launch'"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_ledger_command_reports_spend(tmp_path, capsys):
+    from client.ledger import PrivacyLedger
+
+    PrivacyLedger.open(tmp_path, "clinic-7").reserve("r", 1, (1.0, 0.1, 50), max_epsilon=9.0, delta=1e-5)
+    assert main(["ledger", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "clinic-7" in out and "50" in out
