@@ -1,0 +1,1 @@
+"""fedsafe: federated, privacy-preserving deep learning on Flower, PyTorch and Opacus."""
