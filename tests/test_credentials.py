@@ -595,6 +595,79 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
                 pass
 
 
+PROBE_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "probe"
+version = "1.0.0"
+description = "fedsafe deployment probe"
+license = "Apache-2.0"
+dependencies = ["flwr==1.41.0"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedsafe"
+
+[tool.flwr.app.components]
+serverapp = "probe_server:app"
+clientapp = "probe_client:app"
+
+[tool.flwr.app.config]
+out = "{out}"
+"""
+
+PROBE_SERVER = """\
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 60
+    nodes = []
+    while not nodes and time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict({"q": MetricRecord({"x": 1})}), dst_node_id=n,
+                message_type="query")
+        for n in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=120))
+    out = {
+        str(r.metadata.src_node_id):
+            dict(r.content["node"]) if r.has_content() else str(r.error)
+        for r in replies
+    }
+    Path(str(context.run_config["out"])).write_text(json.dumps(out))
+"""
+
+PROBE_CLIENT = """\
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    cfg = dict(context.node_config.items())
+    cfg.update({f"type:{k}": type(v).__name__ for k, v in context.node_config.items()})
+    return Message(RecordDict({"node": ConfigRecord(cfg)}), reply_to=msg)
+"""
+
+
 @pytest.mark.deploy
 @pytest.mark.skipif(
     not all((BIN / b).exists() for b in FLOWER_BINARIES) or os.name != "posix",
@@ -702,6 +775,30 @@ def test_superlink_tls_node_auth_end_to_end(tmp_path: Path) -> None:
 
         assert good.poll() is None, "registered SuperNode should still be connected"
         assert superlink.poll() is None
+
+        # `flwr run <app> <connection>` over TLS: the ServerApp (started by the
+        # SuperLink's SuperExec, which connects to 127.0.0.1) queries the node,
+        # whose ClientApp echoes its --node-config.
+        app_dir = tmp_path / "probe"
+        app_dir.mkdir()
+        out = tmp_path / "probe-out.json"
+        (app_dir / "pyproject.toml").write_text(PROBE_PYPROJECT.format(out=out))
+        (app_dir / "probe_server.py").write_text(PROBE_SERVER)
+        (app_dir / "probe_client.py").write_text(PROBE_CLIENT)
+        run = subprocess.run(
+            [str(BIN / "flwr"), "run", str(app_dir), "fedsafe-test", "--stream"],
+            capture_output=True, text=True, env=env, timeout=150, check=False,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert out.exists(), run.stdout + run.stderr
+        node_config = json.loads(out.read_text())[node_id]
+        assert node_config == {
+            "data-path": "/tmp/fedsafe-data", "type:data-path": "str",
+            "state-dir": "/tmp/fedsafe-state", "type:state-dir": "str",
+            "max-epsilon": 3, "type:max-epsilon": "int",  # int, not float!
+            "delta": 1e-5, "type:delta": "float",
+            "device": "cpu", "type:device": "str",
+        }
     finally:
         _stop(procs)
-    assert time.monotonic() - t0 < 90
+    assert time.monotonic() - t0 < 150
