@@ -28,17 +28,22 @@ def policy_from_node_config(context: Context) -> NodePolicy:
     return NodePolicy.from_node_config(context.node_config)
 
 
-def load_local_data(policy: NodePolicy, request: TrainRequest, context: Context):
+def simulated_partition(context: Context, request: TrainRequest) -> tuple[int, int] | None:
+    """(partition id, partition count) of a simulated node; None for a node with its own data."""
+    if "partition-id" not in context.node_config:
+        return None
+    count = int(context.node_config.get("num-partitions", request.num_partitions))
+    return int(context.node_config["partition-id"]), count
+
+
+def load_local_data(policy: NodePolicy, request: TrainRequest, partition: tuple[int, int] | None):
     from .data import load_file, load_partition
 
     if policy.data_path:
         return load_file(policy.data_path)
-    if "partition-id" in context.node_config:
-        num_partitions = int(context.node_config.get("num-partitions", request.num_partitions))
-        return load_partition(
-            request.dataset, int(context.node_config["partition-id"]), num_partitions,
-            request.partitioner, request.alpha, request.seed,
-        )
+    if partition is not None:
+        return load_partition(request.dataset, partition[0], partition[1], request.partitioner,
+                              request.alpha, request.seed)
     raise PolicyError("this node has no data: set node-config data-path=<file>")
 
 
@@ -54,15 +59,16 @@ def train_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     try:
         request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
         terms = resolve_terms(policy, request)
-        data = load_local_data(policy, request, context)
-        return _train(msg, context, policy, request, terms, data)
+        partition = simulated_partition(context, request)
+        data = load_local_data(policy, request, partition)
+        return _train(msg, policy, request, terms, data, partition)
     except BudgetExhausted as err:
         return _refuse(msg, BUDGET_EXHAUSTED, str(err))
     except (PolicyError, DataError, LedgerError, ValueError) as err:
         return _refuse(msg, REQUEST_REFUSED, f"{type(err).__name__}: {err}")
 
 
-def _train(msg, context, policy, request, terms, data) -> Message:
+def _train(msg, policy, request, terms, data, partition) -> Message:
     import torch
 
     from models import build_model, task_for
@@ -72,14 +78,14 @@ def _train(msg, context, policy, request, terms, data) -> Message:
 
     global_arrays: ArrayRecord = msg.content["arrays"]
     spec = _spec_from_request(msg, data)
-    partition_id = context.node_config.get("partition-id")
     model = build_model(request.model, spec)
     model.load_state_dict(global_arrays.to_torch_state_dict(), strict=True)
     task = task_for(spec.task, spec.num_classes)
 
     generator = None
     if policy.seed_noise:
-        seed = (request.seed * 1_000_003 + request.server_round * 10_007 + int(partition_id or 0)) % 2**31
+        node_index = partition[0] if partition else 0
+        seed = (request.seed * 1_000_003 + request.server_round * 10_007 + node_index) % 2**31
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
 
@@ -91,7 +97,7 @@ def _train(msg, context, policy, request, terms, data) -> Message:
     metrics: dict[str, float] = {"num-examples": len(data)}
     ledger = None
     if terms.private:
-        ledger = PrivacyLedger.open(policy.state_dir, policy.data_key(request, partition_id))
+        ledger = PrivacyLedger.open(policy.state_dir, policy.data_key(request, partition))
         sample_rate, batches = poisson_schedule(len(data), request.batch_size)
         steps = batches * request.local_epochs
         plan = ledger.plan_run(

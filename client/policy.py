@@ -79,16 +79,19 @@ class NodePolicy:
     def with_overrides(self, **changes: Any) -> NodePolicy:
         return replace(self, **changes)
 
-    def data_key(self, request: TrainRequest, partition_id: int | None) -> str:
+    def data_key(self, request: TrainRequest, partition: tuple[int, int] | None = None) -> str:
         """Which data the ledger protects: the operator's dataset id, the data file, or — for a
-        simulated node — exactly the records of its partition."""
+        simulated node, `partition` = (id, count) — exactly the records of its partition."""
         if self.dataset_id:
             return self.dataset_id
         if self.data_path:
             return "file:" + str(Path(self.data_path).expanduser().resolve())
+        if partition is None:
+            raise PolicyError("this node has no data: set node-config data-path=<file>")
+        partition_id, num_partitions = partition
         return (
             f"sim:{request.dataset}:{request.partitioner}:a{request.alpha:g}:"
-            f"n{request.num_partitions}:s{request.seed}:p{partition_id}"
+            f"n{num_partitions}:s{request.seed}:p{partition_id}"
         )
 
 

@@ -10,7 +10,7 @@ from opacus.accountants import RDPAccountant
 from client.app import BUDGET_EXHAUSTED, REQUEST_REFUSED, train_round
 from client.data import load_partition
 from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger
-from client.policy import NodePolicy
+from client.policy import NodePolicy, TrainRequest
 from client.training import poisson_loader
 from server.config import RunConfig
 from tests.node_harness import node_context, train_message
@@ -37,9 +37,8 @@ def test_reported_epsilon_composes_every_step_of_every_round(tmp_path):
     data = load_partition("breast-cancer", 0, 3, "iid", 0.5, 3)
     loader = poisson_loader(data, CFG.batch_size)
     steps_per_round = len(loader) * CFG.local_epochs
-    ledger = PrivacyLedger.open(policy.state_dir, policy.data_key(
-        __import__("client.policy", fromlist=["TrainRequest"]).TrainRequest.from_config(
-            train_message(CFG, 1).content["config"], "x"), 0))
+    request = TrainRequest.from_config(train_message(CFG, 1).content["config"], "flower-run-id")
+    ledger = PrivacyLedger.open(policy.state_dir, policy.data_key(request, (0, 3)))
     sigma = ledger.run_plan("run-a").noise_multiplier
     for k, eps in enumerate(reported, start=1):
         accountant = RDPAccountant()
