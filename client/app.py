@@ -37,13 +37,17 @@ def simulated_partition(context: Context, request: TrainRequest) -> tuple[int, i
 
 
 def load_local_data(policy: NodePolicy, request: TrainRequest, partition: tuple[int, int] | None):
-    from .data import load_file, load_partition
+    from .data import PartitionScheme, load_file, load_partition
 
     if policy.data_path:
         return load_file(policy.data_path)
     if partition is not None:
-        return load_partition(request.dataset, partition[0], partition[1], request.partitioner,
-                              request.alpha, request.seed)
+        scheme = PartitionScheme(
+            kind=request.partitioner, num_partitions=partition[1], alpha=request.alpha,
+            classes_per_node=request.classes_per_node, partition_by=request.partition_by or None,
+            seed=request.seed,
+        )
+        return load_partition(request.dataset, partition[0], scheme)
     raise PolicyError("this node has no data: set node-config data-path=<file>")
 
 

@@ -24,12 +24,14 @@ class ArrayDataset:
     x: np.ndarray  # float32, shaped (n, *spec.input_shape)
     y: np.ndarray  # int64 class labels
     spec: DataSpec
+    groups: np.ndarray | None = None  # a natural partition key per sample (site, branch, patient group)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
-        return ArrayDataset(self.x[indices], self.y[indices], self.spec)
+        groups = None if self.groups is None else self.groups[indices]
+        return ArrayDataset(self.x[indices], self.y[indices], self.spec, groups)
 
 
 @dataclass(frozen=True)
@@ -38,20 +40,20 @@ class DataSplit:
     test: ArrayDataset
 
 
-BUILTIN_DATASETS = ("breast-cancer", "digits")
+BUILTIN_DATASETS = ("breast-cancer", "digits", "synthetic")
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
 
 
-def _split(x: np.ndarray, y: np.ndarray, spec: DataSpec) -> DataSplit:
+def _split(data: ArrayDataset) -> DataSplit:
     from sklearn.model_selection import train_test_split
 
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=stratify
+    counts = np.bincount(data.y)
+    stratify = data.y if counts[counts > 0].min() >= 2 else None
+    train_idx, test_idx = train_test_split(
+        np.arange(len(data)), test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=stratify
     )
-    return DataSplit(ArrayDataset(x_train, y_train, spec), ArrayDataset(x_test, y_test, spec))
+    return DataSplit(data.subset(np.sort(train_idx)), data.subset(np.sort(test_idx)))
 
 
 def is_builtin(name: str) -> bool:
@@ -59,18 +61,23 @@ def is_builtin(name: str) -> bool:
 
 
 @functools.cache
-def load_dataset(name_or_path: str) -> DataSplit:
+def load_dataset(name_or_path: str, group_column: str | None = None) -> DataSplit:
     """A built-in dataset by name, or a data file (.csv/.npz) split 75/25 into train and held-out test."""
     if is_builtin(name_or_path):
+        if group_column:
+            raise DataError(f"built-in dataset {name_or_path!r} has no group column {group_column!r}")
         return load_builtin(name_or_path)
     if Path(name_or_path).suffix in (".csv", ".npz") or Path(name_or_path).exists():
-        data = load_file(name_or_path)
+        data = load_file(name_or_path, group_column=group_column)
         if len(data) < 8:
             raise DataError(f"{name_or_path}: {len(data)} samples are too few to split into train and test")
-        return _split(data.x, data.y, data.spec)
+        return _split(data)
     raise DataError(
         f"unknown dataset {name_or_path!r}; built-in: {', '.join(BUILTIN_DATASETS)}, or a .csv/.npz file path"
     )
+
+
+SYNTHETIC_SAMPLES = 60_000
 
 
 @functools.cache
@@ -86,17 +93,26 @@ def load_builtin(name: str) -> DataSplit:
         x = np.log1p(x - x.min(axis=0))
         x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
         spec = DataSpec(input_shape=(x.shape[1],), num_classes=2)
-        return _split(x.astype(np.float32), raw.target.astype(np.int64), spec)
+        return _split(ArrayDataset(x.astype(np.float32), raw.target.astype(np.int64), spec))
     if name == "digits":
         raw = sk.load_digits()
         x = (raw.images / 16.0).astype(np.float32)[:, None, :, :]
         spec = DataSpec(input_shape=(1, 8, 8), num_classes=10)
-        return _split(x, raw.target.astype(np.int64), spec)
+        return _split(ArrayDataset(x, raw.target.astype(np.int64), spec))
+    if name == "synthetic":
+        # Generated, not downloaded: large enough for thousands of virtual nodes.
+        x, y = sk.make_classification(
+            n_samples=SYNTHETIC_SAMPLES, n_features=20, n_informative=10, n_classes=4,
+            n_clusters_per_class=2, class_sep=1.5, random_state=0,
+        )
+        spec = DataSpec(input_shape=(20,), num_classes=4)
+        return _split(ArrayDataset(x.astype(np.float32), y.astype(np.int64), spec))
     raise DataError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}, or a file path")
 
 
-def load_file(path: str | Path, label_column: str = "label") -> ArrayDataset:
-    """A node's own data: `.npz` (arrays `x`, `y`) or `.csv` (numeric columns and a label column)."""
+def load_file(path: str | Path, label_column: str = "label", group_column: str | None = None) -> ArrayDataset:
+    """A node's own data: `.npz` (arrays `x`, `y`, optional group array) or `.csv` (numeric feature
+    columns, a label column of class numbers 0..K-1, and optionally a group column for natural partitions)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -105,6 +121,9 @@ def load_file(path: str | Path, label_column: str = "label") -> ArrayDataset:
             if "x" not in arrays or "y" not in arrays:
                 raise DataError(f"{path}: an .npz data file needs arrays 'x' and 'y'; found {list(arrays)}")
             x, y = arrays["x"].astype(np.float32), arrays["y"]
+            if group_column is not None and group_column not in arrays:
+                raise DataError(f"{path}: no group array {group_column!r}; found {list(arrays)}")
+            groups = arrays[group_column] if group_column else None
     elif path.suffix == ".csv":
         import csv
 
@@ -112,8 +131,11 @@ def load_file(path: str | Path, label_column: str = "label") -> ArrayDataset:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or label_column not in reader.fieldnames:
                 raise DataError(f"{path}: no label column {label_column!r} in the CSV header")
-            features = [name for name in reader.fieldnames if name != label_column]
+            if group_column is not None and group_column not in reader.fieldnames:
+                raise DataError(f"{path}: no group column {group_column!r} in the CSV header")
+            features = [name for name in reader.fieldnames if name not in (label_column, group_column)]
             rows = list(reader)
+        groups = np.array([row[group_column] for row in rows]) if group_column else None
         try:
             x = np.array([[float(row[f]) for f in features] for row in rows], dtype=np.float32)
             y = np.array([row[label_column] for row in rows])
@@ -132,65 +154,104 @@ def load_file(path: str | Path, label_column: str = "label") -> ArrayDataset:
     # Every node numbers classes the same way, so K is taken from the largest label seen here; the
     # coordinator's model says the true K and the node checks its labels fit.
     spec = DataSpec(input_shape=tuple(x.shape[1:]), num_classes=int(labels.max()) + 1)
-    return ArrayDataset(x, labels.astype(np.int64), spec)
+    return ArrayDataset(x, labels.astype(np.int64), spec, groups)
 
 
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 
 
-def partition_indices(
-    labels: np.ndarray, num_partitions: int, partitioner: str = "iid", alpha: float = 0.5, seed: int = 0
-) -> list[np.ndarray]:
-    """Split sample indices over `num_partitions` nodes with flwr-datasets' partitioners.
+@dataclass(frozen=True)
+class PartitionScheme:
+    """How a training split is divided over simulated nodes."""
 
-    Every sample lands in exactly one partition. The data is shuffled first because flwr-datasets'
-    IidPartitioner takes contiguous shards, which on label-sorted data would not be IID.
+    kind: str = "iid"
+    num_partitions: int = 1
+    alpha: float = 0.5  # Dirichlet concentration
+    classes_per_node: int = 2  # pathological
+    partition_by: str | None = None  # natural: the data's group column
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PARTITIONERS:
+            raise DataError(f"unknown partitioner {self.kind!r}; choose one of: {', '.join(PARTITIONERS)}")
+        if self.num_partitions < 1:
+            raise DataError(f"number of partitions must be at least 1; got {self.num_partitions}")
+        if self.kind == "dirichlet" and not self.alpha > 0:
+            raise DataError(f"Dirichlet alpha must be > 0; got {self.alpha}")
+        if self.kind == "pathological" and self.classes_per_node < 1:
+            raise DataError(f"classes per node must be >= 1; got {self.classes_per_node}")
+        if self.kind == "natural" and not self.partition_by:
+            raise DataError("the natural partitioner needs the name of a group column (partition-by)")
+
+
+def make_partitioner(data: ArrayDataset, scheme: PartitionScheme):
+    """A flwr-datasets partitioner over `data`'s indices, ready to `load_partition(i)`.
+
+    The rows are shuffled (seeded) first: flwr-datasets' IidPartitioner takes contiguous shards, which
+    on label-sorted data would not be IID. Partitions are computed lazily, one node at a time where the
+    partitioner allows, so 10,000 virtual nodes cost nothing until they are sampled.
     """
-    if num_partitions < 1:
-        raise DataError(f"number of partitions must be at least 1; got {num_partitions}")
-    if num_partitions > len(labels):
+    n = len(data)
+    if scheme.num_partitions > n:
         raise DataError(
-            f"more nodes ({num_partitions}) than training samples ({len(labels)}): "
-            "every node needs at least one sample"
+            f"more nodes ({scheme.num_partitions}) than training samples ({n}): every node needs at least one sample"
         )
-    if partitioner not in PARTITIONERS:
-        raise DataError(f"unknown partitioner {partitioner!r}; choose one of: {', '.join(PARTITIONERS)}")
-    if partitioner == "dirichlet" and not alpha > 0:
-        raise DataError(f"Dirichlet alpha must be > 0; got {alpha}")
-
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
-    order = np.random.default_rng(seed).permutation(len(labels))
-    table = Dataset.from_dict({"index": order, "label": labels[order]})
-    if partitioner == "iid":
-        part = IidPartitioner(num_partitions=num_partitions)
-    else:
-        part = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=1,
-            self_balancing=True,
-            seed=seed,
+    order = np.random.default_rng(scheme.seed).permutation(n)
+    columns = {"index": order, "label": data.y[order]}
+    if scheme.kind == "natural":
+        if data.groups is None:
+            raise DataError(f"the data has no group column {scheme.partition_by!r} to partition by")
+        columns["group"] = data.groups[order].astype(str)
+        found = len(np.unique(columns["group"]))
+        if found != scheme.num_partitions:
+            raise DataError(f"the group column holds {found} groups; ask for that many nodes, not {scheme.num_partitions}")
+    table = Dataset.from_dict(columns)
+    if scheme.kind == "iid":
+        partitioner = IidPartitioner(num_partitions=scheme.num_partitions)
+    elif scheme.kind == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=scheme.num_partitions, partition_by="label", alpha=scheme.alpha,
+            min_partition_size=1, self_balancing=True, seed=scheme.seed,
         )
-    part.dataset = table
-    return [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
+    elif scheme.kind == "pathological":
+        num_classes = data.spec.num_classes
+        if scheme.classes_per_node > num_classes:
+            raise DataError(f"classes per node ({scheme.classes_per_node}) exceeds the {num_classes} classes")
+        partitioner = PathologicalPartitioner(
+            num_partitions=scheme.num_partitions, partition_by="label",
+            num_classes_per_partition=scheme.classes_per_node, class_assignment_mode="first-deterministic",
+            seed=scheme.seed,
+        )
+    else:
+        partitioner = NaturalIdPartitioner(partition_by="group")
+    partitioner.dataset = table
+    return partitioner
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_partitions(
-    dataset: str, num_partitions: int, partitioner: str, alpha: float, seed: int
-) -> tuple[np.ndarray, ...]:
-    split = load_dataset(dataset)
-    return tuple(partition_indices(split.train.y, num_partitions, partitioner, alpha, seed))
+def partition_indices(data: ArrayDataset, scheme: PartitionScheme) -> list[np.ndarray]:
+    """Every node's sample indices (for reports and tests; nodes load only their own)."""
+    partitioner = make_partitioner(data, scheme)
+    return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(scheme.num_partitions)]
 
 
-def load_partition(
-    dataset: str, partition_id: int, num_partitions: int, partitioner: str, alpha: float, seed: int
-) -> ArrayDataset:
+@functools.lru_cache(maxsize=4)
+def _cached_partitioner(dataset: str, scheme: PartitionScheme):
+    return make_partitioner(load_dataset(dataset, scheme.partition_by).train, scheme)
+
+
+def load_partition(dataset: str, partition_id: int, scheme: PartitionScheme) -> ArrayDataset:
     """One simulated node's share of a dataset's training split."""
-    if not 0 <= partition_id < num_partitions:
-        raise DataError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
-    indices = _cached_partitions(dataset, num_partitions, partitioner, float(alpha), int(seed))
-    return load_dataset(dataset).train.subset(indices[partition_id])
+    if not 0 <= partition_id < scheme.num_partitions:
+        raise DataError(f"partition id {partition_id} outside 0..{scheme.num_partitions - 1}")
+    indices = np.asarray(_cached_partitioner(dataset, scheme).load_partition(partition_id)["index"], dtype=np.int64)
+    if len(indices) == 0:
+        raise DataError(f"partition {partition_id} of {dataset} is empty under {scheme}")
+    return load_dataset(dataset, scheme.partition_by).train.subset(indices)

@@ -89,10 +89,11 @@ class NodePolicy:
         if partition is None:
             raise PolicyError("this node has no data: set node-config data-path=<file>")
         partition_id, num_partitions = partition
-        return (
-            f"sim:{request.dataset}:{request.partitioner}:a{request.alpha:g}:"
-            f"n{num_partitions}:s{request.seed}:p{partition_id}"
-        )
+        scheme = {
+            "iid": "iid", "dirichlet": f"dirichlet-a{request.alpha:g}",
+            "pathological": f"pathological-k{request.classes_per_node}", "natural": f"natural-{request.partition_by}",
+        }.get(request.partitioner, request.partitioner)
+        return f"sim:{request.dataset}:{scheme}:n{num_partitions}:s{request.seed}:p{partition_id}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class TrainRequest:
     dataset: str
     partitioner: str
     alpha: float
+    classes_per_node: int
+    partition_by: str
     num_partitions: int
     seed: int
     local_epochs: int
@@ -134,6 +137,8 @@ class TrainRequest:
             dataset=str(config["dataset"]),
             partitioner=str(config.get("partitioner", "iid")),
             alpha=_number(config, "alpha", 0.5),
+            classes_per_node=_number(config, "classes-per-node", 2, int),
+            partition_by=str(config.get("partition-by", "")),
             num_partitions=_number(config, "num-partitions", 0, int),
             seed=_number(config, "seed", 0, int),
             local_epochs=_number(config, "local-epochs", 1, int),

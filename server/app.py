@@ -19,7 +19,7 @@ def global_model_setup(cfg: RunConfig):
     from client.data import load_dataset
     from models import build_model, evaluate, task_for
 
-    split = load_dataset(cfg.dataset)
+    split = load_dataset(cfg.dataset, cfg.partition_by or None)
     spec = split.train.spec
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, spec)
@@ -37,10 +37,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: ProgressSink | None = print
     from strategies import build_strategy
 
     initial, model_config, evaluator = global_model_setup(cfg)
-    strategy = build_strategy(
-        cfg.strategy, fraction_train=cfg.fraction_train,
-        min_train_nodes=min(cfg.min_replies, cfg.min_nodes), min_available_nodes=cfg.min_nodes,
-    )
+    # The loop samples the nodes (server/sampling.py); the strategy trains all it is shown.
+    strategy = build_strategy(cfg.strategy, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
     return run_rounds(grid, cfg, strategy, initial, model_config, evaluator, progress)
 
 

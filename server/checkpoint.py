@@ -26,6 +26,7 @@ class RunState:
     model_state: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
     config: dict[str, Any]
+    sampler_state: dict[str, Any] | None = None
     python_rng: Any = None
     numpy_rng: Any = None
     torch_rng: torch.Tensor | None = None

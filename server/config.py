@@ -19,6 +19,8 @@ class RunConfig:
     dataset: str = "breast-cancer"
     partitioner: str = "iid"
     alpha: float = 0.5
+    classes_per_node: int = 2  # pathological partitioner
+    partition_by: str = ""  # natural partitioner: the data's group column
     num_partitions: int = 0  # simulated nodes; 0 in deployments, where nodes bring their own data
     seed: int = 42
     local_epochs: int = 3
@@ -62,6 +64,9 @@ class RunConfig:
         need(self.partitioner in PARTITIONERS,
              f"unknown partitioner {self.partitioner!r}; choose one of: {', '.join(PARTITIONERS)}")
         need(self.alpha > 0, f"alpha must be > 0; got {self.alpha}")
+        need(self.classes_per_node >= 1, f"classes-per-node must be >= 1; got {self.classes_per_node}")
+        need(self.partitioner != "natural" or bool(self.partition_by),
+             "the natural partitioner needs partition-by=<group column>")
         need(self.num_partitions >= 0, f"nodes must be >= 1; got {self.num_partitions}")
         need(not self.dp or self.epsilon > 0, f"epsilon must be > 0; got {self.epsilon}")
         need(0 < self.delta < 1, f"delta must be in (0, 1); got {self.delta}")
@@ -108,7 +113,8 @@ class RunConfig:
     def train_config(self) -> dict[str, Any]:
         """What every train message carries: the coordinator's request to the nodes."""
         keys = (
-            "num-rounds", "model", "dataset", "partitioner", "alpha", "num-partitions", "seed",
+            "num-rounds", "model", "dataset", "partitioner", "alpha", "classes-per-node", "partition-by",
+            "num-partitions", "seed",
             "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "dp",
             "epsilon", "delta", "max-grad-norm", "accountant",
         )

@@ -21,6 +21,7 @@ from strategies import UpdateRejected, validate_update
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .results import ResultsWriter
+from .sampling import NodeSampler, SampledGrid
 
 log = logging.getLogger("fedsafe.server")
 
@@ -71,10 +72,13 @@ def run_rounds(
     """Run `cfg.num_rounds` rounds (from the checkpoint's next round when `cfg.resume`)."""
     out = cfg.out_path
     results = ResultsWriter(out, cfg.to_mapping())
+    sampler = NodeSampler(cfg.seed, cfg.fraction_train, cfg.min_nodes, min_sample=cfg.min_replies)
     if cfg.resume:
         state = load_checkpoint(out)
         arrays = ArrayRecord(state.model_state)
         history, run_key, first_round = state.history, state.run_key, state.completed_round + 1
+        if state.sampler_state:
+            sampler.load_state_dict(state.sampler_state)
         log.info("resuming run %s after round %d", run_key, state.completed_round)
     else:
         arrays, history, run_key, first_round = initial_arrays, [], uuid.uuid4().hex, 1
@@ -87,7 +91,8 @@ def run_rounds(
     train_config = ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key})
     for rnd in range(first_round, cfg.num_rounds + 1):
         started = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
+        sampled = sampler.sample(sampler.wait_for_nodes(grid, cfg.round_timeout))
+        messages = list(strategy.configure_train(rnd, arrays, train_config, SampledGrid(grid, sampled)))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg)
         for entry in failures:
@@ -138,7 +143,7 @@ def run_rounds(
         save_checkpoint(
             out,
             RunState(run_key=run_key, completed_round=rnd, model_state=arrays.to_torch_state_dict(),
-                     history=history, config=cfg.to_mapping()),
+                     history=history, config=cfg.to_mapping(), sampler_state=sampler.state_dict()),
         )
         if progress is not None:
             progress(record, cfg)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,16 +44,44 @@ class SimulationOptions:
 
 
 def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
-    from client.data import DataError, load_dataset
+    from client.data import DataError, load_dataset, make_partitioner
 
     try:
-        split = load_dataset(cfg.dataset)
+        split = load_dataset(cfg.dataset, cfg.partition_by or None)
+        if options.num_nodes > len(split.train):
+            raise ConfigError(
+                f"more nodes ({options.num_nodes}) than training samples ({len(split.train)}) in {cfg.dataset}"
+            )
+        make_partitioner(split.train, partition_scheme(cfg, options.num_nodes))
     except DataError as err:
         raise ConfigError(str(err)) from None
-    if options.num_nodes > len(split.train):
-        raise ConfigError(
-            f"more nodes ({options.num_nodes}) than training samples ({len(split.train)}) in {cfg.dataset}"
-        )
+
+
+def partition_scheme(cfg: RunConfig, num_nodes: int):
+    from client.data import PartitionScheme
+
+    return PartitionScheme(
+        kind=cfg.partitioner, num_partitions=num_nodes, alpha=cfg.alpha, classes_per_node=cfg.classes_per_node,
+        partition_by=cfg.partition_by or None, seed=cfg.seed,
+    )
+
+
+@contextlib.contextmanager
+def deterministic_node_ids(seed: int):
+    """Flower draws simulated node ids from os.urandom, and samples nodes from a set of them, so the
+    same seed would still train different nodes. Seeded ids make client sampling reproducible."""
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    rng = random.Random(seed)
+
+    def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
+        while True:
+            value = rng.getrandbits(8 * num_bytes)
+            if value and not (exclude and value in exclude):
+                return value
+
+    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded):
+        yield
 
 
 def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress) -> RunOutcome:
@@ -89,13 +120,14 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
     if not options.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cpus)))
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=options.num_nodes,
-        backend_config=backend_config,
-        verbose_logging=options.verbose,
-    )
+    with deterministic_node_ids(cfg.seed):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=options.num_nodes,
+            backend_config=backend_config,
+            verbose_logging=options.verbose,
+        )
     if not outcomes:
         raise RuntimeError("the simulation ended without finishing its rounds; see the log above")
     return outcomes[0]

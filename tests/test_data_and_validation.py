@@ -3,46 +3,86 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from client.data import DataError, load_dataset, load_file, partition_indices
+from client.data import DataError, PartitionScheme, load_dataset, load_file, load_partition, partition_indices
 from server.checkpoint import CheckpointError, RunState, load_checkpoint, save_checkpoint
 from strategies import UpdateRejected, validate_update
 
 
-@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def _digits():
+    return load_dataset("digits").train
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet"])
 @pytest.mark.parametrize("num_partitions", [1, 3, 17])
-def test_partitions_cover_every_sample_exactly_once(partitioner, num_partitions):
-    labels = load_dataset("digits").train.y
-    parts = partition_indices(labels, num_partitions, partitioner, alpha=0.3, seed=5)
+@pytest.mark.parametrize("seed", [0, 11])
+def test_partitions_cover_every_sample_exactly_once(kind, num_partitions, seed):
+    data = _digits()
+    parts = partition_indices(data, PartitionScheme(kind, num_partitions, alpha=0.3, seed=seed))
     assert len(parts) == num_partitions and all(len(p) > 0 for p in parts)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(data)))
+
+
+def test_pathological_partitions_hold_k_classes_and_never_overlap():
+    data = _digits()
+    parts = partition_indices(data, PartitionScheme("pathological", 10, classes_per_node=2, seed=1))
     everything = np.concatenate(parts)
-    assert sorted(everything.tolist()) == list(range(len(labels)))
+    assert len(everything) == len(set(everything.tolist()))  # no sample on two nodes
+    assert all(len(np.unique(data.y[p])) <= 2 for p in parts)
+    assert len(everything) == len(data)  # 10 nodes × 2 classes cover all 10 classes
+
+
+def test_natural_partitions_follow_the_group_column(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["f1,f2,site,label"] + [f"{rng.normal():.3f},{rng.normal():.3f},{site},{i % 2}"
+                                   for i, site in enumerate(["a", "b", "c"] * 20)]
+    path = tmp_path / "sites.csv"
+    path.write_text("\n".join(rows) + "\n")
+    data = load_dataset(str(path), "site").train
+    assert data.x.shape[1] == 2  # the group column is not a feature
+    parts = partition_indices(data, PartitionScheme("natural", 3, partition_by="site"))
+    assert sorted(len(set(data.groups[p])) for p in parts) == [1, 1, 1]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(data)))
+    with pytest.raises(DataError, match="3 groups"):
+        partition_indices(data, PartitionScheme("natural", 4, partition_by="site"))
+
+
+def test_a_node_loads_only_its_own_partition_lazily():
+    scheme = PartitionScheme("iid", 10_000, seed=3)
+    part = load_partition("synthetic", 9_999, scheme)
+    everyone = partition_indices(load_dataset("synthetic").train, PartitionScheme("iid", 50, seed=3))
+    assert 4 <= len(part) <= 5 and sum(map(len, everyone)) == len(load_dataset("synthetic").train)
 
 
 def test_iid_partitions_are_shuffled_even_when_labels_are_sorted():
-    labels = np.sort(load_dataset("digits").train.y)
-    parts = partition_indices(labels, 5, "iid", seed=0)
-    for part in parts:  # every node sees (nearly) every class, not a contiguous block of a few
-        assert len(np.unique(labels[part])) == 10
+    data = _digits()
+    order = np.argsort(data.y, kind="stable")
+    sorted_data = data.subset(order)
+    for part in partition_indices(sorted_data, PartitionScheme("iid", 5)):
+        assert len(np.unique(sorted_data.y[part])) == 10  # not a contiguous block of a few classes
 
 
 def test_dirichlet_skews_label_distributions():
-    labels = load_dataset("digits").train.y
-    parts = partition_indices(labels, 10, "dirichlet", alpha=0.1, seed=0)
-    top_share = [np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]
+    data = _digits()
+    parts = partition_indices(data, PartitionScheme("dirichlet", 10, alpha=0.1))
+    top_share = [np.bincount(data.y[p], minlength=10).max() / len(p) for p in parts]
     assert np.mean(top_share) > 0.4  # IID would be ~0.1
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "scheme, message",
     [
-        ({"num_partitions": 5000}, "more nodes"),
-        ({"num_partitions": 3, "partitioner": "zipf"}, "unknown partitioner"),
-        ({"num_partitions": 3, "partitioner": "dirichlet", "alpha": 0.0}, "alpha must be > 0"),
+        (dict(kind="iid", num_partitions=5000), "more nodes"),
+        (dict(kind="zipf", num_partitions=3), "unknown partitioner"),
+        (dict(kind="dirichlet", num_partitions=3, alpha=0.0), "alpha must be > 0"),
+        (dict(kind="dirichlet", num_partitions=3, alpha=-1.0), "alpha must be > 0"),
+        (dict(kind="iid", num_partitions=0), "at least 1"),
+        (dict(kind="pathological", num_partitions=3, classes_per_node=11), "exceeds the 10 classes"),
+        (dict(kind="natural", num_partitions=3), "group column"),
     ],
 )
-def test_bad_partition_requests_are_named(kwargs, message):
+def test_bad_partition_requests_are_named(scheme, message):
     with pytest.raises(DataError, match=message):
-        partition_indices(load_dataset("digits").train.y, **kwargs)
+        partition_indices(_digits(), PartitionScheme(**scheme))
 
 
 def test_user_files_load_and_bad_files_are_named(tmp_path):

@@ -64,3 +64,14 @@ def test_without_dp_federation_reaches_the_non_private_level(tmp_path):
     federated = outcome.history[-1]["eval"]["accuracy"]
     assert federated >= central - 0.03 and federated >= 0.93
     assert outcome.history[-1]["epsilon_max"] is None
+
+
+def test_same_seed_same_metrics_with_client_sampling(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = RunConfig(num_rounds=2, model="mlp", dataset="breast-cancer", fraction_train=0.5,
+                        out_dir=str(tmp_path / name), seed=7)
+        runs.append(simulate(cfg, SimulationOptions(num_nodes=6), progress=None).history)
+    strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in run] for run in runs]
+    assert strip[0] == strip[1]
+    assert strip[0][-1]["sent"] == 3  # half of 6 nodes sampled per round
