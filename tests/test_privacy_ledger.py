@@ -8,7 +8,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from client.app import BUDGET_EXHAUSTED, REQUEST_REFUSED, train_round
-from client.data import load_partition
+from client.data import PartitionScheme, load_partition
 from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger
 from client.policy import NodePolicy, TrainRequest
 from client.training import poisson_loader
@@ -34,7 +34,7 @@ def test_reported_epsilon_composes_every_step_of_every_round(tmp_path):
     reported = [_eps(train_round(train_message(CFG, r), node_context(), policy)) for r in range(1, 5)]
 
     # Independently: the node's data, Opacus' own Poisson loader, and the σ the ledger fixed once.
-    data = load_partition("breast-cancer", 0, 3, "iid", 0.5, 3)
+    data = load_partition("breast-cancer", 0, PartitionScheme("iid", 3, seed=3))
     loader = poisson_loader(data, CFG.batch_size)
     steps_per_round = len(loader) * CFG.local_epochs
     request = TrainRequest.from_config(train_message(CFG, 1).content["config"], "flower-run-id")
