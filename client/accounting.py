@@ -86,8 +86,23 @@ def calibrate_noise(
     """The smallest σ (within `tolerance` in ε) such that `prior` plus `steps` at (σ, q) stays ≤ target.
 
     Calibrating over all the steps a run will take — rounds × epochs × the Poisson loader's batches —
-    once, is what keeps the last round's ε at or under the target.
+    once, is what keeps the last round's ε at or under the target. Cached: the many virtual nodes of a
+    simulation mostly share a partition size, hence the same answer.
     """
+    return _calibrate(tuple(map(tuple, prior)), float(sample_rate), int(steps), float(target_epsilon),
+                      float(delta), accountant, tolerance)
+
+
+@functools.lru_cache(maxsize=1024)
+def _calibrate(
+    prior: tuple[Spend, ...],
+    sample_rate: float,
+    steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "rdp",
+    tolerance: float = 0.005,
+) -> float:
     if not target_epsilon > 0:
         raise CalibrationError(f"target ε must be > 0; got {target_epsilon}")
 

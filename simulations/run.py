@@ -84,6 +84,28 @@ def deterministic_node_ids(seed: int):
         yield
 
 
+def _dispatch_pending_messages(state, queue, nodes_mapping, f_stop) -> None:
+    """Flower's simulation engine polls every registered node for messages ten times a second, and
+    each poll scans every stored message: O(nodes × messages) under one lock, which stalls 10,000
+    virtual nodes. This does the same job by polling only the nodes that have a message waiting."""
+    while not f_stop.is_set():
+        with state.lock:
+            waiting = {m.metadata.dst_node_id for m in state.message_ins_store.values()
+                       if m.metadata.delivered_at == ""}
+        for node_id in waiting & nodes_mapping.keys():
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+        f_stop.wait(0.1)
+
+
+@contextlib.contextmanager
+def scalable_engine():
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    with mock.patch.object(vce_api, "add_messages_to_queue", _dispatch_pending_messages):
+        yield
+
+
 def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress) -> RunOutcome:
     """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history."""
     quiet_flower_environment()
@@ -120,7 +142,7 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
     if not options.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cpus)))
-    with deterministic_node_ids(cfg.seed):
+    with deterministic_node_ids(cfg.seed), scalable_engine():
         run_simulation(
             server_app=server_app,
             client_app=client_app,
