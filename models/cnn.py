@@ -7,18 +7,18 @@ from typing import Any
 
 from torch import nn
 
-from .registry import DataSpec, register_model
+from .registry import DataSpec, ModelConfigError, float_option, int_option, register_model
 
 
-@register_model("cnn")
+@register_model("cnn", grad_sample_mode="hooks", tasks=("classification", "regression"))
 def build_cnn(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     if len(spec.input_shape) != 3:
-        raise ValueError(
+        raise ModelConfigError(
             f"model 'cnn' needs image data shaped (channels, height, width); got {spec.input_shape}"
         )
     channels, height, width = spec.input_shape
-    filters = int(options.get("filters", 16))
-    dropout = float(options.get("dropout", 0.0))
+    filters = int_option(options, "filters", 16, minimum=1)
+    dropout = float_option(options, "dropout", 0.0, minimum=0.0, below=1.0)
     # GroupNorm, not BatchNorm: BatchNorm mixes samples of a batch, which per-sample DP-SGD forbids.
     features = nn.Sequential(
         nn.Conv2d(channels, filters, 3, padding=1),
