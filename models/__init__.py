@@ -1,6 +1,6 @@
 """Model families as plain PyTorch modules, and the tasks that train and judge them."""
 
-from . import cnn, gru, lstm, mlp  # noqa: F401  (registers the families)
+from . import cnn, gru, lstm, mlp, transformer  # noqa: F401  (registers the families)
 from .registry import (
     GRAD_SAMPLE_MODES,
     DataSpec,
