@@ -1,4 +1,7 @@
-"""Model families as plain PyTorch modules, and the tasks that train and judge them."""
+"""Model families as plain PyTorch modules, and the tasks that train and judge them.
+
+Nothing in this package imports Flower or Opacus.
+"""
 
 from . import cnn, gru, lstm, mlp, transformer  # noqa: F401  (registers the families)
 from .registry import (
@@ -13,14 +16,28 @@ from .registry import (
     register_model,
     supported_tasks,
 )
-from .tasks import ClassificationTask, evaluate, task_for
+from .tasks import (
+    ClassificationTask,
+    GenerationTask,
+    ReconstructionTask,
+    RegressionTask,
+    anomaly_auroc,
+    anomaly_scores,
+    evaluate,
+    task_for,
+)
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
     "ClassificationTask",
     "DataSpec",
+    "GenerationTask",
     "ModelConfigError",
+    "ReconstructionTask",
+    "RegressionTask",
     "UnknownModelError",
+    "anomaly_auroc",
+    "anomaly_scores",
     "build_model",
     "default_task",
     "evaluate",
