@@ -3,7 +3,7 @@
 Nothing in this package imports Flower or Opacus.
 """
 
-from . import cnn, gru, lstm, mlp, transformer  # noqa: F401  (registers the families)
+from . import autoencoder, cnn, gan, gru, lstm, mlp, transformer  # noqa: F401  (registers the families)
 from .registry import (
     GRAD_SAMPLE_MODES,
     DataSpec,
