@@ -66,6 +66,9 @@ class GatedRecurrentLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = x.shape
         x_proj = self.input(x)  # all steps in one call
+        # unbind, not x_proj[:, t]: the backward of each indexing op would zero-fill a full (B, T, .)
+        # gradient; unbind's backward stacks the step gradients once.
+        x_steps = x_proj.unbind(1)
 
         # Pass 1, no autograd: the hidden states the recurrence will visit.
         with torch.no_grad():
@@ -74,20 +77,20 @@ class GatedRecurrentLayer(nn.Module):
             previous = []
             for t in range(steps):
                 previous.append(state[0])
-                state = self.cell(x_proj[:, t], F.linear(state[0], weight, bias), state)
+                state = self.cell(x_steps[t], F.linear(state[0], weight, bias), state)
             previous_h = torch.stack(previous, dim=1)  # (B, T, H): h_{t-1} for every t
 
         # Pass 2, with autograd: recurrent projections of all steps in one call.
-        h_proj = self.recurrent(previous_h)
+        h_steps = self.recurrent(previous_h).unbind(1)
         weight = self.recurrent.weight
         state = self.initial_state(batch, x_proj)
         outputs = []
         for t in range(steps):
             h = state[0]
-            # zero in value (h equals previous_h), so W_hh's gradient through it is zero too;
+            # zero in value (h equals previous[t]), so W_hh's gradient through it is zero too;
             # routes dL/dh_{t-1} = W_hh^T g_t to earlier steps
-            carry = F.linear(h - previous_h[:, t], weight) if t > 0 else 0.0
-            state = self.cell(x_proj[:, t], h_proj[:, t] + carry, state)
+            carry = F.linear(h - previous[t], weight) if t > 0 else 0.0
+            state = self.cell(x_steps[t], h_steps[t] + carry, state)
             outputs.append(state[0])
         return torch.stack(outputs, dim=1)
 
