@@ -51,7 +51,7 @@ class Autoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-@register_model("autoencoder", grad_sample_mode="hooks", tasks=("reconstruction",))
+@register_model("autoencoder", grad_sample_mode="ew", tasks=("reconstruction",))
 def build_autoencoder(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     """Options: hidden (64), layers (1 hidden layer on each side), latent_dim (16, the bottleneck),
     dropout (0.0), output_activation ("linear"; "sigmoid" for data in [0, 1], "tanh" for [-1, 1])."""

@@ -35,7 +35,7 @@ def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-@register_model("cnn", grad_sample_mode="hooks", tasks=("classification", "regression"))
+@register_model("cnn", grad_sample_mode="ew", tasks=("classification", "regression"))
 def build_cnn(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     if len(spec.input_shape) != 3:
         raise ModelConfigError(

@@ -73,7 +73,7 @@ class GAN(nn.Module):
             return self.generator(self.noise(n, generator))
 
 
-@register_model("gan", grad_sample_mode="hooks", tasks=("generation",))
+@register_model("gan", grad_sample_mode="ghost", tasks=("generation",))
 def build_gan(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     """Options: latent_dim (16), hidden (128), layers (2 hidden layers in each network), dropout
     (0.0, discriminator only), output_activation ("linear"; "sigmoid" for data in [0, 1])."""

@@ -11,7 +11,7 @@ from torch import nn
 from .registry import DataSpec, float_option, int_option, register_model
 
 
-@register_model("mlp", grad_sample_mode="hooks", tasks=("classification", "regression"))
+@register_model("mlp", grad_sample_mode="ew", tasks=("classification", "regression"))
 def build_mlp(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     hidden = int_option(options, "hidden", 64, minimum=1)
     depth = int_option(options, "depth", 1, minimum=0)
