@@ -19,7 +19,10 @@ but carries dL/dh_{t-1} = W_hh^T g_t to earlier steps. The function and its grad
 of the ordinary recurrence (tests check it against nn.LSTM / nn.GRU): dL/dW_hh = sum_t g_t
 h_{t-1}^T arrives through the one call, so Opacus' per-sample gradient for W_hh is one einsum over
 (B, T, .) instead of T of them, and, no Linear being called twice, ghost clipping applies too.
-The price: the no-autograd pass, about a third more forward work in plain training as well.
+The price is paid in plain training too: the no-autograd pass and the zero-valued term made a plain
+step ~40 % slower than a one-call-per-step unroll (LSTM 7.9 vs 5.5 ms, GRU 6.8 vs 5.0 ms; batch 64,
+8x8 digits, 1 thread), while the DP step (hooks) got 1.3-1.7x faster (LSTM 15.0 vs 24.8 ms,
+GRU 13.7 vs 17.2 ms).
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ class DataSpec:
     """The shape of the data a model is built for.
 
     Nodes and the server build the global model from the same spec, so they hold the same function.
+    `num_classes` is the number of classes (classification) or of targets (regression); `task` is
+    one of models.tasks.TASK_NAMES and must be one the model family serves.
     """
 
     input_shape: tuple[int, ...]
