@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import itertools
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
