@@ -1,16 +1,49 @@
-"""Model families as plain PyTorch modules, and the tasks that train and judge them."""
+"""Model families as plain PyTorch modules, and the tasks that train and judge them.
 
-from . import cnn, mlp  # noqa: F401  (registers the families)
-from .registry import DataSpec, UnknownModelError, build_model, model_names, register_model
-from .tasks import ClassificationTask, evaluate, task_for
+Nothing in this package imports Flower or Opacus.
+"""
+
+from . import autoencoder, cnn, gan, gru, lstm, mlp, transformer  # noqa: F401  (registers the families)
+from .registry import (
+    GRAD_SAMPLE_MODES,
+    DataSpec,
+    ModelConfigError,
+    UnknownModelError,
+    build_model,
+    default_task,
+    model_names,
+    preferred_grad_sample_mode,
+    register_model,
+    supported_tasks,
+)
+from .tasks import (
+    ClassificationTask,
+    GenerationTask,
+    ReconstructionTask,
+    RegressionTask,
+    anomaly_auroc,
+    anomaly_scores,
+    evaluate,
+    task_for,
+)
 
 __all__ = [
+    "GRAD_SAMPLE_MODES",
     "ClassificationTask",
     "DataSpec",
+    "GenerationTask",
+    "ModelConfigError",
+    "ReconstructionTask",
+    "RegressionTask",
     "UnknownModelError",
+    "anomaly_auroc",
+    "anomaly_scores",
     "build_model",
+    "default_task",
     "evaluate",
     "model_names",
+    "preferred_grad_sample_mode",
     "register_model",
+    "supported_tasks",
     "task_for",
 ]

@@ -8,14 +8,14 @@ from typing import Any
 
 from torch import nn
 
-from .registry import DataSpec, register_model
+from .registry import DataSpec, float_option, int_option, register_model
 
 
-@register_model("mlp")
+@register_model("mlp", grad_sample_mode="ew", tasks=("classification", "regression"))
 def build_mlp(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
-    hidden = int(options.get("hidden", 64))
-    depth = int(options.get("depth", 1))
-    dropout = float(options.get("dropout", 0.0))
+    hidden = int_option(options, "hidden", 64, minimum=1)
+    depth = int_option(options, "depth", 1, minimum=0)
+    dropout = float_option(options, "dropout", 0.0, minimum=0.0, below=1.0)
     in_features = math.prod(spec.input_shape)
     out_features = max(spec.num_classes, 1)
     layers: list[nn.Module] = [nn.Flatten()]

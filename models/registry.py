@@ -1,8 +1,16 @@
-"""Model families by config name: one builder per family, resolved from one table."""
+"""Model families by config name: one builder per family, resolved from one table.
+
+Each family declares, next to its builder, the tasks it serves (the first is its default) and the
+Opacus ``grad_sample_mode`` that computes its per-sample gradients fastest, as measured by
+``benchmarks/dp_overhead.py`` (CPU, 1 thread, batch 64, digits-sized data; three runs agreed):
+mlp, cnn, autoencoder, transformer: ew; lstm, gru: hooks; gan: ghost. client.dp_modes.make_private
+sets up any of the four modes. This module stays plain PyTorch: it names Opacus modes as strings
+and never imports Opacus.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +22,8 @@ class DataSpec:
     """The shape of the data a model is built for.
 
     Nodes and the server build the global model from the same spec, so they hold the same function.
+    `num_classes` is the number of classes (classification) or of targets (regression); `task` is
+    one of models.tasks.TASK_NAMES and must be one the model family serves.
     """
 
     input_shape: tuple[int, ...]
@@ -23,33 +33,176 @@ class DataSpec:
 
 ModelBuilder = Callable[[DataSpec, Mapping[str, Any]], nn.Module]
 
-_BUILDERS: dict[str, ModelBuilder] = {}
+# Opacus' ways of computing per-sample gradients (PrivacyEngine's `grad_sample_mode`):
+# hooks: module hooks + per-layer formulas; functorch: torch.func.vmap over each layer;
+# ew: torch's ExpandedWeights; ghost: ghost clipping (per-sample norms only, two backward passes).
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    builder: ModelBuilder
+    tasks: tuple[str, ...]  # tasks the family serves; the first is its default
+    grad_sample_mode: str  # the Opacus mode measured fastest for it
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
 
 
 class UnknownModelError(ValueError):
     """A config named a model family that is not registered."""
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+class ModelConfigError(ValueError):
+    """Options or a data spec that a model family cannot be built from."""
+
+
+def register_model(
+    name: str,
+    *,
+    grad_sample_mode: str = "hooks",
+    tasks: Iterable[str] = ("classification",),
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder ``(spec, options) -> nn.Module`` under config name `name`.
+
+    `grad_sample_mode` is the Opacus mode the family prefers (chosen by measurement); `tasks` are
+    the values of ``DataSpec.task`` it can be built for, its default first.
+    """
+    tasks = tuple(tasks)
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"model family {name!r}: unknown grad_sample_mode {grad_sample_mode!r}; "
+            f"choose one of: {', '.join(GRAD_SAMPLE_MODES)}"
+        )
+    if not tasks:
+        raise ValueError(f"model family {name!r} must serve at least one task")
+
     def decorate(builder: ModelBuilder) -> ModelBuilder:
-        if name in _BUILDERS:
+        if name in _FAMILIES:
             raise ValueError(f"model family {name!r} is registered twice")
-        _BUILDERS[name] = builder
+        _FAMILIES[name] = ModelFamily(name, builder, tasks, grad_sample_mode)
         return builder
 
     return decorate
 
 
 def model_names() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted(_FAMILIES)
 
 
-def build_model(name: str, spec: DataSpec, options: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build a fresh model of family `name` for data of shape `spec`."""
+def model_family(name: str) -> ModelFamily:
     try:
-        builder = _BUILDERS[name]
+        return _FAMILIES[name]
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}; choose one of: {', '.join(model_names())}"
         ) from None
-    return builder(spec, dict(options or {}))
+
+
+def preferred_grad_sample_mode(name: str) -> str:
+    """The Opacus ``grad_sample_mode`` measured fastest for family `name` (default "hooks")."""
+    return model_family(name).grad_sample_mode
+
+
+def default_task(name: str) -> str:
+    """The task family `name` is built for unless its DataSpec says otherwise."""
+    return model_family(name).tasks[0]
+
+
+def supported_tasks(name: str) -> tuple[str, ...]:
+    return model_family(name).tasks
+
+
+class _ReadOptions(dict):
+    """The options handed to a builder; remembers which keys it read, to catch misspelt ones."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.read.add(key)
+        return super().__contains__(key)
+
+
+def build_model(name: str, spec: DataSpec, options: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build a fresh model of family `name` for data of shape `spec`.
+
+    Raises UnknownModelError for an unregistered family and ModelConfigError (both ValueErrors) for
+    a spec or options the family cannot use: a task it does not serve, a shape it does not take, an
+    option of the wrong type or out of range, or an option it does not know (a typo).
+    """
+    family = model_family(name)
+    if spec.task not in family.tasks:
+        raise ModelConfigError(
+            f"model {name!r} serves task(s) {', '.join(family.tasks)}; the data spec asks for "
+            f"{spec.task!r} (set DataSpec.task to {family.tasks[0]!r})"
+        )
+    if not spec.input_shape or any(not isinstance(d, int) or d < 1 for d in spec.input_shape):
+        raise ModelConfigError(f"model {name!r}: input shape must be positive integers; got {spec.input_shape}")
+    read = _ReadOptions(options or {})
+    try:
+        model = family.builder(spec, read)
+    except ModelConfigError as err:
+        message = str(err)
+        raise ModelConfigError(message if message.startswith("model ") else f"model {name!r}: {message}") from None
+    unknown = sorted(set(read) - read.read)
+    if unknown:
+        known = ", ".join(sorted(read.read)) or "none"
+        raise ModelConfigError(
+            f"model {name!r}: unknown option(s) {', '.join(map(repr, unknown))}; it takes: {known}"
+        )
+    return model
+
+
+# ---- typed option readers for builders --------------------------------------------------------
+
+
+def int_option(options: Mapping[str, Any], key: str, default: int, *, minimum: int | None = None) -> int:
+    """An integer option; integral floats (e.g. 64.0 from a JSON config) are accepted, bools are not."""
+    value = options.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelConfigError(f"option {key!r} must be an integer; got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ModelConfigError(f"option {key!r} must be at least {minimum}; got {value}")
+    return value
+
+
+def float_option(
+    options: Mapping[str, Any],
+    key: str,
+    default: float,
+    *,
+    minimum: float | None = None,
+    below: float | None = None,
+) -> float:
+    """A real-valued option in [minimum, below)."""
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelConfigError(f"option {key!r} must be a number; got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if minimum is not None and value < minimum:
+        raise ModelConfigError(f"option {key!r} must be at least {minimum}; got {value}")
+    if below is not None and value >= below:
+        raise ModelConfigError(f"option {key!r} must be below {below}; got {value}")
+    return value
+
+
+def choice_option(options: Mapping[str, Any], key: str, default: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    value = options.get(key, default)
+    if value not in choices:
+        raise ModelConfigError(f"option {key!r} must be one of: {', '.join(choices)}; got {value!r}")
+    return value

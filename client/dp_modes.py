@@ -1,0 +1,118 @@
+"""Opacus' four ways of computing per-sample gradients behind one call.
+
+``make_private(model, optimizer, per_sample_loss, mode, ...)`` returns the wrapped module, the DP
+optimizer and the loss to call, for `mode` in models.GRAD_SAMPLE_MODES:
+
+* ``hooks``: GradSampleModule, per-layer formulas from module hooks (Opacus' default);
+* ``functorch``: GradSampleModule(force_functorch=True), torch.func.vmap per layer;
+* ``ew``: GradSampleModuleExpandedWeights, torch's ExpandedWeights;
+* ``ghost``: GradSampleModuleFastGradientClipping with ghost clipping: per-sample gradient *norms*
+  without per-sample gradients, then a second backward pass on the rescaled loss. The loss it
+  returns is Opacus' DP loss, whose ``backward()`` runs both passes.
+
+The model family's preferred mode is ``models.preferred_grad_sample_mode(name)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Criterion:
+    """A loss callable with the `reduction` attribute Opacus' ghost-clipping loss switches."""
+
+    def __init__(self, per_sample_loss: PerSampleLoss) -> None:
+        self.per_sample_loss = per_sample_loss
+        self.reduction = "mean"
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = self.per_sample_loss(outputs, targets)
+        if self.reduction == "none":
+            return losses
+        return losses.mean() if self.reduction == "mean" else losses.sum()
+
+
+class _MeanValueSumGradient(_Criterion):
+    """Reads as the mean loss but backpropagates the sum of the per-sample losses.
+
+    With ExpandedWeights in loss_reduction "sum" mode this yields per-sample gradients of the
+    per-sample losses directly, i.e. what "mean" mode computes, without "mean" mode's extra pass
+    over all per-sample gradients (multiplying them by the batch size). The DP optimizer still
+    averages ("mean"): it divides the noised sum by the expected batch size.
+    """
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = self.per_sample_loss(outputs, targets)
+        total = losses.sum()
+        return losses.mean().detach() + (total - total.detach())
+
+
+@dataclass
+class PrivateModel:
+    module: nn.Module  # the Opacus wrapper: call it instead of the model
+    optimizer: torch.optim.Optimizer  # a DPOptimizer (clips, noises, scales)
+    criterion: Callable[[torch.Tensor, torch.Tensor], object]  # (outputs, targets) -> loss with .backward()
+    mode: str
+
+    def close(self) -> None:
+        """Remove Opacus' hooks from the model."""
+        remove = getattr(self.module, "_close", None)
+        if remove is not None:
+            remove()
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    per_sample_loss: PerSampleLoss,
+    mode: str,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator | None = None,
+) -> PrivateModel:
+    """Wrap `model` and `optimizer` for DP-SGD with per-sample gradients computed in `mode`.
+
+    `per_sample_loss(outputs, targets)` returns the (B,) losses (e.g. a models.tasks task's
+    ``per_sample_loss``); the returned criterion averages them (loss_reduction "mean").
+    """
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleExpandedWeights, GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    from models.registry import GRAD_SAMPLE_MODES
+
+    dp_args = dict(
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    criterion = _Criterion(per_sample_loss)
+    if mode in ("hooks", "functorch"):
+        module = GradSampleModule(
+            model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=mode == "functorch"
+        )
+        return PrivateModel(module, DPOptimizer(optimizer, **dp_args), criterion, mode)
+    if mode == "ew":
+        module = GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="sum")
+        return PrivateModel(module, DPOptimizer(optimizer, **dp_args), _MeanValueSumGradient(per_sample_loss), mode)
+    if mode == "ghost":
+        module = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", strict=True, max_grad_norm=max_grad_norm,
+            use_ghost_clipping=True,
+        )
+        dp_optimizer = DPOptimizerFastGradientClipping(optimizer, **dp_args)
+        return PrivateModel(
+            module, dp_optimizer, DPLossFastGradientClipping(module, dp_optimizer, criterion, "mean"), mode
+        )
+    raise ValueError(f"unknown grad_sample_mode {mode!r}; choose one of: {', '.join(GRAD_SAMPLE_MODES)}")
