@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -18,18 +19,23 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: {message}")
 
 
-def _add_simulate(sub) -> None:
-    p = sub.add_parser("simulate", help="run a DP federated simulation of virtual nodes on this machine")
-    p.add_argument("--model", default="mlp", help="model family (mlp, cnn, …)")
+def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """Arguments shared by `simulate` and `sweep` (a sweep takes comma-separated lists for some)."""
+    listed = " (comma-separated list)" if sweep else ""
+    p.add_argument("--model", default="mlp", help="model family (mlp, cnn, lstm, gru, transformer, …)" + listed)
     p.add_argument("--dataset", default="breast-cancer",
-                   help="built-in dataset (breast-cancer, digits) or a .csv/.npz file with a 'label' column")
-    p.add_argument("--nodes", type=int, default=5, help="number of virtual nodes")
+                   help="built-in dataset (breast-cancer, digits, synthetic) or a .csv/.npz file with a 'label' column")
+    p.add_argument("--nodes", default="5", help="number of virtual nodes" + listed)
     p.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    p.add_argument("--epsilon", type=float, default=3.0, help="each node's ε budget for the run")
+    p.add_argument("--epsilon", default="3.0", help="each node's ε budget for the run" + (
+        listed + "; 'inf' for a non-private baseline" if sweep else ""))
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
-    p.add_argument("--no-dp", action="store_true", help="train without differential privacy (a baseline)")
-    p.add_argument("--partitioner", default="iid", help="iid or dirichlet")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skewed)")
+    if not sweep:
+        p.add_argument("--no-dp", action="store_true", help="train without differential privacy (a baseline)")
+    p.add_argument("--partitioner", default="iid", help="iid, dirichlet, pathological or natural")
+    p.add_argument("--alpha", default="0.5", help="Dirichlet concentration, smaller is more skewed" + listed)
+    p.add_argument("--classes-per-node", type=int, default=2, help="pathological partitioner: labels per node")
+    p.add_argument("--partition-by", default="", help="natural partitioner: the data's group column")
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32, help="expected Poisson batch size")
     p.add_argument("--optimizer", default="sgd", help="sgd, adam or rmsprop")
@@ -38,13 +44,37 @@ def _add_simulate(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C")
     p.add_argument("--accountant", default="rdp", help="rdp or prv")
-    p.add_argument("--fraction", type=float, default=1.0, help="fraction of nodes sampled per round")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--strategy", default="fedavg", help="aggregation strategy" + listed)
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of nodes sampled per round, in (0, 1]")
+    p.add_argument("--seed", type=int, default=42, help="fixes partitions, sampling, initial weights and DP noise")
     p.add_argument("--out", default=None, help="results directory (default: results/<model>-<dataset>-<time>)")
-    p.add_argument("--client-cpus", type=float, default=0.0, help="CPUs per virtual node (0: all cores)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    p.add_argument("--client-cpus", type=float, default=0.0, help="CPUs per virtual node (0: all cores, one actor)")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per virtual node (fractions share one)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="run a DP federated simulation of virtual nodes on this machine")
+    _add_run_arguments(p)
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of simulations; write a privacy-utility table and plot")
+    _add_run_arguments(p, sweep=True)
+
+
+def _add_partitions(sub) -> None:
+    p = sub.add_parser("partitions", help="show how a dataset would be split over simulated nodes")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--nodes", type=int, default=10)
+    p.add_argument("--partitioner", default="iid")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--classes-per-node", type=int, default=2)
+    p.add_argument("--partition-by", default="")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="results/partitions", help="where partitions.csv and partitions.png go")
 
 
 def _add_ledger(sub) -> None:
@@ -57,35 +87,94 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
+    _add_sweep(sub)
+    _add_partitions(sub)
     _add_ledger(sub)
     return parser
+
+
+def _number(text: str, kind, name: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise CliError(f"fedsafe: argument --{name}: invalid {kind.__name__} value: {text!r}") from None
+
+
+def _run_config(args: argparse.Namespace, **overrides):
+    from server.config import RunConfig
+
+    values = dict(
+        num_rounds=args.rounds, model=args.model, dataset=args.dataset, partitioner=args.partitioner,
+        classes_per_node=args.classes_per_node, partition_by=args.partition_by,
+        seed=args.seed, local_epochs=args.local_epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        delta=args.delta, max_grad_norm=args.max_grad_norm, accountant=args.accountant,
+        strategy=args.strategy, fraction_train=args.fraction, tensorboard=args.tensorboard,
+    )
+    return RunConfig(**{**values, **overrides})
+
+
+def _simulation_options(args: argparse.Namespace, nodes: int):
+    from simulations.run import SimulationOptions
+
+    return SimulationOptions(num_nodes=nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+                             ray_address=args.ray_address, verbose=args.verbose)
+
+
+def _default_out(args: argparse.Namespace, kind: str) -> str:
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return args.out or f"results/{kind}{args.model.replace(',', '+')}-{Path(args.dataset).stem}-{stamp}"
 
 
 def _simulate(args: argparse.Namespace) -> int:
     import time
 
-    from server.config import RunConfig
     from simulations.report import print_summary
-    from simulations.run import SimulationOptions, simulate, validate_against_data
+    from simulations.run import simulate, validate_against_data
 
-    out = args.out or f"results/{args.model}-{args.dataset.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = RunConfig(
-        num_rounds=args.rounds, model=args.model, dataset=args.dataset, partitioner=args.partitioner,
-        alpha=args.alpha, seed=args.seed, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
-        accountant=args.accountant, fraction_train=args.fraction, out_dir=out,
-    )
-    options = SimulationOptions(
-        num_nodes=args.nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
-        ray_address=args.ray_address, verbose=args.verbose,
-    )
+    nodes = _number(args.nodes, int, "nodes")
+    cfg = _run_config(args, epsilon=_number(args.epsilon, float, "epsilon"), dp=not args.no_dp,
+                      alpha=_number(args.alpha, float, "alpha"), out_dir=_default_out(args, ""))
+    options = _simulation_options(args, nodes)
     validate_against_data(cfg, options)
     started = time.perf_counter()
-    print(f"fedsafe: {args.nodes} nodes × {args.rounds} rounds, {args.model} on {args.dataset}, "
-          + ("no DP" if args.no_dp else f"DP-SGD ε≤{args.epsilon:g} δ={args.delta:g}"), flush=True)
+    print(f"fedsafe: {nodes} nodes × {args.rounds} rounds, {args.model} on {args.dataset}, "
+          + ("no DP" if args.no_dp else f"DP-SGD ε≤{cfg.epsilon:g} δ={args.delta:g}"), flush=True)
     outcome = simulate(cfg, options)
     print_summary(outcome, cfg, time.perf_counter() - started)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from simulations.sweep import SweepGrid, parse_list, run_sweep
+
+    grid = SweepGrid(
+        epsilons=parse_list(args.epsilon, float, "epsilon"),
+        strategies=parse_list(args.strategy, str, "strategy"),
+        models=parse_list(args.model, str, "model"),
+        alphas=parse_list(args.alpha, float, "alpha"),
+        nodes=parse_list(args.nodes, int, "nodes"),
+    )
+    out = Path(_default_out(args, "sweep-"))
+    base = _run_config(args, model=grid.models[0], strategy=grid.strategies[0], out_dir=str(out))
+    rows = run_sweep(base, grid, _simulation_options(args, grid.nodes[0]), out)
+    print(f"{len(rows)} runs; table: {out}/privacy_utility.csv, plot: {out}/privacy_utility.png")
+    return 0
+
+
+def _partitions(args: argparse.Namespace) -> int:
+    from client.data import PartitionScheme, load_dataset
+    from simulations.partition_report import print_partition_table, write_partition_report
+
+    scheme = PartitionScheme(kind=args.partitioner, num_partitions=args.nodes, alpha=args.alpha,
+                             classes_per_node=args.classes_per_node, partition_by=args.partition_by or None,
+                             seed=args.seed)
+    data = load_dataset(args.dataset, scheme.partition_by).train
+    counts = write_partition_report(data, scheme, Path(args.out))
+    print_partition_table(counts)
+    print(f"written: {args.out}/partitions.csv, {args.out}/partitions.png")
     return 0
 
 
@@ -105,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        handler = {"simulate": _simulate, "ledger": _ledger}[args.command]
+        handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger}[args.command]
         return handler(args)
     except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError) as err:
         message = str(err)

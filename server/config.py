@@ -42,6 +42,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     out_dir: str = "results/run"
     resume: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files under <out-dir>/tensorboard
 
     def __post_init__(self) -> None:
         from client.accounting import ACCOUNTANTS

@@ -36,6 +36,7 @@ class RunOutcome:
     arrays: ArrayRecord
     history: list[dict[str, Any]]
     node_epsilon: dict[int, float] = field(default_factory=dict)
+    started_at: float = 0.0  # time.perf_counter() when the round loop began
 
 
 def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig):
@@ -70,6 +71,7 @@ def run_rounds(
     progress: ProgressSink | None = None,
 ) -> RunOutcome:
     """Run `cfg.num_rounds` rounds (from the checkpoint's next round when `cfg.resume`)."""
+    started_at = time.perf_counter()
     out = cfg.out_path
     results = ResultsWriter(out, cfg.to_mapping())
     sampler = NodeSampler(cfg.seed, cfg.fraction_train, cfg.min_nodes, min_sample=cfg.min_replies)
@@ -140,6 +142,7 @@ def run_rounds(
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         results.write(history)
+        results.add_round(record)
         save_checkpoint(
             out,
             RunState(run_key=run_key, completed_round=rnd, model_state=arrays.to_torch_state_dict(),
@@ -154,8 +157,9 @@ def run_rounds(
         "nodes_seen": len(node_epsilon),
     }
     results.write(history, summary)
-    results.plot([h for h in history if h["round"] >= 0])
-    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon)
+    results.write_node_epsilon(history)
+    results.plot(history)
+    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon, started_at=started_at)
 
 
 def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 CSV_COLUMNS = (
     "round", "accuracy", "loss", "f1", "auroc", "epsilon_max", "epsilon_mean", "replies", "failures",
     "budget_refusals", "rejected", "seconds",
@@ -36,6 +38,39 @@ class ResultsWriter:
         self.directory = directory
         self.config = config
         directory.mkdir(parents=True, exist_ok=True)
+        self._tensorboard = None
+        if config.get("tensorboard"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("tensorboard=true needs the tensorboard package: pip install 'fedsafe[tensorboard]'") from None
+            self._tensorboard = SummaryWriter(log_dir=str(directory / "tensorboard"))
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        """Per-round scalars (and the per-node ε distribution) for TensorBoard, when enabled."""
+        if self._tensorboard is None:
+            return
+        step = record["round"]
+        for name, value in record.get("eval", {}).items():
+            self._tensorboard.add_scalar(f"eval/{name}", value, step)
+        for name in ("epsilon_max", "epsilon_mean", "train_loss"):
+            if record.get(name) is not None:
+                self._tensorboard.add_scalar(f"privacy/{name}" if "epsilon" in name else f"train/{name}",
+                                             record[name], step)
+        if record.get("node_epsilon"):
+            self._tensorboard.add_histogram("privacy/node_epsilon", np.array(list(record["node_epsilon"].values())), step)
+        self._tensorboard.flush()
+
+    def write_node_epsilon(self, history: list[dict[str, Any]]) -> None:
+        """Every node's cumulative ε after every round it trained in: the per-client distribution."""
+        tmp = self.directory / "node_epsilon.csv.tmp"
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["round", "node", "epsilon"])
+            for h in history:
+                for node, eps in sorted(h.get("node_epsilon", {}).items()):
+                    writer.writerow([h["round"], node, eps])
+        os.replace(tmp, self.directory / "node_epsilon.csv")
 
     def write(self, history: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> None:
         document = {"config": self.config, "rounds": history, "summary": summary or {}}
@@ -52,30 +87,52 @@ class ResultsWriter:
         os.replace(tmp, self.directory / "metrics.csv")
 
     def plot(self, history: list[dict[str, Any]]) -> Path:
-        """A PNG of accuracy and ε per round."""
+        """`accuracy_epsilon.png` (accuracy and ε per round) and `rounds.png` (accuracy, loss, and ε
+        with every node's value per round)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         rounds = [h["round"] for h in history]
-        accuracy = [h.get("eval", {}).get("accuracy") for h in history]
-        eps_max = [h.get("epsilon_max") for h in history]
+        accuracy = [h.get("eval", {}).get("accuracy", float("nan")) for h in history]
+        loss = [h.get("eval", {}).get("loss", float("nan")) for h in history]
+        eps_max = [float("nan") if h.get("epsilon_max") is None else h["epsilon_max"] for h in history]
+        title = f"{self.config.get('model')} on {self.config.get('dataset')}"
+
         fig, ax_acc = plt.subplots(figsize=(7, 4))
         ax_acc.plot(rounds, accuracy, "o-", color="tab:blue", label="test accuracy")
         ax_acc.set_xlabel("round")
         ax_acc.set_ylabel("accuracy", color="tab:blue")
         ax_acc.set_ylim(0, 1)
-        if any(e is not None for e in eps_max):
+        if any(math.isfinite(e) for e in eps_max):
             ax_eps = ax_acc.twinx()
-            ax_eps.plot(rounds, [e if e is not None else float("nan") for e in eps_max], "s--",
-                        color="tab:red", label="ε (max over nodes)")
+            ax_eps.plot(rounds, eps_max, "s--", color="tab:red", label="ε (max over nodes)")
             ax_eps.set_ylabel("ε spent (max over nodes)", color="tab:red")
             ax_eps.set_ylim(bottom=0)
-        ax_acc.set_title(f"{self.config.get('model')} on {self.config.get('dataset')}")
+        ax_acc.set_title(title)
         ax_acc.grid(alpha=0.3)
         fig.tight_layout()
         path = self.directory / "accuracy_epsilon.png"
         fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        axes[0].plot(rounds, accuracy, "o-")
+        axes[0].set_title("test accuracy")
+        axes[0].set_ylim(0, 1)
+        axes[1].plot(rounds, loss, "o-", color="tab:orange")
+        axes[1].set_title("test loss")
+        for h in history:
+            values = list(h.get("node_epsilon", {}).values())
+            axes[2].scatter([h["round"]] * len(values), values, s=8, alpha=0.4, color="tab:gray")
+        axes[2].plot(rounds, eps_max, "s-", color="tab:red", label="max")
+        axes[2].set_title("ε per node (cumulative)")
+        for ax in axes:
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(self.directory / "rounds.png", dpi=110)
         plt.close(fig)
         return path

@@ -27,6 +27,9 @@ def quiet_flower_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+PARTITION_REPORT_MAX_NODES = 200  # above this the per-node report costs more than it tells
+
+
 @dataclass(frozen=True)
 class SimulationOptions:
     num_nodes: int
@@ -119,6 +122,13 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
 
     cfg = RunConfig(**{**cfg.__dict__, "num_partitions": options.num_nodes,
                        "min_nodes": options.num_nodes})
+    if options.num_nodes <= PARTITION_REPORT_MAX_NODES:
+        from client.data import load_dataset
+
+        from .partition_report import write_partition_report
+
+        data = load_dataset(cfg.dataset, cfg.partition_by or None).train
+        write_partition_report(data, partition_scheme(cfg, options.num_nodes), cfg.out_path)
     ledger_dir = options.ledger_dir or str(Path(cfg.out_dir) / "ledgers")
     # The researcher is every virtual node's operator: the node policy travels inside the ClientApp
     # (pickled to the Ray actors), not in module globals, which the actors would never see.

@@ -33,3 +33,29 @@ def test_ledger_command_reports_spend(tmp_path, capsys):
     assert main(["ledger", "--state-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "clinic-7" in out and "50" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["simulate", "--partitioner", "dirichlet", "--alpha", "0"], "alpha must be > 0"),
+        (["simulate", "--partitioner", "dirichlet", "--alpha", "-0.5"], "alpha must be > 0"),
+        (["simulate", "--fraction", "0"], "fraction-train must be in (0, 1]"),
+        (["simulate", "--partitioner", "natural"], "partition-by"),
+        (["sweep", "--epsilon", "1,x"], "comma-separated list of float"),
+        (["sweep", "--nodes", "3,999999"], "more nodes (999999)"),
+        (["partitions", "--partitioner", "zipf"], "unknown partitioner 'zipf'"),
+    ],
+)
+def test_bad_simulation_config_is_named(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_partitions_command_writes_report(tmp_path, capsys):
+    assert main(["partitions", "--dataset", "digits", "--nodes", "7", "--partitioner", "pathological",
+                 "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "partitions.csv").read_text().splitlines()
+    assert len(rows) == 8 and rows[0].startswith("node,samples,label_0")
+    assert (tmp_path / "partitions.png").stat().st_size > 5_000

@@ -75,3 +75,15 @@ def test_same_seed_same_metrics_with_client_sampling(tmp_path):
     strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in run] for run in runs]
     assert strip[0] == strip[1]
     assert strip[0][-1]["sent"] == 3  # half of 6 nodes sampled per round
+
+
+def test_a_thousand_virtual_clients_cost_only_what_is_sampled(tmp_path):
+    cfg = RunConfig(num_rounds=2, model="mlp", dataset="synthetic", fraction_train=0.005, local_epochs=1,
+                    out_dir=str(tmp_path / "run"))
+    outcome = simulate(cfg, SimulationOptions(num_nodes=1000), progress=None)
+    trained = [h for h in outcome.history if h["round"] > 0]
+    assert [h["replies"] for h in trained] == [5, 5] and all(h["failures"] == 0 for h in trained)
+    # A ledger exists only for a node that was sampled: a virtual client costs nothing before that.
+    ledgers = list((tmp_path / "run" / "ledgers").glob("*.json"))
+    assert len(ledgers) == len(outcome.node_epsilon) <= 10
+    assert not (tmp_path / "run" / "partitions.png").exists()  # no per-node report at this scale

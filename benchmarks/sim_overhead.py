@@ -1,0 +1,152 @@
+"""Simulation overhead: the same federated workload as a fedsafe simulation (Flower + Ray) and as a plain
+loop over the same local DP training steps, measured in one run; plus the largest client count and peak
+memory of the whole process tree.
+
+    python benchmarks/sim_overhead.py [--clients 100] [--per-round 10] [--rounds 10] [--scale 10000]
+
+Targets (issue 5): ratio <= 1.25, start-up <= 10 s. Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class PeakMemory:
+    """Peak proportional set size (PSS) of this process and all its descendants (Ray's included)."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        self._root = psutil.Process()
+        self._interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self._root, *self._root.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._sample())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def plain_loop(cfg, clients: int) -> float:
+    """The same rounds, sampled nodes, and local DP-SGD steps as the simulation, in one process."""
+    import torch
+
+    from client.accounting import calibrate_noise
+    from client.data import PartitionScheme, load_partition
+    from client.training import TrainSettings, poisson_schedule, train
+    from models import build_model, task_for
+    from server.app import global_model_setup
+    from server.sampling import NodeSampler
+
+    started = time.perf_counter()
+    initial, model_config, evaluator = global_model_setup(cfg)
+    spec_task = task_for(model_config["task"], model_config["num-classes"])
+    scheme = PartitionScheme(cfg.partitioner, clients, cfg.alpha, seed=cfg.seed)
+    sampler = NodeSampler(cfg.seed, cfg.fraction_train, clients)
+    global_state = initial.to_torch_state_dict()
+    for _ in range(cfg.num_rounds):
+        states, weights = [], []
+        for node in sampler.sample(list(range(clients))):
+            data = load_partition(cfg.dataset, node, scheme)
+            q, batches = poisson_schedule(len(data), cfg.batch_size)
+            steps = batches * cfg.local_epochs
+            sigma = calibrate_noise([], q, steps * cfg.num_rounds, cfg.epsilon, cfg.delta)
+            model = build_model(cfg.model, data.spec)
+            model.load_state_dict(global_state)
+            train(model, spec_task, data, TrainSettings(
+                local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma), torch.device("cpu"))
+            states.append(model.state_dict())
+            weights.append(len(data))
+        global_state = {k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in states[0]}
+        from flwr.app import ArrayRecord
+
+        evaluator(ArrayRecord(global_state))
+    return time.perf_counter() - started
+
+
+def simulation(cfg, clients: int):
+    from simulations.run import SimulationOptions, simulate
+
+    called = time.perf_counter()
+    outcome = simulate(cfg, SimulationOptions(num_nodes=clients), progress=None)
+    total = time.perf_counter() - called
+    rounds = [h["seconds"] for h in outcome.history if h["round"] > 0]
+    steady = statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
+    startup = (outcome.started_at - called) + max(0.0, rounds[0] - steady)
+    return total, startup, steady, outcome
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--scale", type=int, default=10_000, help="client count for the scale run (0: skip)")
+    args = parser.parse_args()
+
+    import logging
+    import os
+
+    import torch
+
+    from server.config import RunConfig
+    from simulations.run import quiet_flower_environment
+
+    quiet_flower_environment()
+    torch.set_num_threads(os.cpu_count() or 1)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    with TemporaryDirectory() as tmp:
+        cfg = RunConfig(num_rounds=args.rounds, model="mlp", dataset="synthetic", epsilon=3.0, local_epochs=1,
+                        fraction_train=args.per_round / args.clients, out_dir=f"{tmp}/sim")
+        sim_total, startup, steady, _ = simulation(cfg, args.clients)
+        plain_total = plain_loop(cfg, args.clients)
+        print(f"\nworkload: {args.clients} clients, {args.per_round} per round, {args.rounds} rounds, "
+              f"MLP on synthetic ({cfg.local_epochs} local epoch, DP-SGD), {os.cpu_count()} CPUs")
+        print(f"plain loop               {plain_total:8.1f} s")
+        print(f"fedsafe simulation       {sim_total:8.1f} s   (start-up {startup:.1f} s, steady round {steady:.2f} s)")
+        print(f"ratio simulation/plain   {sim_total / plain_total:8.2f}x   (target <= 1.25)")
+        print(f"ratio excluding start-up {(sim_total - startup) / plain_total:8.2f}x")
+        print(f"start-up                 {startup:8.1f} s   (target <= 10 s)")
+        if args.scale:
+            scale_cfg = RunConfig(num_rounds=2, model="mlp", dataset="synthetic", epsilon=3.0, local_epochs=1,
+                                  fraction_train=100 / args.scale, out_dir=f"{tmp}/scale")
+            with PeakMemory() as memory:
+                total, _, _, outcome = simulation(scale_cfg, args.scale)
+            print(f"scale: {args.scale} clients, 100 per round, 2 rounds in {total:.1f} s; "
+                  f"replies {[h['replies'] for h in outcome.history if h['round'] > 0]}; "
+                  f"peak PSS of the process tree {memory.peak_bytes / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
