@@ -45,12 +45,13 @@ def run_server(grid: Grid, cfg: RunConfig, progress: ProgressSink | None = print
 def make_server_app(
     config_source: Callable[[Context], RunConfig] = lambda ctx: RunConfig.from_mapping(ctx.run_config),
     on_finish: Callable[[RunOutcome], Any] | None = None,
+    progress: ProgressSink | None = print_progress,
 ) -> ServerApp:
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome = run_server(grid, config_source(context))
+        outcome = run_server(grid, config_source(context), progress)
         if on_finish is not None:
             on_finish(outcome)
 

@@ -18,6 +18,7 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's future default, and it stops Ray's warning
 }
 
 
@@ -140,7 +141,7 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
         seed_noise=True,
     )
     outcomes: list[RunOutcome] = []
-    server_app = make_server_app(config_source=lambda _ctx: cfg, on_finish=outcomes.append)
+    server_app = make_server_app(config_source=lambda _ctx: cfg, on_finish=outcomes.append, progress=progress)
     client_app = make_client_app(policy_source=lambda _ctx: policy)
 
     cpus = options.client_cpus or float(os.cpu_count() or 1)
@@ -150,7 +151,9 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
         else {"address": options.ray_address},
     }
     if not options.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower's INFO lines and its run_simulation deprecation notice; fedsafe prints its own progress
+        # and logs refusals and rejected updates under "fedsafe.*".
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, int(cpus)))
     with deterministic_node_ids(cfg.seed), scalable_engine():
         run_simulation(
