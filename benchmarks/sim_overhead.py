@@ -95,11 +95,11 @@ def plain_loop(cfg, clients: int) -> float:
     return time.perf_counter() - started
 
 
-def simulation(cfg, clients: int):
+def simulation(cfg, clients: int, client_cpus: float = 0.0):
     from simulations.run import SimulationOptions, simulate
 
     called = time.perf_counter()
-    outcome = simulate(cfg, SimulationOptions(num_nodes=clients), progress=None)
+    outcome = simulate(cfg, SimulationOptions(num_nodes=clients, client_cpus=client_cpus), progress=None)
     total = time.perf_counter() - called
     rounds = [h["seconds"] for h in outcome.history if h["round"] > 0]
     steady = statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
@@ -138,6 +138,11 @@ def main() -> None:
         print(f"ratio simulation/plain   {sim_total / plain_total:8.2f}x   (target <= 1.25)")
         print(f"ratio excluding start-up {(sim_total - startup) / plain_total:8.2f}x")
         print(f"start-up                 {startup:8.1f} s   (target <= 10 s)")
+        cpus = os.cpu_count() or 1
+        if cpus > 1:
+            _, _, steady_many, _ = simulation(cfg, args.clients, client_cpus=1.0)
+            print(f"actors: 1 actor × {cpus} CPUs steady round {steady:.2f} s; "
+                  f"{cpus} actors × 1 CPU steady round {steady_many:.2f} s")
         if args.scale:
             scale_cfg = RunConfig(num_rounds=2, model="mlp", dataset="synthetic", epsilon=3.0, local_epochs=1,
                                   fraction_train=100 / args.scale, out_dir=f"{tmp}/scale")

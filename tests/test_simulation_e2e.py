@@ -87,3 +87,17 @@ def test_a_thousand_virtual_clients_cost_only_what_is_sampled(tmp_path):
     ledgers = list((tmp_path / "run" / "ledgers").glob("*.json"))
     assert len(ledgers) == len(outcome.node_epsilon) <= 10
     assert not (tmp_path / "run" / "partitions.png").exists()  # no per-node report at this scale
+
+
+def test_sweep_writes_a_privacy_utility_table_and_plot(tmp_path):
+    from simulations.sweep import SweepGrid, run_sweep
+
+    grid = SweepGrid(epsilons=(1.0, float("inf")), strategies=("fedavg",), models=("mlp",), alphas=(0.5,), nodes=(3,))
+    base = RunConfig(num_rounds=1, dataset="breast-cancer", out_dir=str(tmp_path))
+    rows = run_sweep(base, grid, SimulationOptions(num_nodes=3), tmp_path)
+    private, baseline = rows
+    assert 0.9 <= private["epsilon_max"] <= 1.0 and baseline["epsilon_max"] is None
+    assert baseline["accuracy"] > 0.9 and private["accuracy"] > 0.6
+    lines = (tmp_path / "privacy_utility.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("1.0,fedavg,mlp,0.5,3,")
+    assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
