@@ -33,13 +33,17 @@ class LocalGrid:
             for i in range(num_nodes)
         }
         self.received: list[Message] = []  # every reply the server got, for tests that audit it
+        self.bytes_down = self.bytes_up = 0  # arrays and config payload, server → nodes and back
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from strategies.secagg import payload_bytes
+
         replies = []
         for message in messages:
+            self.bytes_down += payload_bytes(message.content)
             node = message.metadata.dst_node_id
             delivered = Message(copy.deepcopy(message.content), dst_node_id=node,
                                 message_type=message.metadata.message_type, group_id=message.metadata.group_id)
@@ -50,6 +54,8 @@ class LocalGrid:
             except Exception as err:  # noqa: BLE001 - a crashing ClientApp is an error reply, as in Flower
                 reply = Message(Error(code=2, reason=f"ClientApp raised {type(err).__name__}: {err}\n"
                                       + traceback.format_exc(limit=3)), reply_to=delivered)
+            if not reply.has_error():
+                self.bytes_up += payload_bytes(reply.content)
             replies.append(reply)
         self.received.extend(replies)
         return replies
