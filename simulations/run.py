@@ -68,8 +68,10 @@ def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
         )
 
 
-def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilon: float | None = None):
-    """The run's config for `options.num_nodes` nodes, and the virtual nodes' ClientApp."""
+def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilon: float | None = None,
+                          node_caps: dict[int, float] | None = None):
+    """The run's config for `options.num_nodes` nodes, and the virtual nodes' ClientApp.
+    `node_caps` gives some partitions their own lifetime ε cap (heterogeneous operators)."""
     from client.app import make_client_app
     from client.policy import DEFAULT_MAX_EPSILON, NodePolicy
 
@@ -87,7 +89,13 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
     )
     attack = options.attack_spec()
     mods = [attack.mod] if attack.active else []
-    return cfg, make_client_app(policy_source=lambda _ctx: policy, extra_mods=mods)
+    caps = dict(node_caps or {})
+
+    def policy_source(context):
+        cap = caps.get(int(context.node_config.get("partition-id", -1)))
+        return policy if cap is None else policy.with_overrides(max_epsilon=cap)
+
+    return cfg, make_client_app(policy_source=policy_source, extra_mods=mods)
 
 
 def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = None,
