@@ -199,6 +199,13 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
         eps_text,
         f"replies {record['replies']}/{record['sent']}",
     ]
+    if record.get("client_level_epsilon") is not None:
+        parts.append(f"client-level ε {record['client_level_epsilon']:.2f}")
+    if record.get("secagg"):
+        parts.append("secagg " + ("abandoned" if "abandoned" in record["secagg"]
+                                   else f"{record['secagg']['summed']} summed, {record['secagg']['dropped']} dropped"))
+    if record.get("skipped"):
+        parts.append(f"{record['skipped']} skipped (budget)")
     if record["budget_refusals"]:
         parts.append(f"{record['budget_refusals']} out of budget")
     if record["failures"] or record["rejected"]:

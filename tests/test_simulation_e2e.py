@@ -64,3 +64,20 @@ def test_without_dp_federation_reaches_the_non_private_level(tmp_path):
     federated = outcome.history[-1]["eval"]["accuracy"]
     assert federated >= central - 0.03 and federated >= 0.93
     assert outcome.history[-1]["epsilon_max"] is None
+
+
+def test_fedadam_over_secagg_on_ray_keeps_its_moments_in_the_checkpoint(tmp_path):
+    """A non-FedAvg strategy end to end on Flower's simulation engine, over SecAgg+: the nodes' secagg
+    state lives in Flower's per-node Context across the protocol's four messages per round."""
+    from server.checkpoint import load_checkpoint
+
+    cfg = RunConfig(num_rounds=2, local_epochs=1, strategy="fedadam", secagg=True, budget_aware=True,
+                    out_dir=str(tmp_path / "run"))
+    outcome = simulate(cfg, SimulationOptions(num_nodes=3), progress=None)
+    rounds = outcome.history[1:]
+    assert all(r["aggregated"] and r["secagg"]["summed"] == 3 and r["replies"] == 3 for r in rounds)
+    assert outcome.history[-1]["eval"]["accuracy"] >= 0.85
+    assert 2.9 <= outcome.history[-1]["epsilon_max"] <= 3.0
+    state = load_checkpoint(tmp_path / "run", restore_rng=False).strategy_state
+    assert state["chain"] == ["BudgetAwareSelection", "SecAggPlusAggregation", "FedAdam"]
+    assert state["links"][2]["m_t"] is not None and len(state["links"][0]["ledgers"]) == 3
