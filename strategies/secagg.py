@@ -96,7 +96,7 @@ class SecAggPlusAggregation(Strategy):
         self._report: dict[int, dict[str, Any]] = {}
         self._grid = None
         self._arrays: ArrayRecord | None = None
-        self.seen_masked_vectors: list[list[np.ndarray]] = []  # for audits: all the server ever held of an update
+        self.seen_masked_vectors: list[list[np.ndarray]] = []  # for audits: all the server held of this round's updates
 
     # ---- protocol parameters (as Flower's SecAggPlusWorkflow sets them) ---------------------
     def _shares_and_threshold(self, n: int) -> tuple[int, int]:
@@ -128,6 +128,7 @@ class SecAggPlusAggregation(Strategy):
         from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
         self._grid, self._arrays = grid, arrays
+        self.seen_masked_vectors = []
         inner = list(self.strategy.configure_train(server_round, arrays, config, grid))
         sampled = [m.metadata.dst_node_id for m in inner]
         if len(sampled) < 3:
