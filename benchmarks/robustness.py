@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dp", action="store_true", help="nodes train with DP-SGD (ε=3) instead of plain SGD")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.disable(logging.INFO)  # Flower and the SecAgg+ mod log every stage of every node
     import torch
 
     torch.set_num_threads(1)
