@@ -96,7 +96,7 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     settings = TrainSettings(
         local_epochs=request.local_epochs, batch_size=request.batch_size, optimizer=request.optimizer,
         lr=request.lr, momentum=request.momentum, weight_decay=request.weight_decay,
-        max_grad_norm=request.max_grad_norm,
+        max_grad_norm=request.max_grad_norm, proximal_mu=request.proximal_mu,
     )
     metrics: dict[str, float] = {"num-examples": len(data)}
     ledger = None
@@ -132,6 +132,14 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
         metrics["delta"] = terms.delta
         metrics["dp-steps"] = ledger.total_steps
         metrics["noise-multiplier"] = settings.noise_multiplier
+        # The ledger's figures, so the coordinator can see who can afford the next round (all are
+        # policy and accounting values, not data: they are public in the DP sense).
+        lifetime_next, run_next = ledger.project(
+            request.run_id, (plan.noise_multiplier, sample_rate, steps), terms.delta, request.accountant)
+        metrics["max-epsilon"] = terms.max_epsilon
+        metrics["run-epsilon"] = terms.run_epsilon
+        metrics["epsilon-next"] = lifetime_next
+        metrics["run-epsilon-next"] = run_next
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
@@ -157,9 +165,15 @@ def _spec_from_request(msg: Message, data):
     return spec
 
 
-def make_client_app(policy_source: PolicySource = policy_from_node_config) -> ClientApp:
-    """A ClientApp whose node policy comes from `policy_source` (node-config, by default)."""
-    client_app = ClientApp()
+def make_client_app(policy_source: PolicySource = policy_from_node_config, extra_mods=()) -> ClientApp:
+    """A ClientApp whose node policy comes from `policy_source` (node-config, by default).
+
+    Its outermost mod runs the node's side of SecAgg+ when the server asks for it (client/secagg.py);
+    `extra_mods` sit inside it, next to the training handler (simulated attackers use this).
+    """
+    from .secagg import secagg_mod
+
+    client_app = ClientApp(mods=[secagg_mod, *extra_mods])
 
     @client_app.train()
     def _train_handler(msg: Message, context: Context) -> Message:

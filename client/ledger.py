@@ -137,6 +137,12 @@ class PrivacyLedger:
     def rounds_of(self, run_id: str) -> list[dict[str, Any]]:
         return [r for r in self._state["rounds"] if r["run"] == run_id]
 
+    def project(self, run_id: str, spend: Spend, delta: float, accountant: str = "rdp") -> tuple[float, float]:
+        """(ε of all spend on this data, ε of this run's spend) if one more `spend` were taken; changes nothing."""
+        history = self.history
+        run_spend = [history[r["entry"]] for r in self.rounds_of(run_id)]
+        return epsilon([*history, spend], delta, accountant), epsilon([*run_spend, spend], delta, accountant)
+
     # ---- spending ----------------------------------------------------------------------------
     def plan_run(
         self,

@@ -122,6 +122,7 @@ class TrainRequest:
     delta: float
     max_grad_norm: float
     accountant: str
+    proximal_mu: float = 0.0  # sent by FedProx as `proximal-mu`
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], run_id: str) -> TrainRequest:
@@ -152,10 +153,13 @@ class TrainRequest:
             delta=_number(config, "delta", DEFAULT_DELTA),
             max_grad_norm=_number(config, "max-grad-norm", 1.0),
             accountant=str(config.get("accountant", "rdp")),
+            proximal_mu=_number(config, "proximal-mu", 0.0),
         )
         for name in ("local_epochs", "batch_size", "num_rounds", "server_round"):
             if getattr(request, name) < 1:
                 raise PolicyError(f"{name.replace('_', '-')} must be >= 1; got {getattr(request, name)}")
+        if not request.proximal_mu >= 0:
+            raise PolicyError(f"proximal-mu must be >= 0; got {request.proximal_mu}")
         if request.dp and not request.epsilon > 0:
             raise PolicyError(f"epsilon must be > 0; got {request.epsilon}")
         if request.dp and not request.max_grad_norm > 0:

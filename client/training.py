@@ -32,6 +32,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # None: not private
+    proximal_mu: float = 0.0  # FedProx: μ of the proximal term μ/2·||w − w_global||²; 0: none
     grad_sample_mode: str = "hooks"
 
 
@@ -93,13 +94,20 @@ def train(
     device: torch.device,
     generator: torch.Generator | None = None,
 ) -> TrainOutcome:
-    """Train `model` in place for `settings.local_epochs` epochs over `data`."""
+    """Train `model` in place for `settings.local_epochs` epochs over `data`.
+
+    With `proximal_mu` > 0 (FedProx) the objective gains μ/2·||w − w_global||², w_global being the
+    weights the model holds when called. Without DP it is added to the loss. Under DP-SGD it cannot be:
+    Opacus builds the update from per-sample gradients only, so a data-independent term in the loss
+    would be silently dropped. Its gradient μ(w − w_global) is added to the privatised gradient after
+    clipping and noise instead (post-processing: it costs no ε).
+    """
     model.to(device)
     model.train()
-    optimizer = make_optimizer(
-        settings.optimizer, [p for p in model.parameters() if p.requires_grad],
-        settings.lr, settings.momentum, settings.weight_decay,
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(settings.optimizer, trainable, settings.lr, settings.momentum, settings.weight_decay)
+    mu = float(settings.proximal_mu)
+    anchors = [p.detach().clone() for p in trainable] if mu > 0 else []
     if settings.noise_multiplier is None:
         loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=generator)
         wrapped, steps_taken = model, None
@@ -119,7 +127,14 @@ def train(
             generator=generator,
         )
         steps_taken = [0]
-        optimizer.attach_step_hook(lambda _opt: steps_taken.__setitem__(0, steps_taken[0] + 1))
+
+        def after_noise(_opt) -> None:
+            steps_taken[0] += 1
+            for param, anchor in zip(trainable, anchors):
+                if param.grad is not None:
+                    param.grad.add_(param.detach() - anchor, alpha=mu)
+
+        optimizer.attach_step_hook(after_noise)
 
     losses: list[float] = []
     plain_steps = 0
@@ -136,6 +151,8 @@ def train(
                 else:
                     loss = task.loss(outputs, y)
                     losses.append(float(loss.detach()))
+                if anchors and settings.noise_multiplier is None:
+                    loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
                 loss.backward()
                 optimizer.step()
                 plain_steps += 1

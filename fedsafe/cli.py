@@ -44,9 +44,41 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C")
     p.add_argument("--accountant", default="rdp", help="rdp or prv")
-    p.add_argument("--strategy", default="fedavg", help="aggregation strategy" + listed)
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of nodes sampled per round, in (0, 1]")
     p.add_argument("--seed", type=int, default=42, help="fixes partitions, sampling, initial weights and DP noise")
+    g = p.add_argument_group("aggregation (Flower strategies; see strategies/registry.py)")
+    g.add_argument("--strategy", default="fedavg",
+                   help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg, krum, "
+                        "multikrum or bulyan" + listed)
+    g.add_argument("--proximal-mu", type=float, default=0.0, help="fedprox: μ of the proximal term")
+    g.add_argument("--server-lr", type=float, default=0.0,
+                   help="fedadam/fedyogi/fedadagrad η, fedavgm server learning rate (0: Flower's default)")
+    g.add_argument("--server-momentum", type=float, default=0.0, help="fedavgm")
+    g.add_argument("--beta-1", type=float, default=0.9, help="fedadam, fedyogi")
+    g.add_argument("--beta-2", type=float, default=0.99, help="fedadam, fedyogi")
+    g.add_argument("--tau", type=float, default=1e-3, help="fedadam, fedyogi, fedadagrad")
+    g.add_argument("--trim-beta", type=float, default=0.2, help="fedtrimmedavg: fraction cut at each end")
+    g.add_argument("--num-malicious", type=int, default=0, help="krum, multikrum, bulyan: f")
+    g.add_argument("--krum-selected", type=int, default=0, help="multikrum: updates averaged (0: n − f)")
+    g.add_argument("--min-replies", type=int, default=1, help="valid replies needed to aggregate a round")
+    g.add_argument("--budget-aware", action="store_true",
+                   help="do not sample nodes whose ledger cannot afford the next round")
+    c = p.add_argument_group("client-level DP on the server (DP-FedAvg)")
+    c.add_argument("--client-dp", default="off", choices=("off", "fixed", "adaptive"))
+    c.add_argument("--client-noise-multiplier", type=float, default=1.0, help="z: noise std = z·C / nodes per round")
+    c.add_argument("--client-clipping-norm", type=float, default=1.0, help="C (adaptive: its initial value)")
+    c.add_argument("--client-target-quantile", type=float, default=0.5, help="adaptive: quantile of update norms")
+    c.add_argument("--client-level-epsilon", type=float, default=0.0,
+                   help="stop before client-level ε would pass this (0: no budget)")
+    c.add_argument("--client-level-delta", type=float, default=1e-5)
+    s = p.add_argument_group("secure aggregation")
+    s.add_argument("--secagg", action="store_true", help="SecAgg+: the server learns only the sum of the updates")
+    s.add_argument("--secagg-shares", type=float, default=1.0, help="fraction of the nodes each shares secrets with")
+    s.add_argument("--secagg-threshold", type=float, default=0.5, help="fraction of shares needed to unmask")
+    a = p.add_argument_group("simulated attackers (research and tests only)")
+    a.add_argument("--attack", default="none", choices=("none", "scale", "sign-flip"))
+    a.add_argument("--attackers", type=int, default=0, help="how many nodes attack")
+    a.add_argument("--attack-factor", type=float, default=10.0)
     p.add_argument("--out", default=None, help="results directory (default: results/<model>-<dataset>-<time>)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
     p.add_argument("--client-cpus", type=float, default=0.0, help="CPUs per virtual node (0: all cores, one actor)")
@@ -110,6 +142,14 @@ def _run_config(args: argparse.Namespace, **overrides):
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         delta=args.delta, max_grad_norm=args.max_grad_norm, accountant=args.accountant,
         strategy=args.strategy, fraction_train=args.fraction, tensorboard=args.tensorboard,
+        proximal_mu=args.proximal_mu, server_lr=args.server_lr, server_momentum=args.server_momentum,
+        beta_1=args.beta_1, beta_2=args.beta_2, tau=args.tau, trim_beta=args.trim_beta,
+        num_malicious=args.num_malicious, krum_selected=args.krum_selected, min_replies=args.min_replies,
+        budget_aware=args.budget_aware, client_dp=args.client_dp,
+        client_noise_multiplier=args.client_noise_multiplier, client_clipping_norm=args.client_clipping_norm,
+        client_target_quantile=args.client_target_quantile, client_level_epsilon=args.client_level_epsilon,
+        client_level_delta=args.client_level_delta, secagg=args.secagg, secagg_shares=args.secagg_shares,
+        secagg_threshold=args.secagg_threshold,
     )
     return RunConfig(**{**values, **overrides})
 
@@ -118,7 +158,8 @@ def _simulation_options(args: argparse.Namespace, nodes: int):
     from simulations.run import SimulationOptions
 
     return SimulationOptions(num_nodes=nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
-                             ray_address=args.ray_address, verbose=args.verbose)
+                             ray_address=args.ray_address, verbose=args.verbose, attack=args.attack,
+                             attackers=args.attackers, attack_factor=args.attack_factor)
 
 
 def _default_out(args: argparse.Namespace, kind: str) -> str:
@@ -141,7 +182,10 @@ def _simulate(args: argparse.Namespace) -> int:
     validate_against_data(cfg, options)
     started = time.perf_counter()
     print(f"fedsafe: {nodes} nodes × {args.rounds} rounds, {args.model} on {args.dataset}, "
-          + ("no DP" if args.no_dp else f"DP-SGD ε≤{cfg.epsilon:g} δ={args.delta:g}"), flush=True)
+          + ("no DP" if args.no_dp else f"DP-SGD ε≤{cfg.epsilon:g} δ={args.delta:g}")
+          + f", {args.strategy}" + (" over SecAgg+" if args.secagg else "")
+          + (f", client-level DP ({args.client_dp})" if args.client_dp != "off" else "")
+          + (f"; {args.attackers} simulated attacker(s): {args.attack}" if args.attackers else ""), flush=True)
     outcome = simulate(cfg, options)
     print_summary(outcome, cfg, time.perf_counter() - started)
     return 0

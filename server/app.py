@@ -33,13 +33,48 @@ def global_model_setup(cfg: RunConfig):
     return ArrayRecord(model.state_dict()), model_config, evaluator
 
 
-def run_server(grid: Grid, cfg: RunConfig, progress: ProgressSink | None = print_progress) -> RunOutcome:
+def build_run_strategy(cfg: RunConfig):
+    """The run's strategy chain: [budget-aware selection →] [SecAgg+ →] [client-level DP →] Flower strategy.
+
+    The round loop samples the nodes (server/sampling.py) and shows the chain only those, so every
+    strategy here trains all the nodes it is shown.
+    """
     from strategies import build_strategy
 
+    if cfg.client_dp != "off":
+        from strategies.client_dp import build_client_dp
+
+        sampled = cfg.expected_sample_size() or max(int(cfg.min_nodes * cfg.fraction_train), cfg.min_train_nodes())
+        common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_evaluate_nodes=0, min_available_nodes=1)
+        strategy = build_client_dp(
+            cfg.strategy, common, cfg.strategy_params(), mode=cfg.client_dp,
+            noise_multiplier=cfg.client_noise_multiplier, clipping_norm=cfg.client_clipping_norm,
+            num_sampled=sampled, population=max(cfg.num_partitions or cfg.min_nodes, sampled),
+            delta=cfg.client_level_delta, max_epsilon=cfg.client_level_epsilon or None,
+            target_quantile=cfg.client_target_quantile, clip_lr=cfg.client_clip_lr,
+        )
+    else:
+        strategy = build_strategy(
+            cfg.strategy, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+            params=cfg.strategy_params(),
+        )
+    if cfg.secagg:
+        from strategies.secagg import SecAggPlusAggregation
+
+        strategy = SecAggPlusAggregation(
+            strategy, num_shares=cfg.secagg_shares, reconstruction_threshold=cfg.secagg_threshold,
+            clipping_range=cfg.secagg_clipping_range, timeout=cfg.round_timeout,
+        )
+    if cfg.budget_aware:
+        from strategies.budget_aware import BudgetAwareSelection
+
+        strategy = BudgetAwareSelection(strategy)
+    return strategy
+
+
+def run_server(grid: Grid, cfg: RunConfig, progress: ProgressSink | None = print_progress) -> RunOutcome:
     initial, model_config, evaluator = global_model_setup(cfg)
-    # The loop samples the nodes (server/sampling.py); the strategy trains all it is shown.
-    strategy = build_strategy(cfg.strategy, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
-    return run_rounds(grid, cfg, strategy, initial, model_config, evaluator, progress)
+    return run_rounds(grid, cfg, build_run_strategy(cfg), initial, model_config, evaluator, progress)
 
 
 def make_server_app(

@@ -8,6 +8,14 @@ from pathlib import Path
 from typing import Any
 
 
+CLIENT_DP_MODES = ("off", "fixed", "adaptive")
+CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
+STRATEGY_PARAM_FIELDS = (
+    "proximal_mu", "server_lr", "server_momentum", "beta_1", "beta_2", "tau", "trim_beta", "num_malicious",
+    "krum_selected",
+)
+
+
 class ConfigError(ValueError):
     """A run-config value that cannot be used; the message names the key and what is allowed."""
 
@@ -35,6 +43,31 @@ class RunConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     strategy: str = "fedavg"
+    # Strategy parameters (strategies.registry.PARAM_DEFAULTS says which strategy takes which).
+    proximal_mu: float = 0.0
+    server_lr: float = 0.0  # 0: the strategy's Flower default
+    server_momentum: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+    krum_selected: int = 0
+    # Client-level DP on the server (DP-FedAvg): off, fixed or adaptive clipping of whole updates.
+    client_dp: str = "off"
+    client_noise_multiplier: float = 1.0  # z: noise std = z · C / nodes sampled per round
+    client_clipping_norm: float = 1.0  # C for fixed clipping; the initial C for adaptive clipping
+    client_target_quantile: float = 0.5  # adaptive: fraction of updates left unclipped
+    client_clip_lr: float = 0.2  # adaptive: geometric step of C
+    client_level_epsilon: float = 0.0  # stop the run before client-level ε would pass this; 0: no budget
+    client_level_delta: float = 1e-5
+    # Skip nodes whose last reported ledger cannot afford the next round.
+    budget_aware: bool = False
+    # SecAgg+: the server learns only the sum of the updates.
+    secagg: bool = False
+    secagg_shares: float = 1.0  # fraction of the sampled nodes each node shares its secrets with
+    secagg_threshold: float = 0.5  # fraction of those shares needed to reconstruct a dropped node's mask
+    secagg_clipping_range: float = 8.0  # updates are clipped to ±this per coordinate before quantisation
     fraction_train: float = 1.0
     min_nodes: int = 2  # connected nodes needed before a round starts
     min_replies: int = 1  # valid replies needed to aggregate a round
@@ -49,7 +82,7 @@ class RunConfig:
         from client.data import PARTITIONERS
         from client.training import OPTIMIZERS
         from models import model_names
-        from strategies import strategy_names
+        from strategies import StrategyError, check_strategy, strategy_names, strategy_spec
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -76,6 +109,40 @@ class RunConfig:
              f"unknown accountant {self.accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}")
         need(self.strategy in strategy_names(),
              f"unknown strategy {self.strategy!r}; choose one of: {', '.join(strategy_names())}")
+        try:
+            check_strategy(self.strategy, self.strategy_params(), self.expected_sample_size())
+        except StrategyError as err:
+            raise ConfigError(str(err)) from None
+        need(self.client_dp in CLIENT_DP_MODES,
+             f"unknown client-dp {self.client_dp!r}; choose one of: {', '.join(CLIENT_DP_MODES)}")
+        if self.client_dp != "off":
+            need(self.strategy in CLIENT_DP_STRATEGIES,
+                 f"client-dp={self.client_dp} needs an averaging strategy ({', '.join(CLIENT_DP_STRATEGIES)}): "
+                 f"its noise is calibrated to the mean of clipped updates; got strategy {self.strategy!r}")
+            need(self.client_noise_multiplier > 0,
+                 f"client-noise-multiplier must be > 0; got {self.client_noise_multiplier}")
+            need(self.client_clipping_norm > 0, f"client-clipping-norm must be > 0; got {self.client_clipping_norm}")
+            need(0 <= self.client_target_quantile <= 1,
+                 f"client-target-quantile must be in [0, 1]; got {self.client_target_quantile}")
+            need(self.client_clip_lr > 0, f"client-clip-lr must be > 0; got {self.client_clip_lr}")
+            need(not self.secagg,
+                 "client-dp with secagg is not supported: server-side clipping needs each node's update, "
+                 "which SecAgg+ hides from the server")
+        need(self.client_level_epsilon >= 0, f"client-level-epsilon must be >= 0; got {self.client_level_epsilon}")
+        need(self.client_level_epsilon == 0 or self.client_dp != "off",
+             "client-level-epsilon is a budget for client-level DP: set client-dp to fixed or adaptive")
+        need(0 < self.client_level_delta < 1, f"client-level-delta must be in (0, 1); got {self.client_level_delta}")
+        if self.secagg:
+            need(strategy_spec(self.strategy).sums_updates,
+                 f"secagg gives the server only the sum of the updates; strategy {self.strategy!r} needs each "
+                 f"update. Strategies that work on the sum: "
+                 f"{', '.join(n for n in strategy_names() if strategy_spec(n).sums_updates)}")
+            need(0 < self.secagg_shares <= 1, f"secagg-shares must be in (0, 1]; got {self.secagg_shares}")
+            need(0 < self.secagg_threshold <= 1, f"secagg-threshold must be in (0, 1]; got {self.secagg_threshold}")
+            need(self.secagg_clipping_range > 0,
+                 f"secagg-clipping-range must be > 0; got {self.secagg_clipping_range}")
+            sampled = self.expected_sample_size()
+            need(sampled is None or sampled >= 3, f"secagg needs at least 3 nodes per round; got {sampled}")
         need(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1]; got {self.fraction_train}")
         need(self.min_replies >= 1, f"min-replies must be >= 1; got {self.min_replies}")
         need(self.min_nodes >= 1, f"min-nodes must be >= 1; got {self.min_nodes}")
@@ -106,6 +173,19 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def strategy_params(self) -> dict[str, Any]:
+        """The strategy parameters, by run-config key (`server-lr`, `trim-beta`, …)."""
+        return {name.replace("_", "-"): getattr(self, name) for name in STRATEGY_PARAM_FIELDS}
+
+    def min_train_nodes(self) -> int:
+        return min(self.min_replies, self.min_nodes)
+
+    def expected_sample_size(self) -> int | None:
+        """Nodes sampled per round when the federation's size is known (simulations), else None."""
+        if self.num_partitions <= 0:
+            return None
+        return min(self.num_partitions, max(int(self.num_partitions * self.fraction_train), self.min_train_nodes()))
 
     @property
     def out_path(self) -> Path:

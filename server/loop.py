@@ -16,7 +16,16 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies import UpdateRejected, validate_update
+from strategies import (
+    UpdateRejected,
+    conform_arrays,
+    load_strategy_state_dict,
+    observe_replies,
+    round_report,
+    strategy_state_dict,
+    validate_update,
+)
+from strategies.state import chain
 
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -37,9 +46,19 @@ class RunOutcome:
     history: list[dict[str, Any]]
     node_epsilon: dict[int, float] = field(default_factory=dict)
     started_at: float = 0.0  # time.perf_counter() when the round loop began
+    stop_reason: str | None = None  # why the run ended before its last round (a privacy budget), if it did
 
 
-def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig):
+def _stop_exceptions() -> tuple[type[BaseException], ...]:
+    """What a strategy raises, before a round starts, to end the run cleanly."""
+    from flwr.serverapp.exception import PrivacyBudgetExhausted
+
+    from strategies.client_dp import RunStop
+
+    return (PrivacyBudgetExhausted, RunStop)
+
+
+def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False):
     valid, failures, budget_refusals, rejected = [], [], [], []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -48,11 +67,12 @@ def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunC
             (budget_refusals if reply.error.code == BUDGET_EXHAUSTED else failures).append(entry)
             continue
         try:
-            if "arrays" not in reply.content or "metrics" not in reply.content:
+            if "metrics" not in reply.content or (not masked and "arrays" not in reply.content):
                 raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
             if "num-examples" not in reply.content["metrics"]:
                 raise UpdateRejected("metrics lack 'num-examples'")
-            validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None)
+            if not masked:  # under secure aggregation the server never holds an update to check
+                validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None)
         except UpdateRejected as err:
             rejected.append({"node": node, "reason": str(err)})
             log.warning("rejected update from node %s: %s", node, err)
@@ -74,13 +94,14 @@ def run_rounds(
     started_at = time.perf_counter()
     out = cfg.out_path
     results = ResultsWriter(out, cfg.to_mapping())
-    sampler = NodeSampler(cfg.seed, cfg.fraction_train, cfg.min_nodes, min_sample=cfg.min_replies)
+    sampler = NodeSampler(cfg.seed, cfg.fraction_train, cfg.min_nodes, min_sample=cfg.min_train_nodes())
     if cfg.resume:
         state = load_checkpoint(out)
         arrays = ArrayRecord(state.model_state)
         history, run_key, first_round = state.history, state.run_key, state.completed_round + 1
         if state.sampler_state:
             sampler.load_state_dict(state.sampler_state)
+        load_strategy_state_dict(strategy, state.strategy_state)
         log.info("resuming run %s after round %d", run_key, state.completed_round)
     else:
         arrays, history, run_key, first_round = initial_arrays, [], uuid.uuid4().hex, 1
@@ -91,12 +112,20 @@ def run_rounds(
         node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
 
     train_config = ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key})
+    masked = any(getattr(link, "hides_updates", False) for link in chain(strategy))
+    stop_reason = None
     for rnd in range(first_round, cfg.num_rounds + 1):
         started = time.perf_counter()
         sampled = sampler.sample(sampler.wait_for_nodes(grid, cfg.round_timeout))
-        messages = list(strategy.configure_train(rnd, arrays, train_config, SampledGrid(grid, sampled)))
+        try:
+            messages = list(strategy.configure_train(rnd, arrays, train_config, SampledGrid(grid, sampled)))
+        except _stop_exceptions() as err:
+            stop_reason = str(err)
+            log.warning("run stopped before round %d: %s", rnd, stop_reason)
+            break
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg)
+        observe_replies(strategy, rnd, replies)
+        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg, masked)
         for entry in failures:
             log.warning("node %s failed round %d: %s", entry["node"], rnd, entry["reason"])
         for entry in refusals:
@@ -114,7 +143,7 @@ def run_rounds(
         if len(valid) >= cfg.min_replies:
             new_arrays, agg_metrics = strategy.aggregate_train(rnd, valid)
             if new_arrays is not None:
-                arrays, aggregated = new_arrays, True
+                arrays, aggregated = conform_arrays(arrays, new_arrays), True
             if agg_metrics is not None and "train-loss" in agg_metrics:
                 train_loss = float(agg_metrics["train-loss"])
         else:
@@ -136,6 +165,7 @@ def run_rounds(
             "epsilon_mean": mean(round_eps.values()) if round_eps else None,
             "node_epsilon": {str(k): v for k, v in round_eps.items()},
             "problems": failures + refusals + rejected,
+            **round_report(strategy, rnd),
         }
         if evaluator is not None:
             record["eval"] = evaluator(arrays)
@@ -146,7 +176,8 @@ def run_rounds(
         save_checkpoint(
             out,
             RunState(run_key=run_key, completed_round=rnd, model_state=arrays.to_torch_state_dict(),
-                     history=history, config=cfg.to_mapping(), sampler_state=sampler.state_dict()),
+                     history=history, config=cfg.to_mapping(), sampler_state=sampler.state_dict(),
+                     strategy_state=strategy_state_dict(strategy)),
         )
         if progress is not None:
             progress(record, cfg)
@@ -155,11 +186,15 @@ def run_rounds(
         "final": history[-1].get("eval", {}) if history else {},
         "epsilon_max_all_nodes": max(node_epsilon.values()) if node_epsilon else None,
         "nodes_seen": len(node_epsilon),
+        "stop_reason": stop_reason,
     }
+    if history and history[-1].get("client_level_epsilon") is not None:
+        summary["client_level_epsilon"] = history[-1]["client_level_epsilon"]
     results.write(history, summary)
     results.write_node_epsilon(history)
     results.plot(history)
-    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon, started_at=started_at)
+    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon, started_at=started_at,
+                      stop_reason=stop_reason)
 
 
 def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
@@ -175,6 +210,13 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
         eps_text,
         f"replies {record['replies']}/{record['sent']}",
     ]
+    if record.get("client_level_epsilon") is not None:
+        parts.append(f"client-level ε {record['client_level_epsilon']:.2f}")
+    if record.get("secagg"):
+        parts.append("secagg " + ("abandoned" if "abandoned" in record["secagg"]
+                                   else f"{record['secagg']['summed']} summed, {record['secagg']['dropped']} dropped"))
+    if record.get("skipped"):
+        parts.append(f"{record['skipped']} skipped (budget)")
     if record["budget_refusals"]:
         parts.append(f"{record['budget_refusals']} out of budget")
     if record["failures"] or record["rejected"]:

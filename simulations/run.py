@@ -39,10 +39,25 @@ class SimulationOptions:
     ray_address: str | None = None  # join an existing Ray cluster instead of starting one
     ledger_dir: str | None = None  # default: <out-dir>/ledgers
     verbose: bool = False
+    # Simulated Byzantine nodes (simulations/attacks.py) — for tests and research only.
+    attack: str = "none"  # none, scale or sign-flip
+    attackers: int = 0  # partitions 0 .. attackers-1 send poisoned updates
+    attack_factor: float = 10.0
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
             raise ConfigError(f"nodes must be >= 1; got {self.num_nodes}")
+        try:
+            self.attack_spec()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.attackers > self.num_nodes:
+            raise ConfigError(f"attackers ({self.attackers}) exceed nodes ({self.num_nodes})")
+
+    def attack_spec(self):
+        from .attacks import Attack
+
+        return Attack(self.attack, self.attackers, self.attack_factor)
         if self.client_cpus < 0 or self.client_gpus < 0:
             raise ConfigError("client CPUs and GPUs must be >= 0")
 
@@ -110,16 +125,12 @@ def scalable_engine():
         yield
 
 
-def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress) -> RunOutcome:
-    """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history."""
-    quiet_flower_environment()
-    validate_against_data(cfg, options)
-    import torch
-    from flwr.simulation import run_simulation
-
+def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilon: float | None = None,
+                          node_caps: dict[int, float] | None = None):
+    """The run's config for `options.num_nodes` nodes, and the virtual nodes' ClientApp.
+    `node_caps` gives some partitions their own lifetime ε cap (heterogeneous operators)."""
     from client.app import make_client_app
     from client.policy import DEFAULT_MAX_EPSILON, NodePolicy
-    from server.app import make_server_app
 
     cfg = RunConfig(**{**cfg.__dict__, "num_partitions": options.num_nodes,
                        "min_nodes": options.num_nodes})
@@ -135,14 +146,50 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
     # (pickled to the Ray actors), not in module globals, which the actors would never see.
     policy = NodePolicy(
         state_dir=ledger_dir,
-        max_epsilon=cfg.epsilon if cfg.dp else DEFAULT_MAX_EPSILON,
+        max_epsilon=max_epsilon or (cfg.epsilon if cfg.dp else DEFAULT_MAX_EPSILON),
         delta=cfg.delta,
         allow_non_private=not cfg.dp,
         seed_noise=True,
     )
+    attack = options.attack_spec()
+    mods = [attack.mod] if attack.active else []
+    caps = dict(node_caps or {})
+
+    def policy_source(context):
+        cap = caps.get(int(context.node_config.get("partition-id", -1)))
+        return policy if cap is None else policy.with_overrides(max_epsilon=cap)
+
+    return cfg, make_client_app(policy_source=policy_source, extra_mods=mods)
+
+
+def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = None,
+                        max_epsilon: float | None = None, drop=None) -> RunOutcome:
+    """`simulate()` without Ray: the nodes' ClientApp is called in this process (simulations/local.py).
+    `max_epsilon` overrides the virtual nodes' lifetime cap; `drop(node, message)` loses messages."""
+    quiet_flower_environment()
+    validate_against_data(cfg, options)
+    from server.app import run_server
+
+    from .local import LocalGrid
+
+    cfg, client_app = _simulated_federation(cfg, options, max_epsilon)
+    if not options.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    return run_server(LocalGrid(client_app, options.num_nodes, drop=drop), cfg, progress)
+
+
+def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress) -> RunOutcome:
+    """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history."""
+    quiet_flower_environment()
+    validate_against_data(cfg, options)
+    import torch
+    from flwr.simulation import run_simulation
+
+    from server.app import make_server_app
+
+    cfg, client_app = _simulated_federation(cfg, options)
     outcomes: list[RunOutcome] = []
     server_app = make_server_app(config_source=lambda _ctx: cfg, on_finish=outcomes.append, progress=progress)
-    client_app = make_client_app(policy_source=lambda _ctx: policy)
 
     cpus = options.client_cpus or float(os.cpu_count() or 1)
     backend_config = {

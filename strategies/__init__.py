@@ -1,6 +1,18 @@
-"""How updates are combined and guarded: Flower strategies by name, and update validation."""
+"""How updates are combined and guarded: Flower strategies by name, wrappers fedsafe adds around them
+(client-level DP, budget-aware selection), their checkpointed state, and update validation."""
 
-from .registry import StrategyError, build_strategy, strategy_names
+from .registry import PARAM_DEFAULTS, StrategyError, build_strategy, check_strategy, strategy_names, strategy_spec
+from .state import (
+    conform_arrays,
+    load_strategy_state_dict,
+    observe_replies,
+    round_report,
+    strategy_state_dict,
+)
 from .validation import UpdateRejected, validate_update
 
-__all__ = ["StrategyError", "UpdateRejected", "build_strategy", "strategy_names", "validate_update"]
+__all__ = [
+    "PARAM_DEFAULTS", "StrategyError", "UpdateRejected", "build_strategy", "check_strategy", "conform_arrays",
+    "load_strategy_state_dict", "observe_replies", "round_report", "strategy_names", "strategy_spec",
+    "strategy_state_dict", "validate_update",
+]

@@ -17,6 +17,13 @@ from fedsafe.cli import main
         (["simulate", "--nodes", "many"], "invalid int value: 'many'"),
         (["simulate", "--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
         (["launch"], "invalid choice: 'launch'"),
+        (["simulate", "--strategy", "fedsgd"], "unknown strategy 'fedsgd'; choose one of: fedavg, fedprox"),
+        (["simulate", "--strategy", "bulyan", "--num-malicious", "1"], "Bulyan needs n >= 4f + 3 replies per round; n=5"),
+        (["simulate", "--strategy", "fedavg", "--trim-beta", "0.3"], "'fedavg' does not use trim-beta"),
+        (["simulate", "--secagg", "--strategy", "krum"], "strategy 'krum' needs each update"),
+        (["simulate", "--client-dp", "laplace"], "invalid choice: 'laplace'"),
+        (["simulate", "--client-dp", "fixed", "--strategy", "fedmedian"], "client-dp=fixed needs an averaging strategy"),
+        (["simulate", "--attack", "sign-flip", "--attackers", "9"], "attackers (9) exceed nodes (5)"),
     ],
 )
 def test_bad_input_gets_one_clear_line(argv, message, capsys):

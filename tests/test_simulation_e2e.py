@@ -101,3 +101,20 @@ def test_sweep_writes_a_privacy_utility_table_and_plot(tmp_path):
     lines = (tmp_path / "privacy_utility.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[1].startswith("1.0,fedavg,mlp,0.5,3,")
     assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
+
+
+def test_fedadam_over_secagg_on_ray_keeps_its_moments_in_the_checkpoint(tmp_path):
+    """A non-FedAvg strategy end to end on Flower's simulation engine, over SecAgg+: the nodes' secagg
+    state lives in Flower's per-node Context across the protocol's four messages per round."""
+    from server.checkpoint import load_checkpoint
+
+    cfg = RunConfig(num_rounds=2, local_epochs=1, strategy="fedadam", secagg=True, budget_aware=True,
+                    out_dir=str(tmp_path / "run"))
+    outcome = simulate(cfg, SimulationOptions(num_nodes=3), progress=None)
+    rounds = outcome.history[1:]
+    assert all(r["aggregated"] and r["secagg"]["summed"] == 3 and r["replies"] == 3 for r in rounds)
+    assert outcome.history[-1]["eval"]["accuracy"] >= 0.85
+    assert 2.9 <= outcome.history[-1]["epsilon_max"] <= 3.0
+    state = load_checkpoint(tmp_path / "run", restore_rng=False).strategy_state
+    assert state["chain"] == ["BudgetAwareSelection", "SecAggPlusAggregation", "FedAdam"]
+    assert state["links"][2]["m_t"] is not None and len(state["links"][0]["ledgers"]) == 3

@@ -1,0 +1,50 @@
+"""The node's side of SecAgg+: Flower's own `secaggplus_mod`, fitted to fedsafe's Message-API handler.
+
+Flower 1.41 ships SecAgg+ for its legacy API only: the mod expects the training handler to answer with a
+legacy `FitRes` record. `secagg_mod` sits outermost in the node's ClientApp and, for messages that carry
+a SecAgg+ stage, runs `secaggplus_mod` around an adapter that turns fedsafe's reply into that record:
+the masked vector is the node's *update* (trained weights − the global model), weighted by its
+`num-examples`. The reply that leaves the node holds the masked vector and the plaintext metrics (ε,
+ledger figures, loss: the server must see these), never the weights. Messages without a SecAgg+ stage
+pass straight through, so the same ClientApp serves plain rounds.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Error, Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+
+class _Refused(Exception):
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.reason)
+        self.error = error
+
+
+def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from flwr.client.mod import secaggplus_mod
+
+    try:
+        return secaggplus_mod(msg, context, lambda m, c: _update_as_fitres(m, c, call_next))
+    except _Refused as refused:  # keep the node's own error code (e.g. a budget refusal)
+        return Message(refused.error, reply_to=msg)
+
+
+def _update_as_fitres(msg: Message, context: Context, call_next) -> Message:
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    reply = call_next(msg, context)
+    if reply.has_error():
+        raise _Refused(reply.error)
+    start, trained = msg.content["arrays"], reply.content["arrays"]
+    update = [np.asarray(trained[k].numpy(), dtype=np.float64) - start[k].numpy() for k in start.keys()]
+    metrics = reply.content["metrics"]
+    fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(update),
+                    num_examples=int(metrics["num-examples"]), metrics={})
+    content = fitres_to_recorddict(fitres, keep_input=False)
+    content["metrics"] = metrics
+    return Message(content, reply_to=msg)

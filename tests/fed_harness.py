@@ -1,0 +1,23 @@
+"""In-process federations for tests: the real server loop, strategies and node ClientApp, no Ray."""
+
+from __future__ import annotations
+
+from server.app import build_run_strategy, global_model_setup
+from server.config import RunConfig
+from server.loop import run_rounds
+from simulations.local import LocalGrid
+from simulations.run import SimulationOptions, _simulated_federation
+
+
+def federation(tmp_path, nodes: int = 5, drop=None, node_caps=None, attack="none", attackers=0, factor=5.0,
+               **overrides):
+    """(cfg, grid, strategy) for `nodes` virtual nodes; `overrides` are RunConfig fields."""
+    cfg = RunConfig(**{"num_rounds": 3, "local_epochs": 1, "out_dir": str(tmp_path / "run"), **overrides})
+    options = SimulationOptions(num_nodes=nodes, attack=attack, attackers=attackers, attack_factor=factor)
+    cfg, client_app = _simulated_federation(cfg, options, node_caps=node_caps)
+    return cfg, LocalGrid(client_app, nodes, drop=drop), build_run_strategy(cfg)
+
+
+def run(cfg, grid, strategy, progress=None):
+    initial, model_config, evaluator = global_model_setup(cfg)
+    return run_rounds(grid, cfg, strategy, initial, model_config, evaluator, progress)
