@@ -81,7 +81,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     a.add_argument("--attack-factor", type=float, default=10.0)
     p.add_argument("--out", default=None, help="results directory (default: results/<model>-<dataset>-<time>)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
-    p.add_argument("--client-cpus", type=float, default=0.0, help="CPUs per virtual node (0: all cores, one actor)")
+    p.add_argument("--client-cpus", type=float, default=1.0,
+                   help="CPUs per virtual node: Ray runs one actor per this many cores")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per virtual node (fractions share one)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
