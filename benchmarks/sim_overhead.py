@@ -95,7 +95,7 @@ def plain_loop(cfg, clients: int) -> float:
     return time.perf_counter() - started
 
 
-def simulation(cfg, clients: int, client_cpus: float = 0.0):
+def simulation(cfg, clients: int, client_cpus: float = 1.0):
     from simulations.run import SimulationOptions, simulate
 
     called = time.perf_counter()

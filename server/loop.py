@@ -123,7 +123,9 @@ def run_rounds(
             stop_reason = str(err)
             log.warning("run stopped before round %d: %s", rnd, stop_reason)
             break
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        # In node order, not arrival order: float sums then do not depend on which actor finished first.
+        replies = sorted(grid.send_and_receive(messages, timeout=cfg.round_timeout),
+                         key=lambda reply: reply.metadata.src_node_id)
         observe_replies(strategy, rnd, replies)
         valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg, masked)
         for entry in failures:
