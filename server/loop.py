@@ -16,11 +16,12 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies import UpdateRejected, validate_update
+from strategies import UpdateRejected, complete_update, keep_frozen, validate_update
 
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .results import ResultsWriter
+from .early_stopping import EarlyStopping
+from .results import ResultsWriter, headline_text
 from .sampling import NodeSampler, SampledGrid
 
 log = logging.getLogger("fedsafe.server")
@@ -36,9 +37,10 @@ class RunOutcome:
     arrays: ArrayRecord
     history: list[dict[str, Any]]
     node_epsilon: dict[int, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # early stopping: the best round, its metrics, best_model.pt
 
 
-def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig):
+def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig, frozen=()):
     valid, failures, budget_refusals, rejected = [], [], [], []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -51,7 +53,9 @@ def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunC
                 raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
             if "num-examples" not in reply.content["metrics"]:
                 raise UpdateRejected("metrics lack 'num-examples'")
-            validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None)
+            validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None, frozen)
+            # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
+            reply.content["arrays"] = complete_update(global_arrays, reply.content["arrays"], frozen)
         except UpdateRejected as err:
             rejected.append({"node": node, "reason": str(err)})
             log.warning("rejected update from node %s: %s", node, err)
@@ -87,14 +91,18 @@ def run_rounds(
     node_epsilon: dict[int, float] = {}
     for entry in history:
         node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
+    frozen = _frozen_keys(arrays, cfg)
+    stopper = _early_stopping(cfg, history, arrays, evaluator)
 
     train_config = ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key})
     for rnd in range(first_round, cfg.num_rounds + 1):
+        if stopper is not None and stopper.should_stop:
+            break
         started = time.perf_counter()
         sampled = sampler.sample(sampler.wait_for_nodes(grid, cfg.round_timeout))
         messages = list(strategy.configure_train(rnd, arrays, train_config, SampledGrid(grid, sampled)))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg)
+        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg, frozen)
         for entry in failures:
             log.warning("node %s failed round %d: %s", entry["node"], rnd, entry["reason"])
         for entry in refusals:
@@ -112,7 +120,7 @@ def run_rounds(
         if len(valid) >= cfg.min_replies:
             new_arrays, agg_metrics = strategy.aggregate_train(rnd, valid)
             if new_arrays is not None:
-                arrays, aggregated = new_arrays, True
+                arrays, aggregated = keep_frozen(arrays, new_arrays, frozen), True
             if agg_metrics is not None and "train-loss" in agg_metrics:
                 train_loss = float(agg_metrics["train-loss"])
         else:
@@ -137,6 +145,8 @@ def run_rounds(
         }
         if evaluator is not None:
             record["eval"] = evaluator(arrays)
+        if stopper is not None and stopper.observe(rnd, record["eval"], arrays):
+            record["early_stopped"] = rnd < cfg.num_rounds
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         results.write(history)
@@ -153,9 +163,35 @@ def run_rounds(
         "epsilon_max_all_nodes": max(node_epsilon.values()) if node_epsilon else None,
         "nodes_seen": len(node_epsilon),
     }
+    if stopper is not None:
+        summary["best"] = stopper.summary()
+        summary["best"]["stopped_early"] = any(h.get("early_stopped") for h in history)
     results.write(history, summary)
     results.plot([h for h in history if h["round"] >= 0])
-    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon)
+    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon, best=summary.get("best"))
+
+
+def _frozen_keys(arrays: ArrayRecord, cfg: RunConfig) -> list[str]:
+    """The parameters the run freezes (nodes neither train nor upload them)."""
+    from models.transfer import frozen_names, parse_prefixes
+
+    return frozen_names(arrays.keys(), parse_prefixes(cfg.freeze))
+
+
+def _early_stopping(cfg: RunConfig, history, arrays: ArrayRecord, evaluator) -> EarlyStopping | None:
+    """The run's early stopping (None when off), caught up with `history`; best_model.pt written for
+    the initial model of a new run."""
+    if not cfg.early_stopping_patience:
+        return None
+    if evaluator is None:
+        from .config import ConfigError
+
+        raise ConfigError("early stopping needs the coordinator's held-out data (central evaluation)")
+    stopper = EarlyStopping(cfg.out_path, cfg.early_stopping_patience, cfg.early_stopping_metric)
+    stopper.replay(history)
+    if not cfg.resume:
+        stopper.keep(arrays)  # the initial model is the best so far
+    return stopper
 
 
 def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
@@ -166,8 +202,7 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
     )
     parts = [
         f"round {record['round']:>3}/{cfg.num_rounds}",
-        f"acc {ev.get('accuracy', float('nan')):.3f}",
-        f"loss {ev.get('loss', float('nan')):.3f}",
+        headline_text(ev),
         eps_text,
         f"replies {record['replies']}/{record['sent']}",
     ]
