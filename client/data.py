@@ -67,6 +67,16 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_DATASETS
 
 
+# Built-in views that hold the very records of another set, split and partitioned alike: a node's
+# ledger must charge them to the same data, or two names would give the same records two budgets.
+SAME_RECORDS = {"digits-seq": "digits"}
+
+
+def records_of(dataset: str) -> str:
+    """The name under which a simulated node's ledger accounts for `dataset`'s records."""
+    return SAME_RECORDS.get(dataset, dataset)
+
+
 @functools.cache
 def load_dataset(name_or_path: str, group_column: str | None = None) -> DataSplit:
     """A built-in dataset by name, or a data file (.csv/.npz) split 75/25 into train and held-out test."""

@@ -93,7 +93,9 @@ class NodePolicy:
             "iid": "iid", "dirichlet": f"dirichlet-a{request.alpha:g}",
             "pathological": f"pathological-k{request.classes_per_node}", "natural": f"natural-{request.partition_by}",
         }.get(request.partitioner, request.partitioner)
-        return f"sim:{request.dataset}:{scheme}:n{num_partitions}:s{request.seed}:p{partition_id}"
+        from .data import records_of
+
+        return f"sim:{records_of(request.dataset)}:{scheme}:n{num_partitions}:s{request.seed}:p{partition_id}"
 
 
 @dataclass(frozen=True)

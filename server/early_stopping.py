@@ -31,6 +31,7 @@ class EarlyStopping:
         self.best_value: float | None = None
         self.best_eval: dict[str, float] = {}
         self.last_round: int | None = None
+        self._higher: bool | None = None  # whether larger values are better, once the metric is known
 
     @property
     def key(self) -> str:
@@ -57,7 +58,7 @@ class EarlyStopping:
     def observe(self, rnd: int, metrics: dict[str, float], arrays=None) -> bool:
         """Record round `rnd`'s evaluation; write `arrays` (an ArrayRecord) to best_model.pt when it
         is the best so far (None: replaying history, the file is already there). True: stop now."""
-        if not self.metric or self.key not in metrics:
+        if self._higher is None or self.key not in metrics:
             self._resolve_metric(metrics)
         value = float(metrics[self.key])
         if self._better(value):

@@ -22,7 +22,8 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, seconds: float) -> None:
     console = Console()
     table = Table(title=f"fedsafe: {cfg.model} on {cfg.dataset}, {len(outcome.node_epsilon) or 'all'} nodes")
     # the task's metrics, headline first (accuracy, r2, anomaly AUROC, mse, digits score, FD, ...)
-    shown = [m for m in metric_columns(outcome.history) if not m.startswith("val_")][:4]
+    metrics = [m for m in metric_columns(outcome.history) if not m.startswith("val_")]
+    shown = [m for m in metrics if not (m == "loss" and "mse" in metrics)][:4]  # mse is the loss there
     for column in ("round", *shown, "ε max", "ε mean", "replies"):
         table.add_column(column, justify="right")
     for h in outcome.history:
@@ -40,7 +41,7 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, seconds: float) -> None:
         best = outcome.best
         stopped = "stopped early; " if best.get("stopped_early") else ""
         console.print(f"{stopped}best round {best['round']} by {best['metric']} {best['value']:.3f}: "
-                      f"{headline_text(best['eval'])} (held-out half not used for the choice)")
+                      f"{headline_text(best['eval'])} on the held-out half the choice did not see")
         files += ", best_model.pt"
     console.print(f"results: {cfg.out_path}/{files}")
 

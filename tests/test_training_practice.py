@@ -291,3 +291,65 @@ def test_progress_shows_the_tasks_headline_metric(metrics, text):
 def test_csv_columns_put_the_headline_first_and_validation_last():
     history = [{"round": 0, "eval": {"loss": 1.0, "mse": 1.0, "r2": 0.1, "val_r2": 0.0, "mae": 0.5}}]
     assert metric_columns(history) == ["r2", "mse", "loss", "mae", "val_r2"]
+
+
+# ---- early stopping state, ledger keys of views, CLI flags -------------------------------------
+
+
+def test_early_stopping_picks_the_best_round_and_a_resumed_run_picks_it_up(tmp_path):
+    from server.early_stopping import EarlyStopping
+
+    arrays = ArrayRecord({"w": torch.zeros(2)})
+    history = [{"round": r, "eval": {"mse": 1.0, "r2": 0.0, "val_mse": v, "val_r2": 0.0}} for r, v in
+               enumerate([0.9, 0.5, 0.6, 0.55])]
+    stopper = EarlyStopping(tmp_path, patience=2, metric="mse")
+    stops = [stopper.observe(h["round"], h["eval"], arrays) for h in history]
+    assert stops == [False, False, False, True] and (stopper.best_round, stopper.best_value) == (1, 0.5)
+    assert torch.load(tmp_path / "best_model.pt", weights_only=False)["round"] == 1
+    resumed = EarlyStopping(tmp_path, patience=2, metric="mse")
+    resumed.replay(history[:3])
+    assert (resumed.best_round, resumed.should_stop) == (1, False)
+    default = EarlyStopping(tmp_path, patience=1)  # the task's headline metric: r2 before mse
+    default.observe(0, history[0]["eval"])
+    assert default.key == "val_r2"
+    with pytest.raises(ConfigError, match="'accuracy' is not among this task's metrics: mse, r2"):
+        EarlyStopping(tmp_path, patience=1, metric="accuracy").observe(0, history[0]["eval"])
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_view_of_the_same_records_shares_their_ledger():
+    from client.policy import NodePolicy, TrainRequest
+    from tests.node_harness import train_message
+
+    keys = []
+    for dataset in ("digits", "digits-seq"):
+        cfg = RunConfig(model="lstm", dataset=dataset, num_partitions=3)
+        request = TrainRequest.from_config(train_message(cfg, 1).content["config"], "run")
+        keys.append(NodePolicy().data_key(request, (0, 3)))
+    assert keys[0] == keys[1]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model-options", "hiden=3"], "unknown option(s) 'hiden'"),
+        (["--dropout", "1.5"], "option 'dropout' must be below 1.0"),
+        (["--freeze", "encoder"], "freeze: no parameter of model 'mlp' is named 'encoder'"),
+        (["--dataset", "diabetes", "--partitioner", "dirichlet"], "real-valued targets"),
+        (["--augment"], "augment=true shifts image pixels"),
+        (["--early-stopping-metric", "acc"], "unknown metric 'acc'"),
+    ],
+)
+def test_cli_names_bad_training_options_in_one_line(argv, message, capsys):
+    from fedsafe.cli import main
+
+    assert main(["simulate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_dropout_is_a_model_option():
+    from fedsafe.cli import _model_options, build_parser
+
+    args = build_parser().parse_args(["simulate", "--model-options", "hidden=32,dropout=0.1", "--dropout", "0.3"])
+    assert _model_options(args) == "hidden=32,dropout=0.3"
