@@ -75,16 +75,22 @@ def train_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
 def _train(msg, policy, request, terms, data, partition) -> Message:
     import torch
 
-    from models import build_model, task_for
+    from models import build_model, parse_model_options, preferred_grad_sample_mode, task_for
+    from models.transfer import freeze
 
     from .ledger import PrivacyLedger
+    from .regularize import can_augment
     from .training import TrainSettings, poisson_schedule, resolve_device, train
 
     global_arrays: ArrayRecord = msg.content["arrays"]
-    spec = _spec_from_request(msg, data)
-    model = build_model(request.model, spec)
+    spec, data = _spec_from_request(msg, data)
+    model = build_model(request.model, spec, parse_model_options(request.model_options))
     model.load_state_dict(global_arrays.to_torch_state_dict(), strict=True)
+    # Frozen parameters (transfer learning) are neither trained, noised nor uploaded.
+    frozen = set(freeze(model, request.freeze, request.model)) if request.freeze else set()
     task = task_for(spec.task, spec.num_classes)
+    if request.augment and not can_augment(spec.input_shape):
+        raise PolicyError(f"augment=true shifts image pixels; this model's inputs are shaped {spec.input_shape}")
 
     generator = None
     if policy.seed_noise:
@@ -97,6 +103,8 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
         local_epochs=request.local_epochs, batch_size=request.batch_size, optimizer=request.optimizer,
         lr=request.lr, momentum=request.momentum, weight_decay=request.weight_decay,
         max_grad_norm=request.max_grad_norm, proximal_mu=request.proximal_mu,
+        grad_sample_mode=preferred_grad_sample_mode(request.model),
+        l1=request.l1, augment=request.augment,
     )
     metrics: dict[str, float] = {"num-examples": len(data)}
     ledger = None
@@ -141,16 +149,17 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
         metrics["epsilon-next"] = lifetime_next
         metrics["run-epsilon-next"] = run_next
 
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
 def _spec_from_request(msg: Message, data):
-    """The model's data spec, as the coordinator built the global model; the node's data must fit it."""
+    """The model's data spec, as the coordinator built the global model, and the node's data in the
+    shape it asks for (client.data.fit_view); DataError if the data cannot fit it."""
     from models import DataSpec
 
-    from .data import DataError
+    from .data import DataError, fit_view
 
     config = msg.content["config"]
     spec = DataSpec(
@@ -158,11 +167,13 @@ def _spec_from_request(msg: Message, data):
         num_classes=int(config["num-classes"]),
         task=str(config.get("task", "classification")),
     )
-    if tuple(data.x.shape[1:]) != spec.input_shape:
-        raise DataError(f"local samples are shaped {tuple(data.x.shape[1:])}; the model expects {spec.input_shape}")
-    if len(data.y) and int(data.y.max()) >= spec.num_classes:
+    try:
+        data = fit_view(data, spec.input_shape)
+    except DataError as err:
+        raise DataError(f"local {err}") from None
+    if spec.task == "classification" and len(data.y) and int(data.y.max()) >= spec.num_classes:
         raise DataError(f"local labels reach {int(data.y.max())}; the model has {spec.num_classes} classes")
-    return spec
+    return spec, data
 
 
 def make_client_app(policy_source: PolicySource = policy_from_node_config, extra_mods=()) -> ClientApp:

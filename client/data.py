@@ -7,7 +7,7 @@ pulling in node logic. Built-in sets come from scikit-learn's bundled files, so 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class ArrayDataset:
     x: np.ndarray  # float32, shaped (n, *spec.input_shape)
-    y: np.ndarray  # int64 class labels
+    y: np.ndarray  # int64 class labels; float32 targets for regression; 0/1 outlier flags for anomaly sets
     spec: DataSpec
     groups: np.ndarray | None = None  # a natural partition key per sample (site, branch, patient group)
 
@@ -38,18 +38,25 @@ class ArrayDataset:
 class DataSplit:
     train: ArrayDataset
     test: ArrayDataset
+    # True: test.y flags outliers (1) among normal records (0), which the server scores by
+    # reconstruction error (anomaly AUROC); train holds normal records only.
+    outliers: bool = False
 
 
-BUILTIN_DATASETS = ("breast-cancer", "digits", "synthetic")
+BUILTIN_DATASETS = ("breast-cancer", "digits", "digits-seq", "digits-anomaly", "diabetes", "synthetic")
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
+# digits-anomaly: nodes hold the other nine digits; the held-out outliers are all the 4s.
+ANOMALY_OUTLIER_DIGIT = 4
 
 
 def _split(data: ArrayDataset) -> DataSplit:
     from sklearn.model_selection import train_test_split
 
-    counts = np.bincount(data.y)
-    stratify = data.y if counts[counts > 0].min() >= 2 else None
+    stratify = None
+    if np.issubdtype(data.y.dtype, np.integer):
+        counts = np.bincount(data.y)
+        stratify = data.y if counts[counts > 0].min() >= 2 else None
     train_idx, test_idx = train_test_split(
         np.arange(len(data)), test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=stratify
     )
@@ -58,6 +65,16 @@ def _split(data: ArrayDataset) -> DataSplit:
 
 def is_builtin(name: str) -> bool:
     return name in BUILTIN_DATASETS
+
+
+# Built-in views that hold the very records of another set, split and partitioned alike: a node's
+# ledger must charge them to the same data, or two names would give the same records two budgets.
+SAME_RECORDS = {"digits-seq": "digits"}
+
+
+def records_of(dataset: str) -> str:
+    """The name under which a simulated node's ledger accounts for `dataset`'s records."""
+    return SAME_RECORDS.get(dataset, dataset)
 
 
 @functools.cache
@@ -99,6 +116,33 @@ def load_builtin(name: str) -> DataSplit:
         x = (raw.images / 16.0).astype(np.float32)[:, None, :, :]
         spec = DataSpec(input_shape=(1, 8, 8), num_classes=10)
         return _split(ArrayDataset(x, raw.target.astype(np.int64), spec))
+    if name == "digits-seq":
+        # The same images and split, each read as 8 time steps (rows) of 8 features.
+        split = load_builtin("digits")
+        return DataSplit(fit_view(split.train, (8, 8)), fit_view(split.test, (8, 8)))
+    if name == "digits-anomaly":
+        # Anomaly detection: nodes train on normal records only (nine digits); the server scores
+        # its held-out normal digits and the outlier digit (never trained on) by reconstruction error.
+        split = load_builtin("digits")
+        spec = DataSpec(input_shape=(1, 8, 8), num_classes=2, task="reconstruction")
+        out = ANOMALY_OUTLIER_DIGIT
+        train = split.train.subset(np.flatnonzero(split.train.y != out))
+        normal_test = split.test.subset(np.flatnonzero(split.test.y != out))
+        x_out = np.concatenate([split.train.x[split.train.y == out], split.test.x[split.test.y == out]])
+        test_x = np.concatenate([normal_test.x, x_out])
+        test_y = np.r_[np.zeros(len(normal_test), np.int64), np.ones(len(x_out), np.int64)]
+        return DataSplit(
+            ArrayDataset(train.x, np.zeros(len(train), np.int64), spec), ArrayDataset(test_x, test_y, spec), outliers=True
+        )
+    if name == "diabetes":
+        # Regression: scikit-learn's bundled diabetes set (442 patients, 10 features, disease
+        # progression after a year). Features and target standardised with constants of the whole
+        # set (public metadata, as for breast-cancer); r2 = 0 is the mean predictor.
+        raw = sk.load_diabetes()
+        x = (raw.data - raw.data.mean(axis=0)) / raw.data.std(axis=0)
+        y = (raw.target - raw.target.mean()) / raw.target.std()
+        spec = DataSpec(input_shape=(x.shape[1],), num_classes=1, task="regression")
+        return _split(ArrayDataset(x.astype(np.float32), y.astype(np.float32), spec))
     if name == "synthetic":
         # Generated, not downloaded: large enough for thousands of virtual nodes.
         x, y = sk.make_classification(
@@ -108,6 +152,18 @@ def load_builtin(name: str) -> DataSplit:
         spec = DataSpec(input_shape=(20,), num_classes=4)
         return _split(ArrayDataset(x.astype(np.float32), y.astype(np.int64), spec))
     raise DataError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}, or a file path")
+
+
+def fit_view(data: ArrayDataset, input_shape: tuple[int, ...]) -> ArrayDataset:
+    """`data` with samples shaped `input_shape`: as they are, or, for the views models.resolve_spec
+    makes, a one-channel image (1, H, W) read as (H, W) or back. DataError otherwise."""
+    shape, want = tuple(data.x.shape[1:]), tuple(input_shape)
+    if shape == want:
+        return data
+    if (shape[:1] == (1,) and shape[1:] == want) or (want[:1] == (1,) and want[1:] == shape):
+        x = data.x.reshape(len(data.x), *want)
+        return ArrayDataset(x, data.y, replace(data.spec, input_shape=want), data.groups)
+    raise DataError(f"samples are shaped {shape}; the model expects {want}")
 
 
 def load_file(path: str | Path, label_column: str = "label", group_column: str | None = None) -> ArrayDataset:
@@ -204,6 +260,9 @@ def make_partitioner(data: ArrayDataset, scheme: PartitionScheme):
         PathologicalPartitioner,
     )
 
+    if scheme.kind in ("dirichlet", "pathological") and not np.issubdtype(data.y.dtype, np.integer):
+        raise DataError(f"the {scheme.kind} partitioner splits by class label; this data has real-valued "
+                        "targets (regression): use the iid partitioner")
     order = np.random.default_rng(scheme.seed).permutation(n)
     columns = {"index": order, "label": data.y[order]}
     if scheme.kind == "natural":

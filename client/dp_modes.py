@@ -66,6 +66,19 @@ class PrivateModel:
         if remove is not None:
             remove()
 
+    def noise_only_step(self) -> None:
+        """The DP-SGD step of an empty Poisson batch: no per-sample gradient, so the update is the
+        Gaussian noise alone (scaled, hooked and applied as any step). Not every mode can run a
+        batch of zero samples through the model (ew: "Batch size must be positive"; functorch and
+        ghost fail on some layers), so the empty per-sample gradients are set here directly."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.optimizer.params:
+            if self.mode == "ghost":
+                p.grad = torch.zeros_like(p)  # ghost clipping's optimizer reads the clipped sum from .grad
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+
 
 def make_private(
     model: nn.Module,
@@ -116,3 +129,45 @@ def make_private(
             module, dp_optimizer, DPLossFastGradientClipping(module, dp_optimizer, criterion, "mean"), mode
         )
     raise ValueError(f"unknown grad_sample_mode {mode!r}; choose one of: {', '.join(GRAD_SAMPLE_MODES)}")
+
+
+class NotPrivatisable(ValueError):
+    """A model that DP-SGD cannot train as built (a layer Opacus cannot privatise)."""
+
+
+def check_privatisable(
+    model: nn.Module, per_sample_loss: PerSampleLoss, mode: str, input_shape: tuple[int, ...],
+    targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    """Raise NotPrivatisable, naming the layers, unless DP-SGD can train `model` in `mode`.
+
+    Opacus' ModuleValidator lists layers that per-sample DP forbids or cannot handle (BatchNorm
+    mixes the samples of a batch; nn.LSTM/GRU/MultiheadAttention need Opacus' replacements); a
+    step on two zero samples, on a copy, catches what only shows in the chosen mode. Called by the
+    coordinator before round 1, so a bad model fails the run at once, not on every node.
+    """
+    import copy
+
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:5])
+        raise NotPrivatisable(f"DP-SGD cannot train this model: {listed}")
+    trial = copy.deepcopy(model)
+    trial.train()
+    params = [p for p in trial.parameters() if p.requires_grad]
+    try:
+        private = make_private(trial, torch.optim.SGD(params, lr=0.0), per_sample_loss, mode,
+                               noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2)
+        try:
+            x = torch.zeros(2, *input_shape)
+            private.optimizer.zero_grad(set_to_none=True)
+            private.criterion(private.module(x), targets(x, torch.zeros(2, dtype=torch.long))).backward()
+            private.optimizer.step()
+        finally:
+            private.close()
+    except Exception as err:  # noqa: BLE001 - whatever Opacus raises, the run cannot use this model
+        raise NotPrivatisable(
+            f"DP-SGD cannot train this model in Opacus grad_sample_mode {mode!r}: {type(err).__name__}: {err}"
+        ) from None

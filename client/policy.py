@@ -93,7 +93,9 @@ class NodePolicy:
             "iid": "iid", "dirichlet": f"dirichlet-a{request.alpha:g}",
             "pathological": f"pathological-k{request.classes_per_node}", "natural": f"natural-{request.partition_by}",
         }.get(request.partitioner, request.partitioner)
-        return f"sim:{request.dataset}:{scheme}:n{num_partitions}:s{request.seed}:p{partition_id}"
+        from .data import records_of
+
+        return f"sim:{records_of(request.dataset)}:{scheme}:n{num_partitions}:s{request.seed}:p{partition_id}"
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ class TrainRequest:
     max_grad_norm: float
     accountant: str
     proximal_mu: float = 0.0  # sent by FedProx as `proximal-mu`
+    model_options: str = ""  # "hidden=128,dropout=0.2": models.parse_model_options
+    l1: float = 0.0  # L1 penalty (a proximal step after each optimizer step)
+    augment: bool = False  # random one-pixel shifts of each image, per sample
+    freeze: str = ""  # comma-separated parameter-name prefixes not to train (nor upload)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], run_id: str) -> TrainRequest:
@@ -154,12 +160,18 @@ class TrainRequest:
             max_grad_norm=_number(config, "max-grad-norm", 1.0),
             accountant=str(config.get("accountant", "rdp")),
             proximal_mu=_number(config, "proximal-mu", 0.0),
+            model_options=str(config.get("model-options", "")),
+            l1=_number(config, "l1", 0.0),
+            augment=_flag(config, "augment", False),
+            freeze=str(config.get("freeze", "")),
         )
         for name in ("local_epochs", "batch_size", "num_rounds", "server_round"):
             if getattr(request, name) < 1:
                 raise PolicyError(f"{name.replace('_', '-')} must be >= 1; got {getattr(request, name)}")
         if not request.proximal_mu >= 0:
             raise PolicyError(f"proximal-mu must be >= 0; got {request.proximal_mu}")
+        if not request.l1 >= 0:
+            raise PolicyError(f"l1 must be >= 0; got {request.l1}")
         if request.dp and not request.epsilon > 0:
             raise PolicyError(f"epsilon must be > 0; got {request.epsilon}")
         if request.dp and not request.max_grad_norm > 0:

@@ -1,5 +1,10 @@
 """Local training on a node: DP-SGD through Opacus (Poisson sampling, per-sample clipping, noise),
-or plain SGD when the run is not private."""
+or plain SGD when the run is not private.
+
+Any task (models.tasks): the loss compares the model's outputs with ``task.targets(x, y)`` (labels,
+or the inputs themselves for reconstruction), and per-sample gradients are computed in the model
+family's grad_sample_mode through client.dp_modes.make_private. GANs train in client.gan_training
+(DP-SGD on the discriminator only)."""
 
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import warnings
 
-from models.tasks import ClassificationTask
+from models.tasks import Task
 
 from .data import ArrayDataset
+from .dp_modes import make_private
+from .regularize import l1_proximal_step, l1_weights, random_shifts
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 
@@ -33,7 +40,9 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # None: not private
     proximal_mu: float = 0.0  # FedProx: μ of the proximal term μ/2·||w − w_global||²; 0: none
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "hooks"  # Opacus' per-sample gradient mode (models.preferred_grad_sample_mode)
+    l1: float = 0.0  # L1 penalty, a proximal step after each optimizer step (client/regularize.py)
+    augment: bool = False  # random one-pixel shifts of each image (client/regularize.py)
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
 
 def train(
     model: nn.Module,
-    task: ClassificationTask,
+    task: Task,
     data: ArrayDataset,
     settings: TrainSettings,
     device: torch.device,
@@ -96,12 +105,19 @@ def train(
 ) -> TrainOutcome:
     """Train `model` in place for `settings.local_epochs` epochs over `data`.
 
+    Under DP the outcome's `steps` counts the DP-SGD steps the optimizer took, an empty Poisson
+    batch (a noise-only step) included: exactly what the ledger composes.
+
     With `proximal_mu` > 0 (FedProx) the objective gains μ/2·||w − w_global||², w_global being the
     weights the model holds when called. Without DP it is added to the loss. Under DP-SGD it cannot be:
     Opacus builds the update from per-sample gradients only, so a data-independent term in the loss
     would be silently dropped. Its gradient μ(w − w_global) is added to the privatised gradient after
     clipping and noise instead (post-processing: it costs no ε).
     """
+    if task.name == "generation":
+        from .gan_training import train_gan
+
+        return train_gan(model, task, data, settings, device, generator)
     model.to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -110,25 +126,20 @@ def train(
     anchors = [p.detach().clone() for p in trainable] if mu > 0 else []
     if settings.noise_multiplier is None:
         loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=generator)
-        wrapped, steps_taken = model, None
+        wrapped, steps_taken, criterion, private = model, None, task.loss, None
     else:
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
         loader = poisson_loader(data, settings.batch_size, generator)
-        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True,
-                                   force_functorch=settings.grad_sample_mode == "functorch")
-        optimizer = DPOptimizer(
-            optimizer,
+        private = make_private(
+            model, optimizer, task.per_sample_loss, settings.grad_sample_mode,
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=max(1, round(len(data) * loader.sample_rate)),
-            loss_reduction="mean",
             generator=generator,
         )
+        wrapped, optimizer, criterion = private.module, private.optimizer, private.criterion
         steps_taken = [0]
 
-        def after_noise(_opt) -> None:
+        def after_noise(_opt) -> None:  # Opacus calls its one step hook after clipping and noise
             steps_taken[0] += 1
             for param, anchor in zip(trainable, anchors):
                 if param.grad is not None:
@@ -136,29 +147,31 @@ def train(
 
         optimizer.attach_step_hook(after_noise)
 
+    penalised = l1_weights(model.parameters()) if settings.l1 > 0 else []
     losses: list[float] = []
     plain_steps = 0
     try:
         for _ in range(settings.local_epochs):
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                outputs = wrapped(x)
                 if len(y) == 0:
-                    # An empty Poisson batch is still a DP-SGD step (noise alone): run it through the
-                    # model so Opacus sees zero per-sample gradients, not missing ones.
-                    loss = outputs.sum() * 0.0
+                    # An empty Poisson batch is still a DP-SGD step: noise alone (see noise_only_step).
+                    private.noise_only_step()
                 else:
-                    loss = task.loss(outputs, y)
+                    if settings.augment:
+                        x = random_shifts(x, generator)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = criterion(wrapped(x), task.targets(x, y))
                     losses.append(float(loss.detach()))
-                if anchors and settings.noise_multiplier is None:
-                    loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
-                loss.backward()
-                optimizer.step()
+                    if anchors and private is None:
+                        loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
+                    loss.backward()
+                    optimizer.step()
+                l1_proximal_step(penalised, settings.lr * settings.l1)
                 plain_steps += 1
     finally:
-        if settings.noise_multiplier is not None:
-            wrapped._close()
+        if private is not None:
+            private.close()
     steps = plain_steps if steps_taken is None else steps_taken[0]
     return TrainOutcome(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
                         num_examples=len(data))

@@ -22,9 +22,13 @@ class _Parser(argparse.ArgumentParser):
 def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     """Arguments shared by `simulate` and `sweep` (a sweep takes comma-separated lists for some)."""
     listed = " (comma-separated list)" if sweep else ""
-    p.add_argument("--model", default="mlp", help="model family (mlp, cnn, lstm, gru, transformer, …)" + listed)
+    p.add_argument("--model", default="mlp",
+                   help="model family: mlp, cnn, lstm, gru, transformer, autoencoder, gan" + listed)
     p.add_argument("--dataset", default="breast-cancer",
-                   help="built-in dataset (breast-cancer, digits, synthetic) or a .csv/.npz file with a 'label' column")
+                   help="built-in dataset (breast-cancer, digits, digits-seq, digits-anomaly, diabetes, synthetic) "
+                        "or a .csv/.npz file with a 'label' column")
+    p.add_argument("--model-options", default="", help="the family's options, e.g. 'hidden=128,dropout=0.2'")
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate (a model option)")
     p.add_argument("--nodes", default="5", help="number of virtual nodes" + listed)
     p.add_argument("--rounds", type=int, default=5, help="federated rounds")
     p.add_argument("--epsilon", default="3.0", help="each node's ε budget for the run" + (
@@ -42,6 +46,13 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
+    p.add_argument("--l1", type=float, default=0.0, help="L1 penalty (a proximal step after each optimizer step)")
+    p.add_argument("--augment", action="store_true", help="random one-pixel shifts of each image on the nodes")
+    p.add_argument("--early-stopping-patience", type=int, default=0,
+                   help="stop after this many rounds without a better validation metric (0: off)")
+    p.add_argument("--early-stopping-metric", default="", help="validation metric to watch (default: the task's headline)")
+    p.add_argument("--init-checkpoint", default="", help="initial weights: a .pt state dict or a fedsafe checkpoint.pt")
+    p.add_argument("--freeze", default="", help="comma-separated parameter-name prefixes not to train (nor upload)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C")
     p.add_argument("--accountant", default="rdp", help="rdp or prv")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of nodes sampled per round, in (0, 1]")
@@ -151,6 +162,9 @@ def _run_config(args: argparse.Namespace, **overrides):
         client_target_quantile=args.client_target_quantile, client_level_epsilon=args.client_level_epsilon,
         client_level_delta=args.client_level_delta, secagg=args.secagg, secagg_shares=args.secagg_shares,
         secagg_threshold=args.secagg_threshold,
+        model_options=_model_options(args), l1=args.l1, augment=args.augment,
+        early_stopping_patience=args.early_stopping_patience, early_stopping_metric=args.early_stopping_metric,
+        init_checkpoint=args.init_checkpoint, freeze=args.freeze,
     )
     return RunConfig(**{**values, **overrides})
 
@@ -221,6 +235,14 @@ def _partitions(args: argparse.Namespace) -> int:
     print_partition_table(counts)
     print(f"written: {args.out}/partitions.csv, {args.out}/partitions.png")
     return 0
+
+
+def _model_options(args: argparse.Namespace) -> str:
+    """--model-options, with --dropout added (or overriding a dropout given there)."""
+    if args.dropout is None:
+        return args.model_options
+    kept = [item for item in args.model_options.split(",") if item.strip() and item.split("=")[0].strip() != "dropout"]
+    return ",".join([*kept, f"dropout={args.dropout:g}"])
 
 
 def _ledger(args: argparse.Namespace) -> int:

@@ -12,8 +12,10 @@ from .registry import (
     build_model,
     default_task,
     model_names,
+    parse_model_options,
     preferred_grad_sample_mode,
     register_model,
+    resolve_spec,
     supported_tasks,
 )
 from .tasks import (
@@ -24,6 +26,8 @@ from .tasks import (
     anomaly_auroc,
     anomaly_scores,
     evaluate,
+    headline_metric,
+    higher_is_better,
     task_for,
 )
 
@@ -41,9 +45,13 @@ __all__ = [
     "build_model",
     "default_task",
     "evaluate",
+    "headline_metric",
+    "higher_is_better",
     "model_names",
+    "parse_model_options",
     "preferred_grad_sample_mode",
     "register_model",
+    "resolve_spec",
     "supported_tasks",
     "task_for",
 ]

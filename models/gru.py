@@ -28,7 +28,7 @@ class GRULayer(GatedRecurrentLayer):
         return ((1 - z) * n + z * h,)
 
 
-@register_model("gru", grad_sample_mode="hooks", tasks=("classification", "regression"))
+@register_model("gru", grad_sample_mode="hooks", tasks=("classification", "regression"), inputs="sequence")
 def build_gru(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     """Options: hidden (64), layers (1), dropout (0.0). Input (seq_len, features)."""
     return build_recurrent("gru", GRULayer, spec, options)

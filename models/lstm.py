@@ -29,7 +29,7 @@ class LSTMLayer(GatedRecurrentLayer):
         return torch.sigmoid(o) * torch.tanh(c), c
 
 
-@register_model("lstm", grad_sample_mode="hooks", tasks=("classification", "regression"))
+@register_model("lstm", grad_sample_mode="hooks", tasks=("classification", "regression"), inputs="sequence")
 def build_lstm(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     """Options: hidden (64), layers (1), dropout (0.0). Input (seq_len, features)."""
     return build_recurrent("lstm", LSTMLayer, spec, options)

@@ -38,6 +38,14 @@ ModelBuilder = Callable[[DataSpec, Mapping[str, Any]], nn.Module]
 # ew: torch's ExpandedWeights; ghost: ghost clipping (per-sample norms only, two backward passes).
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
+# What input a family reads (DataSpec.input_shape): "any" shape (it flattens), "image"
+# (channels, height, width) or "sequence" (seq_len, features). resolve_spec uses it to read an
+# image (1, H, W) as H steps of W features for a sequence family, and back.
+INPUT_KINDS = ("any", "image", "sequence")
+
+# Tasks that use no labels: a family built for one of them is trained on the inputs of any dataset.
+UNSUPERVISED_TASKS = ("reconstruction", "generation")
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -45,6 +53,7 @@ class ModelFamily:
     builder: ModelBuilder
     tasks: tuple[str, ...]  # tasks the family serves; the first is its default
     grad_sample_mode: str  # the Opacus mode measured fastest for it
+    inputs: str = "any"  # one of INPUT_KINDS
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -63,13 +72,17 @@ def register_model(
     *,
     grad_sample_mode: str = "hooks",
     tasks: Iterable[str] = ("classification",),
+    inputs: str = "any",
 ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register a builder ``(spec, options) -> nn.Module`` under config name `name`.
 
     `grad_sample_mode` is the Opacus mode the family prefers (chosen by measurement); `tasks` are
-    the values of ``DataSpec.task`` it can be built for, its default first.
+    the values of ``DataSpec.task`` it can be built for, its default first; `inputs` is the input
+    kind it reads (INPUT_KINDS).
     """
     tasks = tuple(tasks)
+    if inputs not in INPUT_KINDS:
+        raise ValueError(f"model family {name!r}: unknown input kind {inputs!r}; choose one of: {', '.join(INPUT_KINDS)}")
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
             f"model family {name!r}: unknown grad_sample_mode {grad_sample_mode!r}; "
@@ -81,7 +94,7 @@ def register_model(
     def decorate(builder: ModelBuilder) -> ModelBuilder:
         if name in _FAMILIES:
             raise ValueError(f"model family {name!r} is registered twice")
-        _FAMILIES[name] = ModelFamily(name, builder, tasks, grad_sample_mode)
+        _FAMILIES[name] = ModelFamily(name, builder, tasks, grad_sample_mode, inputs)
         return builder
 
     return decorate
@@ -112,6 +125,28 @@ def default_task(name: str) -> str:
 
 def supported_tasks(name: str) -> tuple[str, ...]:
     return model_family(name).tasks
+
+
+def resolve_spec(name: str, data: DataSpec) -> DataSpec:
+    """The spec family `name` is built from for data described by `data` (a dataset's spec).
+
+    * Task: a family whose default task uses no labels (autoencoder: reconstruction, gan:
+      generation) is built for that task on any dataset (its labels go unused); any other family
+      keeps the data's task (build_model then names a mismatch).
+    * Shape: a sequence family reads a one-channel image (1, H, W) as H steps of W features; an
+      image family reads (H, W) as a one-channel image. Other shapes are left as they are.
+
+    The coordinator resolves the spec once and sends it to the nodes; client.data.fit_view gives
+    a node's own data that shape.
+    """
+    family = model_family(name)
+    task = family.tasks[0] if family.tasks[0] in UNSUPERVISED_TASKS else data.task
+    shape = tuple(data.input_shape)
+    if family.inputs == "sequence" and len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    elif family.inputs == "image" and len(shape) == 2:
+        shape = (1, *shape)
+    return DataSpec(shape, data.num_classes, task)
 
 
 class _ReadOptions(dict):
@@ -206,3 +241,30 @@ def choice_option(options: Mapping[str, Any], key: str, default: str, choices: I
     if value not in choices:
         raise ModelConfigError(f"option {key!r} must be one of: {', '.join(choices)}; got {value!r}")
     return value
+
+
+def parse_model_options(text: str) -> dict[str, Any]:
+    """Model options from a run-config string: ``"hidden=128,dropout=0.2,output_activation=sigmoid"``.
+
+    Values read as integers, then numbers, then true/false, else text; build_model checks names,
+    types and ranges. An empty string is no options.
+    """
+    options: dict[str, Any] = {}
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        key, sep, raw = (s.strip() for s in item.partition("="))
+        if not sep or not key or not raw:
+            raise ModelConfigError(f"model options: expected key=value pairs separated by commas; got {item!r}")
+        if key in options:
+            raise ModelConfigError(f"model options: {key!r} is given twice")
+        value: Any
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = {"true": True, "false": False}.get(raw.lower(), raw)
+        options[key] = value
+    return options

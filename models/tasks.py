@@ -257,6 +257,36 @@ class GenerationTask:
         return self.quality(model, x)
 
 
+# ---- which metric matters, and which way is better -------------------------------------------
+
+# Metrics the tasks (and the server's evaluation) report, by whether higher or lower is better.
+HIGHER_IS_BETTER = frozenset({
+    "accuracy", "precision", "recall", "f1", "auroc", "r2", "anomaly_auroc", "digits_is",
+    "digits_confidence", "digits_coverage",
+})
+LOWER_IS_BETTER = frozenset({"loss", "mse", "mae", "outlier_mse", "frechet_distance"})
+# A task's headline metric: the first of these its metrics hold (classification: accuracy;
+# regression: r2, where 0 is the mean predictor; anomaly detection: AUROC; reconstruction: mse;
+# generation: the Fréchet distance, defined for any data and the first to move while a GAN is
+# still poor; digits_is only rises once samples are recognisable digits).
+HEADLINE_ORDER = ("accuracy", "r2", "anomaly_auroc", "mse", "frechet_distance", "digits_is", "loss")
+
+
+def headline_metric(metrics) -> str | None:
+    """The name of the headline metric among `metrics` (a mapping or an iterable of names)."""
+    return next((name for name in HEADLINE_ORDER if name in metrics), None)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether larger values of `metric` are better; ValueError for a metric not known here."""
+    if metric in HIGHER_IS_BETTER:
+        return True
+    if metric in LOWER_IS_BETTER:
+        return False
+    known = ", ".join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))
+    raise ValueError(f"unknown metric {metric!r}; choose one of: {known}")
+
+
 Task = ClassificationTask | RegressionTask | ReconstructionTask | GenerationTask
 TASK_NAMES = ("classification", "regression", "reconstruction", "generation")
 

@@ -96,7 +96,7 @@ class TransformerClassifier(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-@register_model("transformer", grad_sample_mode="ew", tasks=("classification", "regression"))
+@register_model("transformer", grad_sample_mode="ew", tasks=("classification", "regression"), inputs="sequence")
 def build_transformer(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
     """Options: hidden (64, the model width), heads (4), layers (2), ff (2 x hidden, the
     feed-forward width), dropout (0.0). Input (seq_len, features)."""

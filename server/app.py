@@ -13,24 +13,18 @@ from .loop import ProgressSink, RunOutcome, print_progress, run_rounds
 
 
 def global_model_setup(cfg: RunConfig):
-    """The initial global model, the spec every node must build it from, and the central evaluator."""
-    import torch
-
+    """The initial global model, the spec every node must build it from, and the central evaluator
+    (server/evaluation.py: the task's metrics, the same model builder and task as the nodes)."""
     from client.data import load_dataset
-    from models import build_model, evaluate, task_for
+
+    from .evaluation import build_global_model, make_evaluator
 
     split = load_dataset(cfg.dataset, cfg.partition_by or None)
-    spec = split.train.spec
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, spec)
-    task = task_for(spec.task, spec.num_classes)
+    built = build_global_model(cfg, split.train.spec)
+    spec = built.spec
     model_config = {"input-shape": list(spec.input_shape), "num-classes": spec.num_classes, "task": spec.task}
-
-    def evaluator(arrays: ArrayRecord) -> dict[str, float]:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, task, split.test.x, split.test.y)
-
-    return ArrayRecord(model.state_dict()), model_config, evaluator
+    evaluator = make_evaluator(built, split, validation=cfg.early_stopping_patience > 0)
+    return ArrayRecord(built.model.state_dict()), model_config, evaluator
 
 
 def build_run_strategy(cfg: RunConfig):

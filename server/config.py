@@ -76,6 +76,14 @@ class RunConfig:
     out_dir: str = "results/run"
     resume: bool = False
     tensorboard: bool = False  # also write TensorBoard event files under <out-dir>/tensorboard
+    # model and training practice (sent to the nodes, but init-checkpoint and early stopping)
+    model_options: str = ""  # "hidden=128,dropout=0.2": the family's builder options
+    l1: float = 0.0  # L1 penalty (a proximal step after each optimizer step); weight-decay is L2
+    augment: bool = False  # random one-pixel shifts of each image, per sample, on the nodes
+    init_checkpoint: str = ""  # initial weights: a .pt state dict or a fedsafe checkpoint.pt / best_model.pt
+    freeze: str = ""  # comma-separated parameter-name prefixes that are neither trained nor uploaded
+    early_stopping_patience: int = 0  # stop after this many rounds without a better validation metric; 0: off
+    early_stopping_metric: str = ""  # the validation metric to watch; default: the task's headline metric
 
     def __post_init__(self) -> None:
         from client.accounting import ACCOUNTANTS
@@ -137,6 +145,7 @@ class RunConfig:
                  f"secagg gives the server only the sum of the updates; strategy {self.strategy!r} needs each "
                  f"update. Strategies that work on the sum: "
                  f"{', '.join(n for n in strategy_names() if strategy_spec(n).sums_updates)}")
+            need(not self.freeze, "freeze cannot be combined with secagg: the masked sum covers whole models only")
             need(0 < self.secagg_shares <= 1, f"secagg-shares must be in (0, 1]; got {self.secagg_shares}")
             need(0 < self.secagg_threshold <= 1, f"secagg-threshold must be in (0, 1]; got {self.secagg_threshold}")
             need(self.secagg_clipping_range > 0,
@@ -148,6 +157,24 @@ class RunConfig:
         need(self.min_nodes >= 1, f"min-nodes must be >= 1; got {self.min_nodes}")
         need(self.max_update_norm >= 0, f"max-update-norm must be >= 0; got {self.max_update_norm}")
         need(self.round_timeout > 0, f"round-timeout must be > 0; got {self.round_timeout}")
+        need(self.l1 >= 0, f"l1 must be >= 0; got {self.l1}")
+        need(self.early_stopping_patience >= 0,
+             f"early-stopping-patience must be >= 0 (0: off); got {self.early_stopping_patience}")
+        if self.early_stopping_metric:
+            from models.tasks import higher_is_better
+
+            try:
+                higher_is_better(self.early_stopping_metric)
+            except ValueError as err:
+                raise ConfigError(f"early-stopping-metric: {err}") from None
+        need(not self.init_checkpoint or Path(self.init_checkpoint).expanduser().is_file(),
+             f"init-checkpoint: file not found: {self.init_checkpoint}")
+        from models import ModelConfigError, parse_model_options
+
+        try:
+            parse_model_options(self.model_options)
+        except ModelConfigError as err:
+            raise ConfigError(str(err)) from None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -198,6 +225,7 @@ class RunConfig:
             "num-partitions", "seed",
             "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "dp",
             "epsilon", "delta", "max-grad-norm", "accountant",
+            "model-options", "l1", "augment", "freeze",
         )
         mapping = self.to_mapping()
         return {k: mapping[k] for k in keys}

@@ -18,7 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from strategies import (
     UpdateRejected,
+    complete_update,
     conform_arrays,
+    keep_frozen,
     load_strategy_state_dict,
     observe_replies,
     round_report,
@@ -29,7 +31,8 @@ from strategies.state import chain
 
 from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .results import ResultsWriter
+from .early_stopping import EarlyStopping
+from .results import ResultsWriter, headline_text
 from .sampling import NodeSampler, SampledGrid
 
 log = logging.getLogger("fedsafe.server")
@@ -47,6 +50,7 @@ class RunOutcome:
     node_epsilon: dict[int, float] = field(default_factory=dict)
     started_at: float = 0.0  # time.perf_counter() when the round loop began
     stop_reason: str | None = None  # why the run ended before its last round (a privacy budget), if it did
+    best: dict[str, Any] | None = None  # early stopping: the best round, its metrics, best_model.pt
 
 
 def _stop_exceptions() -> tuple[type[BaseException], ...]:
@@ -58,7 +62,9 @@ def _stop_exceptions() -> tuple[type[BaseException], ...]:
     return (PrivacyBudgetExhausted, RunStop)
 
 
-def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False):
+def _split_replies(
+    replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False, frozen=()
+):
     valid, failures, budget_refusals, rejected = [], [], [], []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -72,7 +78,9 @@ def _split_replies(replies: list[Message], global_arrays: ArrayRecord, cfg: RunC
             if "num-examples" not in reply.content["metrics"]:
                 raise UpdateRejected("metrics lack 'num-examples'")
             if not masked:  # under secure aggregation the server never holds an update to check
-                validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None)
+                validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None, frozen)
+                # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
+                reply.content["arrays"] = complete_update(global_arrays, reply.content["arrays"], frozen)
         except UpdateRejected as err:
             rejected.append({"node": node, "reason": str(err)})
             log.warning("rejected update from node %s: %s", node, err)
@@ -110,11 +118,15 @@ def run_rounds(
     node_epsilon: dict[int, float] = {}
     for entry in history:
         node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
+    frozen = _frozen_keys(arrays, cfg)
+    stopper = _early_stopping(cfg, history, arrays, evaluator)
 
     train_config = ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key})
     masked = any(getattr(link, "hides_updates", False) for link in chain(strategy))
     stop_reason = None
     for rnd in range(first_round, cfg.num_rounds + 1):
+        if stopper is not None and stopper.should_stop:
+            break
         started = time.perf_counter()
         sampled = sampler.sample(sampler.wait_for_nodes(grid, cfg.round_timeout))
         try:
@@ -127,7 +139,7 @@ def run_rounds(
         replies = sorted(grid.send_and_receive(messages, timeout=cfg.round_timeout),
                          key=lambda reply: reply.metadata.src_node_id)
         observe_replies(strategy, rnd, replies)
-        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg, masked)
+        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg, masked, frozen)
         for entry in failures:
             log.warning("node %s failed round %d: %s", entry["node"], rnd, entry["reason"])
         for entry in refusals:
@@ -145,7 +157,7 @@ def run_rounds(
         if len(valid) >= cfg.min_replies:
             new_arrays, agg_metrics = strategy.aggregate_train(rnd, valid)
             if new_arrays is not None:
-                arrays, aggregated = conform_arrays(arrays, new_arrays), True
+                arrays, aggregated = keep_frozen(arrays, conform_arrays(arrays, new_arrays), frozen), True
             if agg_metrics is not None and "train-loss" in agg_metrics:
                 train_loss = float(agg_metrics["train-loss"])
         else:
@@ -171,6 +183,8 @@ def run_rounds(
         }
         if evaluator is not None:
             record["eval"] = evaluator(arrays)
+        if stopper is not None and stopper.observe(rnd, record["eval"], arrays):
+            record["early_stopped"] = rnd < cfg.num_rounds
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         results.write(history)
@@ -192,11 +206,37 @@ def run_rounds(
     }
     if history and history[-1].get("client_level_epsilon") is not None:
         summary["client_level_epsilon"] = history[-1]["client_level_epsilon"]
+    if stopper is not None:
+        summary["best"] = stopper.summary()
+        summary["best"]["stopped_early"] = any(h.get("early_stopped") for h in history)
     results.write(history, summary)
     results.write_node_epsilon(history)
     results.plot(history)
     return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon, started_at=started_at,
-                      stop_reason=stop_reason)
+                      stop_reason=stop_reason, best=summary.get("best"))
+
+
+def _frozen_keys(arrays: ArrayRecord, cfg: RunConfig) -> list[str]:
+    """The parameters the run freezes (nodes neither train nor upload them)."""
+    from models.transfer import frozen_names, parse_prefixes
+
+    return frozen_names(arrays.keys(), parse_prefixes(cfg.freeze))
+
+
+def _early_stopping(cfg: RunConfig, history, arrays: ArrayRecord, evaluator) -> EarlyStopping | None:
+    """The run's early stopping (None when off), caught up with `history`; best_model.pt written for
+    the initial model of a new run."""
+    if not cfg.early_stopping_patience:
+        return None
+    if evaluator is None:
+        from .config import ConfigError
+
+        raise ConfigError("early stopping needs the coordinator's held-out data (central evaluation)")
+    stopper = EarlyStopping(cfg.out_path, cfg.early_stopping_patience, cfg.early_stopping_metric)
+    stopper.replay(history)
+    if not cfg.resume:
+        stopper.keep(arrays)  # the initial model is the best so far
+    return stopper
 
 
 def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
@@ -207,8 +247,7 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
     )
     parts = [
         f"round {record['round']:>3}/{cfg.num_rounds}",
-        f"acc {ev.get('accuracy', float('nan')):.3f}",
-        f"loss {ev.get('loss', float('nan')):.3f}",
+        headline_text(ev),
         eps_text,
         f"replies {record['replies']}/{record['sent']}",
     ]

@@ -17,21 +17,33 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def print_summary(outcome: RunOutcome, cfg: RunConfig, seconds: float) -> None:
+    from server.results import headline_text, metric_columns
+
     console = Console()
     table = Table(title=f"fedsafe: {cfg.model} on {cfg.dataset}, {len(outcome.node_epsilon) or 'all'} nodes")
-    for column in ("round", "accuracy", "loss", "F1", "AUROC", "ε max", "ε mean", "replies"):
+    # the task's metrics, headline first (accuracy, r2, anomaly AUROC, mse, digits score, FD, ...)
+    metrics = [m for m in metric_columns(outcome.history) if not m.startswith("val_")]
+    shown = [m for m in metrics if not (m == "loss" and "mse" in metrics)][:4]  # mse is the loss there
+    for column in ("round", *shown, "ε max", "ε mean", "replies"):
         table.add_column(column, justify="right")
     for h in outcome.history:
         ev = h.get("eval", {})
         replies = "" if h["round"] == 0 else f"{h['replies']}/{h['sent']}"
-        table.add_row(str(h["round"]), _fmt(ev.get("accuracy")), _fmt(ev.get("loss")), _fmt(ev.get("f1")),
-                      _fmt(ev.get("auroc")), _fmt(h.get("epsilon_max"), 2), _fmt(h.get("epsilon_mean"), 2), replies)
+        table.add_row(str(h["round"]), *(_fmt(ev.get(m)) for m in shown), _fmt(h.get("epsilon_max"), 2),
+                      _fmt(h.get("epsilon_mean"), 2), replies)
     console.print(table)
     final = outcome.history[-1].get("eval", {}) if outcome.history else {}
     eps = max(outcome.node_epsilon.values()) if outcome.node_epsilon else None
     privacy = f"ε {eps:.3f} (max over nodes), δ={cfg.delta:g}" if eps is not None else "no DP"
-    console.print(f"final accuracy {_fmt(final.get('accuracy'))} at {privacy}; {seconds:.1f}s wall")
-    console.print(f"results: {cfg.out_path}/metrics.json, metrics.csv, accuracy_epsilon.png, checkpoint.pt")
+    console.print(f"final {headline_text(final)} at {privacy}; {seconds:.1f}s wall")
+    files = "metrics.json, metrics.csv, accuracy_epsilon.png, checkpoint.pt"
+    if outcome.best is not None:
+        best = outcome.best
+        stopped = "stopped early; " if best.get("stopped_early") else ""
+        console.print(f"{stopped}best round {best['round']} by {best['metric']} {best['value']:.3f}: "
+                      f"{headline_text(best['eval'])} on the held-out half the choice did not see")
+        files += ", best_model.pt"
+    console.print(f"results: {cfg.out_path}/{files}")
 
 
 def print_ledgers(state_dir: str, delta: float) -> None:

@@ -76,6 +76,9 @@ def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
         make_partitioner(split.train, partition_scheme(cfg, options.num_nodes))
     except DataError as err:
         raise ConfigError(str(err)) from None
+    from server.app import global_model_setup
+
+    global_model_setup(cfg)  # the model, its options, init checkpoint and frozen names: ConfigError if unusable
 
 
 def partition_scheme(cfg: RunConfig, num_nodes: int):

@@ -9,10 +9,10 @@ from .state import (
     round_report,
     strategy_state_dict,
 )
-from .validation import UpdateRejected, validate_update
+from .validation import UpdateRejected, complete_update, keep_frozen, validate_update
 
 __all__ = [
-    "PARAM_DEFAULTS", "StrategyError", "UpdateRejected", "build_strategy", "check_strategy", "conform_arrays",
-    "load_strategy_state_dict", "observe_replies", "round_report", "strategy_names", "strategy_spec",
-    "strategy_state_dict", "validate_update",
+    "PARAM_DEFAULTS", "StrategyError", "UpdateRejected", "build_strategy", "check_strategy", "complete_update",
+    "conform_arrays", "keep_frozen", "load_strategy_state_dict", "observe_replies", "round_report",
+    "strategy_names", "strategy_spec", "strategy_state_dict", "validate_update",
 ]

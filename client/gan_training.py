@@ -1,0 +1,96 @@
+"""Local training of a GAN (models.gan.GAN) on a node.
+
+Only the discriminator D ever sees real records, so only D is private: it is wrapped for DP-SGD
+(Poisson sampling of the real records, per-sample clipping, noise) in the family's
+grad_sample_mode, and each D step forwards the real batch and a fixed number of generated samples
+together and backpropagates once (models.gan.train_step; a fixed fake count keeps one record's
+influence at one clipped gradient). The generator G learns only from D's outputs on generated
+samples: post-processing of the private D, so its step needs no clipping or noise. Both networks
+are federated (the node uploads both); the ledger charges D's DP-SGD steps, which is what the
+returned `steps` counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from models.gan import train_step
+
+from .data import ArrayDataset
+from .dp_modes import make_private
+from .regularize import l1_proximal_step, l1_weights, random_shifts
+from .training import TrainOutcome, TrainSettings, _tensor_dataset, make_optimizer, poisson_loader
+
+
+class _FrozenOptimizer:
+    """Stands in for G's optimizer when every generator parameter is frozen."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+def _optimizer(settings: TrainSettings, params) -> torch.optim.Optimizer:
+    """The run's optimizer; Adam with beta1 = 0.5, the usual choice for GANs (Radford et al., 2016):
+    the default 0.9 carries momentum across the two players' moves and destabilises them."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, betas=(0.5, 0.999), weight_decay=settings.weight_decay)
+    return make_optimizer(settings.optimizer, params, settings.lr, settings.momentum, settings.weight_decay)
+
+
+def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: torch.device,
+              generator: torch.Generator | None = None) -> TrainOutcome:
+    gan.to(device)
+    gan.train()
+    d_params = [p for p in gan.discriminator.parameters() if p.requires_grad]
+    g_params = [p for p in gan.generator.parameters() if p.requires_grad]
+    d_optimizer = _optimizer(settings, d_params)
+    g_optimizer = _optimizer(settings, g_params) if g_params else _FrozenOptimizer()
+    # latent noise and fakes: a seeded CPU generator only where the model runs on the CPU
+    sampler = generator if device.type == "cpu" else None
+
+    private = None
+    if settings.noise_multiplier is None:
+        loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=generator)
+        fake_count = None  # as many fakes as real records in the batch
+        discriminator, d_criterion, steps_taken = None, None, None
+    else:
+        loader = poisson_loader(data, settings.batch_size, generator)
+        real_expected = max(1, round(len(data) * loader.sample_rate))
+        fake_count = real_expected  # fixed: it must not depend on the (data-dependent) Poisson batch
+        private = make_private(
+            gan.discriminator, d_optimizer, task.per_sample_loss, settings.grad_sample_mode,
+            noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+            expected_batch_size=real_expected + fake_count, generator=generator,
+        )
+        d_optimizer, discriminator, d_criterion = private.optimizer, private.module, private.criterion
+        steps_taken = [0]
+        d_optimizer.attach_step_hook(lambda _opt: steps_taken.__setitem__(0, steps_taken[0] + 1))
+
+    penalised = l1_weights(gan.parameters()) if settings.l1 > 0 else []
+    losses: list[float] = []
+    plain_steps = 0
+    try:
+        for _ in range(settings.local_epochs):
+            for x, _y in loader:
+                x = x.to(device)
+                if settings.augment:
+                    x = random_shifts(x, generator)
+                # An empty Poisson batch still makes a DP step of D: on the fixed number of fakes.
+                d_loss, _g_loss = train_step(
+                    gan, x, d_optimizer, g_optimizer, discriminator=discriminator, d_criterion=d_criterion,
+                    fake_count=fake_count, generator=sampler,
+                )
+                losses.append(d_loss)
+                l1_proximal_step(penalised, settings.lr * settings.l1)
+                plain_steps += 1
+    finally:
+        if private is not None:
+            private.close()
+    steps = plain_steps if steps_taken is None else steps_taken[0]
+    return TrainOutcome(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
+                        num_examples=len(data))

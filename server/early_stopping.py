@@ -1,0 +1,108 @@
+"""Early stopping on the coordinator's validation metric, keeping the best global model.
+
+The evaluator (server/evaluation.py) reports ``val_<metric>`` on half of the held-out set when
+early stopping is on. After each round the watched metric is compared with the best so far; a
+better value writes the global model to ``best_model.pt`` (atomically); `patience` rounds without
+one stop the run. Its state is a function of the run's history, so a resumed run picks it up from
+the checkpoint's history.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+
+BEST_MODEL_NAME = "best_model.pt"
+VALIDATION_PREFIX = "val_"
+
+
+class EarlyStopping:
+    def __init__(self, out_dir: Path, patience: int, metric: str = "") -> None:
+        self.out_dir = Path(out_dir)
+        self.patience = patience
+        self.metric = metric  # "" until the first evaluation names the task's headline metric
+        self.best_round: int | None = None
+        self.best_value: float | None = None
+        self.best_eval: dict[str, float] = {}
+        self.last_round: int | None = None
+        self._higher: bool | None = None  # whether larger values are better, once the metric is known
+
+    @property
+    def key(self) -> str:
+        return VALIDATION_PREFIX + self.metric
+
+    def _resolve_metric(self, metrics: dict[str, float]) -> None:
+        from models.tasks import headline_metric, higher_is_better
+
+        if not self.metric:
+            reported = [k for k in metrics if not k.startswith(VALIDATION_PREFIX)]
+            self.metric = headline_metric(reported) or ""
+        if self.key not in metrics:
+            names = sorted(k[len(VALIDATION_PREFIX):] for k in metrics if k.startswith(VALIDATION_PREFIX))
+            raise ConfigError(
+                f"early-stopping-metric {self.metric!r} is not among this task's metrics: {', '.join(names)}"
+            )
+        self._higher = higher_is_better(self.metric)
+
+    def _better(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self._higher else value < self.best_value
+
+    def observe(self, rnd: int, metrics: dict[str, float], arrays=None) -> bool:
+        """Record round `rnd`'s evaluation; write `arrays` (an ArrayRecord) to best_model.pt when it
+        is the best so far (None: replaying history, the file is already there). True: stop now."""
+        if self._higher is None or self.key not in metrics:
+            self._resolve_metric(metrics)
+        value = float(metrics[self.key])
+        if self._better(value):
+            self.best_round, self.best_value = rnd, value
+            self.best_eval = {k: v for k, v in metrics.items() if not k.startswith(VALIDATION_PREFIX)}
+            if arrays is not None:
+                self._save(arrays)
+        self.last_round = rnd
+        return self.should_stop
+
+    @property
+    def should_stop(self) -> bool:
+        return self.best_round is not None and self.last_round is not None and \
+            self.last_round - self.best_round >= self.patience
+
+    def replay(self, history: list[dict[str, Any]]) -> None:
+        """Catch up with the rounds of a resumed run (best_model.pt was written as they ran)."""
+        for entry in history:
+            if "eval" in entry:
+                self.observe(int(entry["round"]), entry["eval"])
+
+    def keep(self, arrays) -> Path:
+        """Write `arrays` as the best model (the best round's global model)."""
+        return self._save(arrays)
+
+    def _save(self, arrays) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        document = {
+            "model_state": arrays.to_torch_state_dict(), "round": self.best_round, "metric": self.key,
+            "value": self.best_value, "eval": self.best_eval,
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".best-", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(document, tmp)
+            path = self.out_dir / BEST_MODEL_NAME
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "round": self.best_round, "metric": self.key, "value": self.best_value, "eval": self.best_eval,
+            "stopped_early": self.should_stop, "path": str(self.out_dir / BEST_MODEL_NAME),
+        }
