@@ -29,6 +29,7 @@ class RunState:
     python_rng: Any = None
     numpy_rng: Any = None
     torch_rng: torch.Tensor | None = None
+    strategy_state: dict[str, Any] | None = None  # e.g. strikes and exclusions, server optimiser moments
 
 
 def save_checkpoint(directory: Path, state: RunState) -> Path:
