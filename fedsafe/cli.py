@@ -92,6 +92,9 @@ def _add_node(sub) -> None:
                    help="local Runtime API port; every node on one machine needs its own")
     p.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
     p.add_argument("--max-wait-time", type=float, default=None, help="give up reconnecting after this many seconds")
+    p.add_argument("--cold-start", action="store_true",
+                   help="start every ClientApp as a fresh process (Flower's default) instead of forking it from a "
+                        "process that has imported PyTorch and Opacus once (slower: seconds per round)")
     p.add_argument("--insecure", action="store_true", help="no TLS: a trusted test network only")
     # Test and simulation only; hidden from --help, documented in docs/deployment.md.
     p.add_argument("--test-seed-noise", action="store_true", help=argparse.SUPPRESS)
@@ -187,7 +190,7 @@ def _node(args: argparse.Namespace) -> int:
               "poisoned updates); never use them on real data", file=sys.stderr, flush=True)
     print(f"fedsafe node: {summary}", file=sys.stderr, flush=True)
     print("fedsafe node: " + " ".join(command), file=sys.stderr, flush=True)
-    return supervise(command, flower_environment(), opts.key)
+    return supervise(command, flower_environment(), opts.key, warm_start=not args.cold_start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -340,19 +340,29 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def supervise(command: Sequence[str], env: Mapping[str, str], key: Path | None) -> int:
+def supervise(command: Sequence[str], env: Mapping[str, str], key: Path | None, warm_start: bool = True) -> int:
     """Run a SuperNode, pass its output through, forward SIGINT/SIGTERM, and explain a refusal.
 
-    The SuperNode's (and its ClientApps') output goes to our stdout line by line; the last lines are
-    kept to recognise why it stopped.
+    With `warm_start`, a zygote that has imported PyTorch and Opacus once forks the SuperNode's
+    ClientApps (fedsafe/warmstart.py). The SuperNode's (and its ClientApps') output goes to our stdout
+    line by line; the last lines are kept to recognise why it stopped.
     """
+    from . import warmstart
+
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = dict(env)
+    warm = zygote = None
+    if warm_start and warmstart.supported():
+        warm = warmstart.WarmStart(flower_binary("flwr-clientapp"))
+        zygote = subprocess.Popen(warm.command(), env=env, preexec_fn=preexec)  # noqa: PLW1509
+        env = warm.environment(env)
+    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=preexec)  # noqa: PLW1509 - only prctl, no locks
 
     def forward(signum, _frame):
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        for child in (proc, zygote):
+            if child is not None and child.poll() is None:
+                child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     tail: list[str] = []
@@ -367,9 +377,16 @@ def supervise(command: Sequence[str], env: Mapping[str, str], key: Path | None) 
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for child in (proc, zygote):
+            if child is not None and child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+        if warm is not None:
+            warm.cleanup()
     if status != 0:
         reason = explain_refusal("".join(tail), key)
         if reason is not None:
