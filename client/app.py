@@ -33,6 +33,19 @@ def say(text: str) -> None:
     print(f"fedsafe node: {text}", file=sys.stderr, flush=True)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere)."""
+    try:
+        import os
+
+        stat = open("/proc/self/stat").read()
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return max(0.0, time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
 def policy_from_node_config(context: Context) -> NodePolicy:
     return NodePolicy.from_node_config(context.node_config)
 
@@ -138,6 +151,8 @@ def _train(msg, context, policy, request, terms, data) -> Message:
         )
         settings = TrainSettings(**{**settings.__dict__, "noise_multiplier": plan.noise_multiplier})
 
+    if (age := process_age()) is not None:
+        metrics["startup-seconds"] = age  # this ClientApp process' start to its first training step
     started = time.perf_counter()
     outcome = train(model, task, data, settings, resolve_device(policy.device), generator)
     metrics["train-loss"] = outcome.mean_loss

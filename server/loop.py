@@ -168,7 +168,9 @@ def run_rounds(
     for rnd in range(first_round, cfg.num_rounds + 1):
         started = time.perf_counter()
         messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
+        sent_at = time.perf_counter()
         replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
+        wait_seconds = time.perf_counter() - sent_at
         valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg)
         failures += [{"node": node, "code": None, "reason": f"no reply within round-timeout={cfg.round_timeout:g}s"}
                      for node in silent]
@@ -185,11 +187,13 @@ def run_rounds(
             for reply in valid:
                 strategy.record_accepted(reply.metadata.src_node_id)
 
-        round_eps = {}
+        round_eps, startup = {}, {}
         for reply in valid:
             metrics = reply.content["metrics"]
             if "epsilon" in metrics:
                 round_eps[reply.metadata.src_node_id] = float(metrics["epsilon"])
+            if "startup-seconds" in metrics:
+                startup[str(reply.metadata.src_node_id)] = float(metrics["startup-seconds"])
         node_epsilon.update(round_eps)
 
         aggregated = False
@@ -218,12 +222,14 @@ def run_rounds(
             "epsilon_max": max(round_eps.values()) if round_eps else None,
             "epsilon_mean": mean(round_eps.values()) if round_eps else None,
             "node_epsilon": {str(k): v for k, v in round_eps.items()},
+            "clientapp_startup_seconds": startup,  # per node: ClientApp process start to first training step
             "problems": failures + refusals + rejected,
         }
         if getattr(strategy, "excluded", None):
             record["excluded"] = sorted(strategy.excluded)
         if evaluator is not None:
             record["eval"] = evaluator(arrays)
+        record["wait_seconds"] = wait_seconds  # pushing the messages until the last reply (or the timeout)
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         results.write(history)
