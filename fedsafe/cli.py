@@ -72,6 +72,9 @@ def _add_superlink(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="the one HTTPS port of the Fleet, Control and Runtime APIs")
     p.add_argument("--log-file", default=None, help="also write the SuperLink's log to this file (rotated)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="start every ServerApp as a fresh process (Flower's default) instead of forking it from a "
+                        "process that has imported PyTorch once")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no node authentication: a trusted test network only")
 
@@ -152,6 +155,7 @@ def _superlink(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .deploy import INSECURE_WARNING, SuperLinkOptions, flower_environment, prepare_database, superlink_command
+    from .deploy import supervise
 
     opts = SuperLinkOptions(
         certs=Path(args.certs) if args.certs else None, database=Path(args.database).expanduser(),
@@ -164,7 +168,9 @@ def _superlink(args: argparse.Namespace) -> int:
         print(INSECURE_WARNING.format(what=" and no SuperNode authentication: any process can join as a node"),
               file=sys.stderr, flush=True)
     print("fedsafe: " + " ".join(command), file=sys.stderr, flush=True)
-    os.execve(command[0], command, flower_environment())  # the SuperLink takes over this process
+    if args.cold_start:
+        os.execve(command[0], command, flower_environment())  # the SuperLink takes over this process
+    return supervise(command, flower_environment(), warm_program="flwr-serverapp")
 
 
 def _node(args: argparse.Namespace) -> int:
@@ -190,7 +196,8 @@ def _node(args: argparse.Namespace) -> int:
               "poisoned updates); never use them on real data", file=sys.stderr, flush=True)
     print(f"fedsafe node: {summary}", file=sys.stderr, flush=True)
     print("fedsafe node: " + " ".join(command), file=sys.stderr, flush=True)
-    return supervise(command, flower_environment(), opts.key, warm_start=not args.cold_start)
+    return supervise(command, flower_environment(), warm_program=None if args.cold_start else "flwr-clientapp",
+                     key=opts.key, explain=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

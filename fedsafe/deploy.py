@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,20 +341,22 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def supervise(command: Sequence[str], env: Mapping[str, str], key: Path | None, warm_start: bool = True) -> int:
-    """Run a SuperNode, pass its output through, forward SIGINT/SIGTERM, and explain a refusal.
+def supervise(command: Sequence[str], env: Mapping[str, str], *, warm_program: str | None,
+              key: Path | None = None, explain: bool = False) -> int:
+    """Run a SuperLink or SuperNode, pass its output through, forward SIGINT/SIGTERM; with `explain`,
+    say in words why the SuperLink refused a SuperNode.
 
-    With `warm_start`, a zygote that has imported PyTorch and Opacus once forks the SuperNode's
-    ClientApps (fedsafe/warmstart.py). The SuperNode's (and its ClientApps') output goes to our stdout
-    line by line; the last lines are kept to recognise why it stopped.
+    With `warm_program` (flwr-clientapp for a node, flwr-serverapp for the SuperLink), a zygote that has
+    imported PyTorch once forks those app processes (fedsafe/warmstart.py). The output goes to our
+    stdout line by line; the last lines are kept to recognise why the process stopped.
     """
     from . import warmstart
 
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     env = dict(env)
     warm = zygote = None
-    if warm_start and warmstart.supported():
-        warm = warmstart.WarmStart(flower_binary("flwr-clientapp"))
+    if warm_program and warmstart.supported():
+        warm = warmstart.WarmStart(warm_program, flower_binary(warm_program))
         zygote = subprocess.Popen(warm.command(), env=env, preexec_fn=preexec)  # noqa: PLW1509
         env = warm.environment(env)
     proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -364,16 +367,23 @@ def supervise(command: Sequence[str], env: Mapping[str, str], key: Path | None, 
             if child is not None and child.poll() is None:
                 child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     tail: list[str] = []
-    try:
+
+    def relay() -> None:  # in a thread: the SuperNode's children keep the pipe open after it exits
         assert proc.stdout is not None
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace")
             sys.stdout.write(line)
             sys.stdout.flush()
-            tail = (tail + [line])[-200:]
+            tail.append(line)
+            del tail[:-200]
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
         status = proc.wait()
+        reader.join(timeout=5)  # its SuperExec notices within a second that the SuperNode is gone
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -387,7 +397,7 @@ def supervise(command: Sequence[str], env: Mapping[str, str], key: Path | None, 
                     child.wait()
         if warm is not None:
             warm.cleanup()
-    if status != 0:
+    if status != 0 and explain:
         reason = explain_refusal("".join(tail), key)
         if reason is not None:
             print(f"fedsafe node: error: {reason}", file=sys.stderr, flush=True)

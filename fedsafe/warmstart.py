@@ -1,4 +1,4 @@
-"""Warm start for a node's ClientApps: fork them from a process that has already imported the heavy libraries.
+"""Warm start for Flower's app processes: fork them from a process that has already imported the heavy libraries.
 
 Flower 1.41's SuperNode starts a fresh `flwr-clientapp` process for every message (it finds the
 program on PATH). On a small machine that process spends ~2.5 s importing Flower and, in fedsafe's
@@ -16,7 +16,10 @@ two ClientApps share random state (DP noise must be fresh every round); CUDA is 
 the zygote (a forked CUDA context is unusable). If the zygote is not running, the shim runs the real
 `flwr-clientapp` instead: a cold start, slower and otherwise the same.
 
-Linux/macOS only (fork, SCM_RIGHTS); `fedsafe node --cold-start` turns it off.
+`fedsafe superlink` does the same for the coordinator's `flwr-serverapp` (one per run: a run starts,
+or resumes, seconds sooner).
+
+Linux/macOS only (fork, SCM_RIGHTS); `--cold-start` turns it off.
 """
 
 from __future__ import annotations
@@ -34,20 +37,39 @@ import time
 import traceback
 from pathlib import Path
 
-PRELOAD = (
-    "numpy",
-    "torch",
-    "torch._dynamo",  # imported lazily by the first optimizer.step(): ~1-2 s
-    "opacus",
-    "opacus.accountants.analysis.rdp",
-    "flwr.app",
-    "flwr.clientapp",
-    "flwr.supernode.cli",
-    "flwr.supernode.runtime.run_clientapp",
-)
+# Flower program -> (module, function) of its entry point, and what its zygote imports once.
+ENTRY_POINTS = {
+    "flwr-clientapp": ("flwr.supernode.cli", "flwr_clientapp"),
+    "flwr-serverapp": ("flwr.superlink.cli", "flwr_serverapp"),
+}
+PRELOAD = {
+    "flwr-clientapp": (
+        "numpy",
+        "torch",
+        "torch._dynamo",  # imported lazily by the first optimizer.step(): ~1-2 s
+        "opacus",
+        "opacus.accountants.analysis.rdp",
+        "flwr.app",
+        "flwr.clientapp",
+        "flwr.supernode.cli",
+        "flwr.supernode.runtime.run_clientapp",
+    ),
+    "flwr-serverapp": (
+        "numpy",
+        "torch",
+        "sklearn.datasets",  # central evaluation data and metrics
+        "sklearn.model_selection",
+        "sklearn.metrics",
+        "matplotlib.pyplot",  # the accuracy/ε plot (backend Agg, set before the import)
+        "flwr.app",
+        "flwr.serverapp",
+        "flwr.serverapp.strategy",
+        "flwr.superlink.cli",
+    ),
+}
 
 SHIM = """#!{python} -IS
-# fedsafe warm-start shim for flwr-clientapp (see fedsafe/warmstart.py). Generated; do not edit.
+# fedsafe warm-start shim for {program} (see fedsafe/warmstart.py). Generated; do not edit.
 import json, os, signal, socket, struct, sys
 SOCKET, REAL = {socket!r}, {real!r}
 try:
@@ -80,25 +102,29 @@ def supported() -> bool:
 
 
 class WarmStart:
-    """A private directory holding the zygote's socket and the `flwr-clientapp` shim."""
+    """A private directory holding the zygote's socket and the shim standing in for `program`."""
 
-    def __init__(self, real_clientapp: str) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="fedsafe-node-"))  # 0700; short path (sun_path ≤ 107)
+    def __init__(self, program: str, real_program: str) -> None:
+        if program not in ENTRY_POINTS:
+            raise ValueError(f"no warm start for {program!r}; known: {sorted(ENTRY_POINTS)}")
+        self.program = program
+        self.directory = Path(tempfile.mkdtemp(prefix="fedsafe-warm-"))  # 0700; short path (sun_path ≤ 107)
         self.socket = self.directory / "zygote.sock"
         self.bin = self.directory / "bin"
         self.bin.mkdir()
-        shim = self.bin / "flwr-clientapp"
-        shim.write_text(SHIM.format(python=sys.executable, socket=str(self.socket), real=real_clientapp))
-        shim.chmod(stat.S_IRWXU)
+        self.shim = self.bin / program
+        self.shim.write_text(SHIM.format(python=sys.executable, program=program, socket=str(self.socket),
+                                         real=real_program))
+        self.shim.chmod(stat.S_IRWXU)
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         return {**env, "PATH": f"{self.bin}{os.pathsep}{env.get('PATH', '')}"}
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "fedsafe.warmstart", str(self.socket)]
+        return [sys.executable, "-m", "fedsafe.warmstart", self.program, str(self.socket)]
 
     def cleanup(self) -> None:
-        for path in (self.socket, self.bin / "flwr-clientapp"):
+        for path in (self.socket, self.shim):
             path.unlink(missing_ok=True)
         for path in (self.bin, self.directory):
             try:
@@ -118,7 +144,7 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-def _child(fds: list[int], request: dict) -> None:  # pragma: no cover - runs in the forked child
+def _child(fds: list[int], request: dict, program: str) -> None:  # pragma: no cover - runs in the forked child
     code = 1
     try:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -137,10 +163,11 @@ def _child(fds: list[int], request: dict) -> None:  # pragma: no cover - runs in
 
         torch.seed()
         np.random.seed(int.from_bytes(os.urandom(4), "little"))
-        sys.argv = ["flwr-clientapp", *request["argv"]]
-        from flwr.supernode.cli import flwr_clientapp
+        sys.argv = [program, *request["argv"]]
+        import importlib
 
-        flwr_clientapp()
+        module, function = ENTRY_POINTS[program]
+        getattr(importlib.import_module(module), function)()
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
@@ -148,22 +175,32 @@ def _child(fds: list[int], request: dict) -> None:  # pragma: no cover - runs in
         traceback.print_exc()
         code = 1
     finally:
-        try:
+        try:  # what interpreter shutdown would do; the zygote's own cleanup (the serve loop's) must not run
+            import atexit
+            import threading
+
+            for thread in threading.enumerate():
+                if thread is not threading.main_thread() and not thread.daemon:
+                    thread.join(timeout=10)
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
 
 
-def serve(socket_path: str, preload: tuple[str, ...] = PRELOAD) -> None:
-    """Import `preload`, then fork a ClientApp per shim connection until SIGTERM/SIGINT."""
+def serve(program: str, socket_path: str) -> None:
+    """Import what `program` needs, then fork one `program` per shim connection until SIGTERM/SIGINT."""
     import importlib
-
     import logging
 
     started = time.perf_counter()
     root_handlers = list(logging.root.handlers)
-    for name in preload:
+    if program == "flwr-serverapp":
+        import matplotlib
+
+        matplotlib.use("Agg")
+    for name in PRELOAD[program] + ENTRY_POINTS[program][:1]:
         importlib.import_module(name)
     # Opacus' import adds a root log handler, which would print every Flower DEBUG record twice in the
     # children; a cold ClientApp has imported Flower, and logged its start, before Opacus.
@@ -173,8 +210,8 @@ def serve(socket_path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     listener.bind(socket_path)
     os.chmod(socket_path, stat.S_IRUSR | stat.S_IWUSR)
     listener.listen(16)
-    print(f"fedsafe node: warm start ready ({time.perf_counter() - started:.1f}s of imports, once); ClientApps "
-          "are forked from it", file=sys.stderr, flush=True)
+    print(f"fedsafe: warm start for {program} ready ({time.perf_counter() - started:.1f}s of imports, once)",
+          file=sys.stderr, flush=True)
 
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -205,7 +242,7 @@ def serve(socket_path: str, preload: tuple[str, ...] = PRELOAD) -> None:
                         for other in children:
                             other.close()
                         conn.close()
-                        _child(fds, request)
+                        _child(fds, request, program)
                     for fd in fds:
                         os.close(fd)
                     conn.settimeout(None)
@@ -250,4 +287,4 @@ def serve(socket_path: str, preload: tuple[str, ...] = PRELOAD) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv[2])

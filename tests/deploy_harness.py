@@ -258,13 +258,18 @@ class Federation:
         self.node_ids[name] = int(reply["node-id"])
         return self.node_ids[name]
 
-    def start_node(self, name: str, data_path: Path, *, max_epsilon: float = 1000.0, extra: list[str] = ()) -> subprocess.Popen:
+    def start_node(self, name: str, data_path: Path, *, max_epsilon: float = 1000.0, root_cert: Path | None = None,
+                   extra: list[str] = ()) -> subprocess.Popen:
+        """`fedsafe node` for `name` (its keys made if needed), with its own ledger directory and port."""
         private, _ = self.keys.get(name) or self.make_keys(name)
         return self.start(name, self.fedsafe(
-            "node", "--superlink", f"127.0.0.1:{self.port}", "--root-cert", str(self.ca), "--key", str(private),
-            "--data-path", str(data_path), "--state-dir", str(self.root / "ledgers" / name),
+            "node", "--superlink", f"127.0.0.1:{self.port}", "--root-cert", str(root_cert or self.ca),
+            "--key", str(private), "--data-path", str(data_path), "--state-dir", str(self.root / "ledgers" / name),
             "--max-epsilon", str(max_epsilon), "--delta", "1e-5", "--device", "cpu", "--port", str(free_port()),
             *extra))
+
+    def wait_warm(self, name: str, timeout: float = 120) -> None:
+        wait_for_text(self.logs[name], r"warm start for flwr-clientapp ready", self.node_proc(name), time.monotonic() + timeout)
 
     def node_proc(self, name: str) -> subprocess.Popen:
         return [p for key, p in self.procs.items() if key.rsplit(".", 1)[0] == name][-1]
