@@ -11,6 +11,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,15 +35,17 @@ def say(text: str) -> None:
 
 
 def process_age() -> float | None:
-    """Seconds since this process started (Linux /proc; None elsewhere)."""
+    """Seconds since this process started (Linux: /proc, both clocks counted from boot; None elsewhere)."""
     try:
         import os
 
-        stat = open("/proc/self/stat").read()
+        with open("/proc/self/stat") as handle:
+            stat = handle.read()
         start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
-        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-        return max(0.0, time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK")))
-    except (OSError, ValueError, StopIteration, IndexError):
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -130,6 +133,10 @@ def _train(msg, context, policy, request, terms, data) -> Message:
     metrics: dict[str, float] = {"num-examples": len(data)}
     ledger = None
     if terms.private:
+        from . import accounting
+
+        # A fresh process every round: keep the RDP math of this node's runs on its disk (pure functions).
+        accounting.use_disk_cache(Path(policy.state_dir).expanduser() / "cache" / "accounting.json")
         ledger = PrivacyLedger.open(policy.state_dir, data_key)
         sample_rate, batches = poisson_schedule(len(data), request.batch_size)
         steps = batches * request.local_epochs
