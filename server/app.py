@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .loop import ProgressSink, RunOutcome, print_progress, run_rounds
+
+
+log = logging.getLogger("fedsafe.server")
 
 
 def central_data(cfg: RunConfig):
@@ -98,7 +102,21 @@ def make_server_app(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome = run_server(grid, config_source(context))
+        from client.data import DataError
+
+        from .checkpoint import CheckpointError
+        from .config import ConfigError
+
+        try:
+            cfg = config_source(context)
+            outcome = run_server(grid, cfg)
+        except (ConfigError, CheckpointError, DataError) as err:
+            # `flwr run --stream` exits 0 whatever happens to the run: say it in one line the operator sees.
+            log.error("fedsafe: run FAILED: %s", err)
+            raise
+        last = outcome.history[-1] if outcome.history else {}
+        print(f"fedsafe: run finished after round {last.get('round')} of {cfg.num_rounds}; results and checkpoint "
+              f"in {cfg.out_path.resolve()}", flush=True)
         if on_finish is not None:
             on_finish(outcome)
 

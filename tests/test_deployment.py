@@ -120,9 +120,12 @@ def test_coordinator_killed_mid_run_resumes_to_the_identical_model(fed: Federati
     assert json.loads((out / "metrics.json").read_text())["rounds"][-1]["round"] == 1
 
     fed.start_superlink()  # same database: registered nodes are known; the nodes reconnect by themselves
+    # Forgetting resume=true does not overwrite the checkpoint: the run stops at once and says why.
+    status, output = fed.run({**RUN, "out-dir": str(out)}, timeout=RUN_TIMEOUT, name="forgot-resume")
+    assert "fedsafe: run FAILED:" in output and "continue that run with resume=true" in output, output[-3000:]
     status, output = fed.run({**RUN, "out-dir": str(out), "resume": True}, timeout=RUN_TIMEOUT, name="resumed")
     assert status == 0, output[-4000:]
-    assert "resuming run" in output
+    assert "resuming run" in output and "fedsafe: run finished after round 3 of 3" in output
 
     rounds = _rounds(out)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3] and all(r["aggregated"] for r in rounds[1:])
