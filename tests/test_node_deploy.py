@@ -244,3 +244,15 @@ def test_warm_start_forks_with_the_callers_args_streams_and_fresh_randomness(tmp
     cold = subprocess.run([str(warm.shim), "cold", "start"], capture_output=True, text=True, timeout=30)
     assert cold.returncode == 0 and cold.stdout.strip() == "cold start"
     warm.cleanup()
+
+
+def test_insecure_node_needs_no_certificate_or_key_and_says_so(site, capsys, monkeypatch):
+    command = node_command(NodeOptions(superlink="10.0.0.5:8000", root_cert=None, key=None, data_path=site["data"],
+                                       state_dir=site["root"] / "l", max_epsilon=3, delta=1e-5, insecure=True))
+    assert "--insecure" in command and "--root-certificates" not in command
+    seen = {}
+    monkeypatch.setattr("fedsafe.deploy.supervise", lambda cmd, env, **kw: seen.update(cmd=cmd, **kw) or 0)
+    assert main(["node", "--superlink", "10.0.0.5:8000", "--data-path", str(site["data"]), "--state-dir",
+                 str(site["root"] / "l"), "--max-epsilon", "3", "--insecure"]) == 0
+    assert "WARNING: --insecure: no TLS" in capsys.readouterr().err
+    assert seen["warm_program"] == "flwr-clientapp" and seen["explain"]
