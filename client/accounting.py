@@ -7,10 +7,14 @@ Opacus' accountants; this module only composes histories and searches σ.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 Spend = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -67,11 +71,61 @@ def _rdp_orders() -> tuple[float, ...]:
     return tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
+# ---- an optional disk cache: a node's ClientApp is a fresh process every round ----------------------------
+# Both cached functions are pure: the RDP curve of one DP-SGD step at (σ, q) over Opacus' orders, and the σ
+# calibrated for a run with no prior spend. Floats are stored as JSON (repr: exact), keyed by repr.
+_disk: dict | None = None
+_disk_path: Path | None = None
+_calibrating = 0  # curves evaluated while searching σ are not worth keeping
+
+
+def use_disk_cache(path: str | Path | None) -> None:
+    """Keep RDP curves and calibrations in the JSON file `path` (None: memory only)."""
+    global _disk, _disk_path
+    _disk_path = Path(path).expanduser() if path is not None else None
+    _disk = None
+    if _disk_path is None:
+        return
+    try:
+        loaded = json.loads(_disk_path.read_text())
+        if loaded.get("orders") == list(_rdp_orders()):
+            _disk = loaded
+    except (OSError, ValueError, AttributeError):
+        pass
+    if _disk is None:
+        _disk = {"orders": list(_rdp_orders()), "rdp": {}, "calibration": {}}
+
+
+def _disk_get(section: str, key: str):
+    return None if _disk is None else _disk[section].get(key)
+
+
+def _disk_put(section: str, key: str, value) -> None:
+    if _disk is None or _disk_path is None:
+        return
+    _disk[section][key] = value
+    try:
+        _disk_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=_disk_path.parent, prefix=".accounting-", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_disk, handle)
+        os.replace(tmp, _disk_path)
+    except OSError as err:  # a cache: never fatal
+        log.warning("accounting cache %s not written: %s", _disk_path, err)
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float):
+    import numpy as np
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    return compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_rdp_orders()))
+    key = f"{noise_multiplier!r}|{sample_rate!r}"
+    if (cached := _disk_get("rdp", key)) is not None:
+        return np.asarray(cached, dtype=float)
+    curve = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_rdp_orders()))
+    if not _calibrating:
+        _disk_put("rdp", key, np.asarray(curve, dtype=float).tolist())
+    return curve
 
 
 def calibrate_noise(
@@ -105,7 +159,25 @@ def _calibrate(
 ) -> float:
     if not target_epsilon > 0:
         raise CalibrationError(f"target ε must be > 0; got {target_epsilon}")
+    key = f"{sample_rate!r}|{steps}|{target_epsilon!r}|{delta!r}|{accountant}|{tolerance!r}"
+    if not prior and (cached := _disk_get("calibration", key)) is not None:
+        return float(cached)
+    global _calibrating
+    _calibrating += 1
+    try:
+        sigma = _calibrate(prior, sample_rate, steps, target_epsilon, delta, accountant, tolerance)
+    finally:
+        _calibrating -= 1
+    if not prior:
+        _disk_put("calibration", key, sigma)
+    if accountant == "rdp" and _disk_get("rdp", f"{sigma!r}|{sample_rate!r}") is None:
+        import numpy as np
 
+        _disk_put("rdp", f"{sigma!r}|{sample_rate!r}", np.asarray(_rdp_per_step(sigma, sample_rate), dtype=float).tolist())
+    return sigma
+
+
+def _calibrate(prior, sample_rate, steps, target_epsilon, delta, accountant, tolerance) -> float:
     def eps_at(sigma: float) -> float:
         return epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
 

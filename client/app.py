@@ -7,10 +7,13 @@ ClientApp process, which Flower's deployment engine starts per message, reaches 
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import zlib
 from collections.abc import Callable
+from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .policy import NodePolicy, PolicyError, TrainRequest, resolve_terms
@@ -22,6 +25,28 @@ BUDGET_EXHAUSTED = 4001
 REQUEST_REFUSED = 4002
 
 PolicySource = Callable[[Context], NodePolicy]
+
+
+def say(text: str) -> None:
+    """A line for the node operator: Flower shows a ClientApp's stderr in the SuperNode's output, while
+    its INFO log records are dropped (Flower configures only its own logger)."""
+    log.info(text)
+    print(f"fedsafe node: {text}", file=sys.stderr, flush=True)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc, both clocks counted from boot; None elsewhere)."""
+    try:
+        import os
+
+        with open("/proc/self/stat") as handle:
+            stat = handle.read()
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def policy_from_node_config(context: Context) -> NodePolicy:
@@ -52,7 +77,7 @@ def load_local_data(policy: NodePolicy, request: TrainRequest, partition: tuple[
 
 
 def _refuse(msg: Message, code: int, reason: str) -> Message:
-    log.warning("node refuses round: %s", reason)
+    say(f"refusing the round: {reason}")
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
@@ -80,10 +105,26 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
 
     from .ledger import PrivacyLedger
     from .regularize import can_augment
+    from .replay import ReplayCache, request_digest
     from .training import TrainSettings, poisson_schedule, resolve_device, train
 
     global_arrays: ArrayRecord = msg.content["arrays"]
     spec, data = _spec_from_request(msg, data)
+    partition_id = partition[0] if partition else None
+    data_key = policy.data_key(request, partition)
+
+    # A round the coordinator re-sends after a crash (same run, round and global model) is answered with
+    # the update already trained and charged for it: the same bytes again cost no privacy.
+    replay = ReplayCache(policy.state_dir, data_key)
+    digest = request_digest(dict(msg.content["config"].items()), {k: v.numpy() for k, v in global_arrays.items()})
+    if (cached := replay.lookup(request.run_id, request.server_round, digest)) is not None:
+        arrays, metrics = cached
+        say(f"round {request.server_round}: re-sent by the coordinator; answering with the update this node "
+            f"already trained for it (no new privacy spend, ε stays {metrics.get('epsilon', float('nan')):.3f})")
+        content = RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({**metrics, "replayed": 1.0})})
+        return Message(content, reply_to=msg)
+
     model = build_model(request.model, spec, parse_model_options(request.model_options))
     model.load_state_dict(global_arrays.to_torch_state_dict(), strict=True)
     # Frozen parameters (transfer learning) are neither trained, noised nor uploaded.
@@ -93,9 +134,9 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
         raise PolicyError(f"augment=true shifts image pixels; this model's inputs are shaped {spec.input_shape}")
 
     generator = None
-    if policy.seed_noise:
-        node_index = partition[0] if partition else 0
-        seed = (request.seed * 1_000_003 + request.server_round * 10_007 + node_index) % 2**31
+    if policy.seed_noise:  # simulations and tests only: reproducible, hence predictable, noise
+        node_tag = int(partition_id) if partition_id is not None else zlib.crc32(data_key.encode())
+        seed = (request.seed * 1_000_003 + request.server_round * 10_007 + node_tag) % 2**31
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
 
@@ -109,7 +150,11 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     metrics: dict[str, float] = {"num-examples": len(data)}
     ledger = None
     if terms.private:
-        ledger = PrivacyLedger.open(policy.state_dir, policy.data_key(request, partition))
+        from . import accounting
+
+        # A fresh process every round: keep the RDP math of this node's runs on its disk (pure functions).
+        accounting.use_disk_cache(Path(policy.state_dir).expanduser() / "cache" / "accounting.json")
+        ledger = PrivacyLedger.open(policy.state_dir, data_key)
         sample_rate, batches = poisson_schedule(len(data), request.batch_size)
         steps = batches * request.local_epochs
         plan = ledger.plan_run(
@@ -123,13 +168,15 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
             max_epsilon=terms.max_epsilon, run_epsilon=terms.run_epsilon, delta=terms.delta,
             accountant=request.accountant,
         )
-        log.info(
-            "round %d: %d DP-SGD steps at σ=%.3f, q=%.4f will spend ε %.3f → %.3f (cap %g, δ=%g)",
-            request.server_round, steps, plan.noise_multiplier, sample_rate, before, after,
-            terms.max_epsilon, terms.delta,
+        say(
+            f"round {request.server_round}: {steps} DP-SGD steps at σ={plan.noise_multiplier:.3f}, "
+            f"q={sample_rate:.4f} will spend ε {before:.3f} → {after:.3f} "
+            f"(run grant {terms.run_epsilon:g}, cap {terms.max_epsilon:g}, δ={terms.delta:g})"
         )
         settings = TrainSettings(**{**settings.__dict__, "noise_multiplier": plan.noise_multiplier})
 
+    if (age := process_age()) is not None:
+        metrics["startup-seconds"] = age  # this ClientApp process' start to its first training step
     started = time.perf_counter()
     outcome = train(model, task, data, settings, resolve_device(policy.device), generator)
     metrics["train-loss"] = outcome.mean_loss
@@ -150,8 +197,32 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
         metrics["run-epsilon-next"] = run_next
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+    if policy.debug_poison:
+        kind = policy.debug_poison[(request.server_round - 1) % len(policy.debug_poison)]
+        say(f"TEST ONLY: debug-poison={kind}: round {request.server_round} sends a deliberately bad update")
+        state = poison_update(state, kind)
+    replay.store(request.run_id, request.server_round, digest, {k: v.numpy() for k, v in state.items()}, metrics)
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def poison_update(state: dict, kind: str) -> dict:
+    """TEST ONLY (node-config debug-poison): an update the coordinator's validation must reject."""
+    import torch
+
+    state = {k: v.clone() for k, v in state.items()}
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    if kind == "nan":
+        state[first].fill_(float("nan"))
+    elif kind == "shape":
+        state[first] = torch.cat([state[first], state[first][:1]])
+    elif kind == "norm":
+        for key, value in state.items():
+            if value.is_floating_point():
+                state[key] = value + 1e6
+    else:
+        raise ValueError(f"unknown debug-poison {kind!r}")
+    return state
 
 
 def _spec_from_request(msg: Message, data):

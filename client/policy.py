@@ -10,6 +10,7 @@ from typing import Any
 DEFAULT_STATE_DIR = "~/.fedsafe/ledgers"
 DEFAULT_MAX_EPSILON = 10.0
 DEFAULT_DELTA = 1e-5
+POISONS = ("nan", "shape", "norm")  # debug-poison kinds (tests of the coordinator's update validation)
 
 
 class PolicyError(ValueError):
@@ -46,7 +47,8 @@ class NodePolicy:
     delta: float = DEFAULT_DELTA
     device: str = "auto"
     allow_non_private: bool = False  # a run may turn DP off only where the operator said so
-    seed_noise: bool = False  # seeded DP noise is reproducible, and so predictable: simulations only
+    seed_noise: bool = False  # seeded DP noise is reproducible, and so predictable: simulations and tests only
+    debug_poison: tuple[str, ...] = ()  # TEST ONLY: send deliberately bad updates (nan, shape, norm), by round
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
@@ -55,12 +57,16 @@ class NodePolicy:
             raise PolicyError(f"delta must be in (0, 1); got {self.delta}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise PolicyError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        bad = [p for p in self.debug_poison if p not in POISONS]
+        if bad:
+            raise PolicyError(f"debug-poison takes a comma list of {', '.join(POISONS)}; got {bad}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
         known = {
             "data-path", "dataset-id", "state-dir", "max-epsilon", "delta", "device",
             "allow-non-private", "partition-id", "num-partitions",
+            "seed-noise", "debug-poison",  # test and simulation only
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -74,6 +80,8 @@ class NodePolicy:
             delta=_number(node_config, "delta", DEFAULT_DELTA),
             device=str(node_config.get("device", "auto")),
             allow_non_private=_flag(node_config, "allow-non-private", False),
+            seed_noise=_flag(node_config, "seed-noise", False),
+            debug_poison=tuple(p.strip() for p in str(node_config.get("debug-poison") or "").split(",") if p.strip()),
         )
 
     def with_overrides(self, **changes: Any) -> NodePolicy:

@@ -127,6 +127,57 @@ def _add_ledger(sub) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
 
 
+# `fedsafe certs …` and `fedsafe node-keys …` are fedsafe.credentials' own command lines.
+DELEGATED = {"certs": "main_certs", "node-keys": "main_node_keys"}
+
+
+def _add_credentials(sub) -> None:
+    sub.add_parser("certs", add_help=False,
+                   help="make a CA and the SuperLink's TLS certificate (`fedsafe certs --help`)")
+    sub.add_parser("node-keys", add_help=False,
+                   help="make a SuperNode authentication key pair (`fedsafe node-keys --help`)")
+
+
+def _add_superlink(sub) -> None:
+    p = sub.add_parser("superlink", help="run the coordinator's Flower SuperLink with TLS and node authentication")
+    p.add_argument("--certs", help="directory with ca.pem, server.pem, server.key (from `fedsafe certs`)")
+    p.add_argument("--database", required=True,
+                   help="SQLite file for the SuperLink's state (registered nodes, runs); survives restarts")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="the one HTTPS port of the Fleet, Control and Runtime APIs")
+    p.add_argument("--log-file", default=None, help="also write the SuperLink's log to this file (rotated)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="start every ServerApp as a fresh process (Flower's default) instead of forking it from a "
+                        "process that has imported PyTorch once")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS and no node authentication: a trusted test network only")
+
+
+def _add_node(sub) -> None:
+    p = sub.add_parser("node", help="run this site's Flower SuperNode with its privacy policy")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
+    p.add_argument("--root-cert", help="the federation's CA certificate (ca.pem) that signed the SuperLink's")
+    p.add_argument("--key", help="this node's private key (from `fedsafe node-keys`); its .pub must be registered")
+    p.add_argument("--data-path", required=True, help="this node's data: .npz (x, y) or .csv with a 'label' column")
+    p.add_argument("--state-dir", default="~/.fedsafe/ledgers", help="where the privacy ledgers live")
+    p.add_argument("--max-epsilon", type=float, required=True, help="lifetime ε cap on this data, over all runs")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dataset-id", default=None,
+                   help="name the ledger keys on (default: the data file's path); keep it if the file moves")
+    p.add_argument("--port", type=int, default=9094,
+                   help="local Runtime API port; every node on one machine needs its own")
+    p.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
+    p.add_argument("--max-wait-time", type=float, default=None, help="give up reconnecting after this many seconds")
+    p.add_argument("--cold-start", action="store_true",
+                   help="start every ClientApp as a fresh process (Flower's default) instead of forking it from a "
+                        "process that has imported PyTorch and Opacus once (slower: seconds per round)")
+    p.add_argument("--insecure", action="store_true", help="no TLS: a trusted test network only")
+    # Test and simulation only; hidden from --help, documented in docs/deployment.md.
+    p.add_argument("--test-seed-noise", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--test-poison", default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -134,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_partitions(sub)
     _add_ledger(sub)
+    _add_credentials(sub)
+    _add_superlink(sub)
+    _add_node(sub)
     return parser
 
 
@@ -252,6 +306,56 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _superlink(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .deploy import INSECURE_WARNING, SuperLinkOptions, flower_environment, prepare_database, superlink_command
+    from .deploy import supervise
+
+    opts = SuperLinkOptions(
+        certs=Path(args.certs) if args.certs else None, database=Path(args.database).expanduser(),
+        host=args.host, port=args.port, insecure=args.insecure,
+        log_file=Path(args.log_file) if args.log_file else None,
+    )
+    command = superlink_command(opts)
+    prepare_database(opts.database)
+    if args.insecure:
+        print(INSECURE_WARNING.format(what=" and no SuperNode authentication: any process can join as a node"),
+              file=sys.stderr, flush=True)
+    print("fedsafe: " + " ".join(command), file=sys.stderr, flush=True)
+    if args.cold_start:
+        os.execve(command[0], command, flower_environment())  # the SuperLink takes over this process
+    return supervise(command, flower_environment(), warm_program="flwr-serverapp")
+
+
+def _node(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .deploy import INSECURE_WARNING, NodeOptions, check_node_data_and_ledger, flower_environment, node_command
+    from .deploy import supervise
+
+    opts = NodeOptions(
+        superlink=args.superlink, root_cert=Path(args.root_cert) if args.root_cert else None,
+        key=Path(args.key).expanduser() if args.key else None, data_path=Path(args.data_path).expanduser(),
+        state_dir=Path(args.state_dir).expanduser(), max_epsilon=args.max_epsilon, delta=args.delta,
+        device=args.device, port=args.port, dataset_id=args.dataset_id, insecure=args.insecure,
+        max_retries=args.max_retries, max_wait_time=args.max_wait_time,
+        seed_noise=args.test_seed_noise, debug_poison=args.test_poison,
+    )
+    command = node_command(opts)
+    summary = check_node_data_and_ledger(opts)
+    if args.insecure:
+        print(INSECURE_WARNING.format(what=""), file=sys.stderr, flush=True)
+    if opts.seed_noise or opts.debug_poison:
+        print("fedsafe node: WARNING: TEST-ONLY options are on (seeded, predictable DP noise and/or deliberately "
+              "poisoned updates); never use them on real data", file=sys.stderr, flush=True)
+    print(f"fedsafe node: {summary}", file=sys.stderr, flush=True)
+    print("fedsafe node: " + " ".join(command), file=sys.stderr, flush=True)
+    return supervise(command, flower_environment(), warm_program=None if args.cold_start else "flwr-clientapp",
+                     key=opts.key, explain=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from client.data import DataError
     from client.ledger import LedgerError
@@ -259,11 +363,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.checkpoint import CheckpointError
     from server.config import ConfigError
 
+    from .deploy import DeployError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        from . import credentials
+
+        return getattr(credentials, DELEGATED[argv[0]])(argv[1:], prog=f"fedsafe {argv[0]}")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger}[args.command]
+        handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger,
+                   "superlink": _superlink, "node": _node}[args.command]
         return handler(args)
-    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError) as err:
+    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError) as err:
         message = str(err)
         print(message if message.startswith("fedsafe") else f"fedsafe: error: {message}", file=sys.stderr)
         return EXIT_USAGE

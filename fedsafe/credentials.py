@@ -585,9 +585,9 @@ def _build_certs_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main_certs(argv: Sequence[str] | None = None) -> int:
+def main_certs(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """CLI: make a CA (or reuse ``--ca-cert/--ca-key``) and a server certificate."""
-    parser = _build_certs_parser()
+    parser = _build_certs_parser(prog)
     args = parser.parse_args(argv)
     if (args.ca_cert is None) != (args.ca_key is None):
         parser.error("--ca-cert and --ca-key must be given together")
@@ -624,9 +624,10 @@ def main_certs(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def main_node_keys(argv: Sequence[str] | None = None) -> int:
+def main_node_keys(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """CLI: make a SuperNode authentication key pair."""
     parser = argparse.ArgumentParser(
+        prog=prog,
         description="Create an ECDSA P-384 SuperNode authentication key pair."
     )
     parser.add_argument("name", help="node name; files <name> and <name>.pub")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Context
@@ -12,23 +14,73 @@ from .config import RunConfig
 from .loop import ProgressSink, RunOutcome, print_progress, run_rounds
 
 
+log = logging.getLogger("fedsafe.server")
+
+
+def central_data(cfg: RunConfig):
+    """(model spec, held-out DataSplit or None) for the coordinator.
+
+    `eval-path` (a data file) is the held-out set when given; otherwise a built-in dataset's test split,
+    or the 25 % split of a `dataset` file. A coordinator without data (nodes bring their own) names the
+    model's `input-shape` and `num-classes` and runs without central evaluation.
+    """
+    from dataclasses import replace
+
+    from client.data import DataError, DataSplit, is_builtin, load_dataset, load_file
+    from models import DataSpec
+
+    from .config import ConfigError
+
+    test = None
+    spec = None
+    outliers = False
+    try:
+        if cfg.eval_path:
+            test = load_file(cfg.eval_path)
+            spec = test.spec
+        elif cfg.dataset and (is_builtin(cfg.dataset) or Path(cfg.dataset).expanduser().exists()):
+            split = load_dataset(cfg.dataset, cfg.partition_by or None)
+            test, spec, outliers = split.test, split.train.spec, split.outliers
+    except DataError as err:
+        raise ConfigError(f"central evaluation data: {err}") from None
+    if spec is None:
+        if cfg.model_input_shape is None or not cfg.num_classes:
+            raise ConfigError(
+                f"the coordinator has no data to build the model from (dataset={cfg.dataset!r} is not built in "
+                "and not a file here): set eval-path=<held-out .npz/.csv>, or input-shape and num-classes"
+            )
+        spec = DataSpec(input_shape=cfg.model_input_shape, num_classes=cfg.num_classes)
+    if cfg.model_input_shape is not None and cfg.model_input_shape != tuple(spec.input_shape):
+        raise ConfigError(f"input-shape={cfg.input_shape} but the evaluation data is shaped {tuple(spec.input_shape)}")
+    if cfg.num_classes:
+        if test is not None and len(test.y) and int(test.y.max()) >= cfg.num_classes:
+            raise ConfigError(f"num-classes={cfg.num_classes} but the evaluation data has label {int(test.y.max())}")
+        spec = replace(spec, num_classes=cfg.num_classes)
+    if test is None:
+        return spec, None
+    test = replace(test, spec=spec)
+    return spec, DataSplit(train=test, test=test, outliers=outliers)
+
+
 def global_model_setup(cfg: RunConfig):
     """The initial global model, the spec every node must build it from, and the central evaluator
-    (server/evaluation.py: the task's metrics, the same model builder and task as the nodes)."""
-    from client.data import load_dataset
-
+    (server/evaluation.py: the task's metrics, the same model builder and task as the nodes; None when
+    the coordinator has no held-out data)."""
     from .evaluation import build_global_model, make_evaluator
 
-    split = load_dataset(cfg.dataset, cfg.partition_by or None)
-    built = build_global_model(cfg, split.train.spec)
+    spec, split = central_data(cfg)
+    built = build_global_model(cfg, spec)
     spec = built.spec
     model_config = {"input-shape": list(spec.input_shape), "num-classes": spec.num_classes, "task": spec.task}
-    evaluator = make_evaluator(built, split, validation=cfg.early_stopping_patience > 0)
+    evaluator = None
+    if split is not None:
+        evaluator = make_evaluator(built, split, validation=cfg.early_stopping_patience > 0)
     return ArrayRecord(built.model.state_dict()), model_config, evaluator
 
 
 def build_run_strategy(cfg: RunConfig):
-    """The run's strategy chain: [budget-aware selection →] [SecAgg+ →] [client-level DP →] Flower strategy.
+    """The run's strategy chain: [budget-aware selection →] [strikes →] [SecAgg+ →] [client-level DP →]
+    Flower strategy.
 
     The round loop samples the nodes (server/sampling.py) and shows the chain only those, so every
     strategy here trains all the nodes it is shown.
@@ -59,6 +111,10 @@ def build_run_strategy(cfg: RunConfig):
             strategy, num_shares=cfg.secagg_shares, reconstruction_threshold=cfg.secagg_threshold,
             clipping_range=cfg.secagg_clipping_range, timeout=cfg.round_timeout,
         )
+    if cfg.max_strikes and not cfg.secagg:  # under SecAgg+ no single update can be checked, so none is struck
+        from strategies import StrikesStrategy
+
+        strategy = StrikesStrategy(strategy, cfg.max_strikes)
     if cfg.budget_aware:
         from strategies.budget_aware import BudgetAwareSelection
 
@@ -80,7 +136,21 @@ def make_server_app(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome = run_server(grid, config_source(context), progress)
+        from client.data import DataError
+
+        from .checkpoint import CheckpointError
+        from .config import ConfigError
+
+        try:
+            cfg = config_source(context)
+            outcome = run_server(grid, cfg, progress)
+        except (ConfigError, CheckpointError, DataError) as err:
+            # `flwr run --stream` exits 0 whatever happens to the run: say it in one line the operator sees.
+            log.error("fedsafe: run FAILED: %s", err)
+            raise
+        last = outcome.history[-1] if outcome.history else {}
+        print(f"fedsafe: run finished after round {last.get('round')} of {cfg.num_rounds}; results and checkpoint "
+              f"in {cfg.out_path.resolve()}", flush=True)
         if on_finish is not None:
             on_finish(outcome)
 

@@ -30,7 +30,7 @@ class RunState:
     python_rng: Any = None
     numpy_rng: Any = None
     torch_rng: torch.Tensor | None = None
-    strategy_state: dict[str, Any] | None = None  # strategies.strategy_state_dict: moments, accountants, …
+    strategy_state: dict[str, Any] | None = None  # strategies.strategy_state_dict: moments, accountants, strikes
 
 
 def save_checkpoint(directory: Path, state: RunState) -> Path:

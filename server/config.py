@@ -72,7 +72,12 @@ class RunConfig:
     min_nodes: int = 2  # connected nodes needed before a round starts
     min_replies: int = 1  # valid replies needed to aggregate a round
     max_update_norm: float = 0.0  # L2 bound on an update's distance from the global model; 0: none
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # seconds a round waits for replies; a node silent that long is skipped
+    poll_interval: float = 0.2  # seconds between polls for replies (Flower's own send_and_receive: 3)
+    max_strikes: int = 3  # rejected updates in a row before a node is excluded from the run; 0: never
+    eval_path: str = ""  # held-out data file (.npz/.csv) for central evaluation; "": the dataset's test split
+    input_shape: str = ""  # model input shape, e.g. "30" or "1x8x8", when the coordinator has no data
+    num_classes: int = 0  # number of classes, when the coordinator has no data (0: from the data)
     out_dir: str = "results/run"
     resume: bool = False
     tensorboard: bool = False  # also write TensorBoard event files under <out-dir>/tensorboard
@@ -175,6 +180,11 @@ class RunConfig:
             parse_model_options(self.model_options)
         except ModelConfigError as err:
             raise ConfigError(str(err)) from None
+        need(0 < self.poll_interval <= 60, f"poll-interval must be in (0, 60] seconds; got {self.poll_interval}")
+        need(self.max_strikes >= 0, f"max-strikes must be >= 0 (0: never exclude); got {self.max_strikes}")
+        need(self.num_classes >= 0, f"num-classes must be >= 0; got {self.num_classes}")
+        need(not self.input_shape or all(p.strip().isdigit() and int(p) > 0 for p in self.input_shape.split("x")),
+             f"input-shape must look like 30 or 1x8x8; got {self.input_shape!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -217,6 +227,25 @@ class RunConfig:
     @property
     def out_path(self) -> Path:
         return Path(self.out_dir).expanduser()
+
+    @property
+    def model_input_shape(self) -> tuple[int, ...] | None:
+        return tuple(int(p) for p in self.input_shape.split("x")) if self.input_shape else None
+
+    # Keys that define what a run computes: a resumed run must not change them (see check_resumable).
+    # num-rounds may grow at resume (a run extended); nodes then hold the σ they fixed for the first plan
+    # and refuse rounds past the ε they granted, which the coordinator reports.
+    IDENTITY_KEYS = (
+        "model", "dataset", "partitioner", "alpha", "num-partitions", "seed", "local-epochs",
+        "batch-size", "optimizer", "lr", "momentum", "weight-decay", "dp", "epsilon", "delta",
+        "max-grad-norm", "accountant", "strategy", "fraction-train", "max-update-norm", "max-strikes",
+        "input-shape", "num-classes",
+    )
+
+    def differences(self, other: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Identity keys whose value in `other` (a saved config mapping) differs from this config's."""
+        mine = self.to_mapping()
+        return {k: (other.get(k), mine[k]) for k in self.IDENTITY_KEYS if k in other and other[k] != mine[k]}
 
     def train_config(self) -> dict[str, Any]:
         """What every train message carries: the coordinator's request to the nodes."""

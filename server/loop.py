@@ -7,6 +7,7 @@ same strategy methods (`configure_train`, `aggregate_train`) and adds them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from strategies import (
 )
 from strategies.state import chain
 
-from .checkpoint import RunState, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .early_stopping import EarlyStopping
 from .results import ResultsWriter, headline_text
@@ -62,31 +63,114 @@ def _stop_exceptions() -> tuple[type[BaseException], ...]:
     return (PrivacyBudgetExhausted, RunStop)
 
 
+def exchange(grid, messages: list[Message], timeout: float, poll_interval: float):
+    """Push `messages`, then poll for their replies until all arrived or `timeout` seconds passed.
+
+    Flower's `Grid.send_and_receive` polls every 3 s; a round's latency is mostly such waits, so this
+    polls every `poll_interval` s. Returns (replies, each paired with the node it was sent to — error
+    replies made by the SuperLink carry the SuperLink as sender —, node ids that did not reply).
+    """
+    if not messages:
+        return [], []
+    if not hasattr(grid, "pull_messages"):  # an in-process grid (simulations/local.py)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        answered = {int(r.metadata.src_node_id) for r in replies}
+        return ([(int(r.metadata.src_node_id), r) for r in replies],
+                sorted(int(m.metadata.dst_node_id) for m in messages if int(m.metadata.dst_node_id) not in answered))
+    destination = {}
+    for message_id, message in zip(list(grid.push_messages(messages)), messages):
+        if message_id:  # None: Flower could not push it (logged by Flower)
+            destination[message_id] = int(message.metadata.dst_node_id)
+    unpushed = [int(m.metadata.dst_node_id) for m in messages] if not destination else []
+    pending = set(destination)
+    deadline = time.monotonic() + timeout
+    replies: list[tuple[int, Message]] = []
+    while pending:
+        for reply in grid.pull_messages(sorted(pending)):
+            message_id = reply.metadata.reply_to_message_id
+            if message_id in pending:
+                pending.discard(message_id)
+                replies.append((destination[message_id], reply))
+        remaining = deadline - time.monotonic()
+        if not pending or remaining <= 0:
+            break
+        time.sleep(min(poll_interval, remaining))
+    return replies, sorted(destination[m] for m in pending) + unpushed
+
+
 def _split_replies(
-    replies: list[Message], global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False, frozen=()
+    replies: list[tuple[int, Message]], global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False, frozen=()
 ):
     valid, failures, budget_refusals, rejected = [], [], [], []
-    for reply in replies:
-        node = reply.metadata.src_node_id
+    for node, reply in replies:
         if reply.has_error():
             entry = {"node": node, "code": reply.error.code, "reason": reply.error.reason}
             (budget_refusals if reply.error.code == BUDGET_EXHAUSTED else failures).append(entry)
             continue
         try:
-            if "metrics" not in reply.content or (not masked and "arrays" not in reply.content):
+            content = reply.content
+            if "metrics" not in content or (not masked and "arrays" not in content):
                 raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
-            if "num-examples" not in reply.content["metrics"]:
-                raise UpdateRejected("metrics lack 'num-examples'")
+            # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)
+            if not masked and (len(content.metric_records) != 1 or len(content.array_records) != 1):
+                raise UpdateRejected("reply must hold exactly one ArrayRecord and one MetricRecord")
+            examples = content["metrics"].get("num-examples")
+            if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
+                raise UpdateRejected(f"metrics lack a positive 'num-examples' (got {examples!r})")
             if not masked:  # under secure aggregation the server never holds an update to check
-                validate_update(global_arrays, reply.content["arrays"], cfg.max_update_norm or None, frozen)
+                validate_update(global_arrays, content["arrays"], cfg.max_update_norm or None, frozen)
                 # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
-                reply.content["arrays"] = complete_update(global_arrays, reply.content["arrays"], frozen)
+                content["arrays"] = complete_update(global_arrays, content["arrays"], frozen)
         except UpdateRejected as err:
             rejected.append({"node": node, "reason": str(err)})
-            log.warning("rejected update from node %s: %s", node, err)
             continue
-        valid.append(reply)
-    return valid, failures, budget_refusals, rejected
+        valid.append((node, reply))
+    # Flower's strategies refuse to aggregate replies whose metrics have different keys (the whole round
+    # would fail): keep the keys all valid replies share.
+    if valid:
+        common = set.intersection(*(set(r.content["metrics"].keys()) for _, r in valid))
+        for node, reply in valid:
+            extra = sorted(set(reply.content["metrics"].keys()) - common)
+            if extra:
+                log.info("node %s: metrics %s not reported by every node; not aggregated", node, extra)
+                for key in extra:
+                    del reply.content["metrics"][key]
+    # Aggregate in node order: float sums then do not depend on which reply arrived first, so a resumed
+    # run reproduces an uninterrupted one bit for bit.
+    valid.sort(key=lambda pair: pair[0])
+    return [reply for _, reply in valid], failures, budget_refusals, rejected
+
+
+def check_out_dir(cfg: RunConfig) -> None:
+    """A new run must not overwrite an earlier run's checkpoint (that would lose the way to resume it)."""
+    path = cfg.out_path / CHECKPOINT_NAME
+    if not cfg.resume and path.exists():
+        raise CheckpointError(
+            f"{path} holds the checkpoint of an earlier run; continue that run with resume=true, "
+            "or give this run another out-dir"
+        )
+
+
+def _resume_state(cfg: RunConfig, initial_arrays: ArrayRecord, strategy) -> RunState:
+    """The checkpoint to resume from, checked to belong to this run's configuration and model."""
+    out = cfg.out_path
+    state = load_checkpoint(out)
+    changed = cfg.differences(state.config)
+    if changed:
+        listed = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise CheckpointError(
+            f"cannot resume from {out / CHECKPOINT_NAME}: the run config differs from the checkpointed run's "
+            f"({listed}); resume with the same settings, or start a new run in another out-dir"
+        )
+    expected = {k: tuple(v.shape) for k, v in initial_arrays.items()}
+    found = {k: tuple(v.shape) for k, v in state.model_state.items()}
+    if expected != found:
+        raise CheckpointError(
+            f"cannot resume from {out / CHECKPOINT_NAME}: its model does not fit {cfg.model!r} "
+            f"(parameters {sorted(found)[:4]}… vs {sorted(expected)[:4]}…)"
+        )
+    load_strategy_state_dict(strategy, state.strategy_state)
+    return state
 
 
 def run_rounds(
@@ -101,20 +185,21 @@ def run_rounds(
     """Run `cfg.num_rounds` rounds (from the checkpoint's next round when `cfg.resume`)."""
     started_at = time.perf_counter()
     out = cfg.out_path
-    results = ResultsWriter(out, cfg.to_mapping())
     sampler = NodeSampler(cfg.seed, cfg.fraction_train, cfg.min_nodes, min_sample=cfg.min_train_nodes())
     if cfg.resume:
-        state = load_checkpoint(out)
+        state = _resume_state(cfg, initial_arrays, strategy)
         arrays = ArrayRecord(state.model_state)
         history, run_key, first_round = state.history, state.run_key, state.completed_round + 1
         if state.sampler_state:
             sampler.load_state_dict(state.sampler_state)
-        load_strategy_state_dict(strategy, state.strategy_state)
-        log.info("resuming run %s after round %d", run_key, state.completed_round)
+        log.warning("resuming run %s after round %d of %d (checkpoint %s)", run_key, state.completed_round,
+                    cfg.num_rounds, out / CHECKPOINT_NAME)
     else:
+        check_out_dir(cfg)
         arrays, history, run_key, first_round = initial_arrays, [], uuid.uuid4().hex, 1
         if evaluator is not None:
             history.append({"round": 0, "eval": evaluator(arrays)})
+    results = ResultsWriter(out, cfg.to_mapping())
     node_epsilon: dict[int, float] = {}
     for entry in history:
         node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
@@ -135,21 +220,34 @@ def run_rounds(
             stop_reason = str(err)
             log.warning("run stopped before round %d: %s", rnd, stop_reason)
             break
-        # In node order, not arrival order: float sums then do not depend on which actor finished first.
-        replies = sorted(grid.send_and_receive(messages, timeout=cfg.round_timeout),
-                         key=lambda reply: reply.metadata.src_node_id)
-        observe_replies(strategy, rnd, replies)
+        sent_at = time.perf_counter()
+        replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
+        wait_seconds = time.perf_counter() - sent_at
+        observe_replies(strategy, rnd, [reply for _, reply in replies])
         valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg, masked, frozen)
+        failures += [{"node": node, "code": None, "reason": f"no reply within round-timeout={cfg.round_timeout:g}s"}
+                     for node in silent]
         for entry in failures:
-            log.warning("node %s failed round %d: %s", entry["node"], rnd, entry["reason"])
+            log.warning("round %d: node %s failed: %s", rnd, entry["node"], entry["reason"])
         for entry in refusals:
-            log.warning("node %s refused round %d: %s", entry["node"], rnd, entry["reason"])
+            log.warning("round %d: node %s refused: %s", rnd, entry["node"], entry["reason"])
+        strikes = next((link for link in chain(strategy) if hasattr(link, "record_rejection")), None)
+        for entry in rejected:
+            if strikes is not None:
+                strikes.record_rejection(entry["node"], entry["reason"], rnd)
+            else:
+                log.warning("round %d: node %s update rejected: %s", rnd, entry["node"], entry["reason"])
+        if strikes is not None:
+            for reply in valid:
+                strikes.record_accepted(reply.metadata.src_node_id)
 
-        round_eps = {}
+        round_eps, startup = {}, {}
         for reply in valid:
             metrics = reply.content["metrics"]
             if "epsilon" in metrics:
                 round_eps[reply.metadata.src_node_id] = float(metrics["epsilon"])
+            if "startup-seconds" in metrics:
+                startup[str(reply.metadata.src_node_id)] = float(metrics["startup-seconds"])
         node_epsilon.update(round_eps)
 
         aggregated = False
@@ -178,13 +276,17 @@ def run_rounds(
             "epsilon_max": max(round_eps.values()) if round_eps else None,
             "epsilon_mean": mean(round_eps.values()) if round_eps else None,
             "node_epsilon": {str(k): v for k, v in round_eps.items()},
+            "clientapp_startup_seconds": startup,  # per node: ClientApp process start to first training step
             "problems": failures + refusals + rejected,
             **round_report(strategy, rnd),
         }
+        if getattr(strategy, "excluded", None):
+            record["excluded"] = sorted(strategy.excluded)
         if evaluator is not None:
             record["eval"] = evaluator(arrays)
         if stopper is not None and stopper.observe(rnd, record["eval"], arrays):
             record["early_stopped"] = rnd < cfg.num_rounds
+        record["wait_seconds"] = wait_seconds  # pushing the messages until the last reply (or the timeout)
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         results.write(history)

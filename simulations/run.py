@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import ConfigError, RunConfig
-from server.loop import ProgressSink, RunOutcome, print_progress
+from server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -187,6 +187,7 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
     """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history."""
     quiet_flower_environment()
     validate_against_data(cfg, options)
+    check_out_dir(cfg)
     import torch
     from flwr.simulation import run_simulation
 

@@ -9,10 +9,11 @@ from .state import (
     round_report,
     strategy_state_dict,
 )
+from .strikes import StrikesStrategy
 from .validation import UpdateRejected, complete_update, keep_frozen, validate_update
 
 __all__ = [
-    "PARAM_DEFAULTS", "StrategyError", "UpdateRejected", "build_strategy", "check_strategy", "complete_update",
+    "PARAM_DEFAULTS", "StrategyError", "StrikesStrategy", "UpdateRejected", "build_strategy", "check_strategy", "complete_update",
     "conform_arrays", "keep_frozen", "load_strategy_state_dict", "observe_replies", "round_report",
     "strategy_names", "strategy_spec", "strategy_state_dict", "validate_update",
 ]

@@ -18,6 +18,8 @@ def test_nodes_report_their_cap_and_projection_and_an_exhausted_node_is_skipped_
     assert first.history[-1]["skipped"] == 0
 
     # Run B on the same ledgers: node 0's operator has lowered its cap below what it already spent.
+    # (A new run may not overwrite run A's checkpoint: remove it, keep the ledgers beside it.)
+    (tmp_path / "run" / "checkpoint.pt").unlink()
     cfg_b, grid, strategy = federation(tmp_path, num_rounds=3, epsilon=1.0, budget_aware=True,
                                        node_caps={0: 0.9}, out_dir=str(tmp_path / "run"))
     second = run(cfg_b, grid, strategy)

@@ -14,12 +14,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -511,88 +509,12 @@ def test_main_certs_and_node_keys(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 # ------------------------------------------------------------------ real Flower
-BIN = Path(sys.executable).parent
-FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flwr")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_tls(port: int, ca: Path, proc: subprocess.Popen[bytes], deadline: float) -> None:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"flower-superlink exited early with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                with ctx.wrap_socket(sock, server_hostname="127.0.0.1"):
-                    return
-        except OSError:
-            time.sleep(0.25)
-    raise AssertionError("flower-superlink did not accept TLS connections in time")
-
-
-def _wait_for_text(path: Path, pattern: str, proc: subprocess.Popen[bytes], deadline: float) -> re.Match[str]:
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        if match := re.search(pattern, text):
-            return match
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}:\n{text}")
-        time.sleep(0.25)
-    raise AssertionError(f"{pattern!r} not seen in {path}:\n{path.read_text(errors='replace')}")
-
-
-def _children_of(pids: set[int]) -> list[int]:
-    """SuperExec processes Flower spawned (own session) for our parents."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--parent-pid" in argv:
-            idx = argv.index(b"--parent-pid")
-            if idx + 1 < len(argv) and argv[idx + 1].decode(errors="replace").isdigit():
-                if int(argv[idx + 1]) in pids:
-                    found.append(int(entry.name))
-    return found
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    parents = {p.pid for p in procs}
-    children = _children_of(parents) if Path("/proc").is_dir() else []
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    # Flower's SuperExecs watch their parent and exit on their own; make sure.
-    deadline = time.monotonic() + 10
-    for pid in children:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+# Process helpers shared with tests/test_deployment.py.
+from tests.deploy_harness import BIN, FLOWER_BINARIES  # noqa: E402
+from tests.deploy_harness import free_port as _free_port  # noqa: E402
+from tests.deploy_harness import stop as _stop  # noqa: E402
+from tests.deploy_harness import wait_for_text as _wait_for_text  # noqa: E402
+from tests.deploy_harness import wait_for_tls as _wait_for_tls  # noqa: E402
 
 
 PROBE_PYPROJECT = """\
@@ -698,6 +620,7 @@ def test_superlink_tls_node_auth_end_to_end(tmp_path: Path) -> None:
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # as fedsafe superlink/node set it
     }
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -746,12 +669,16 @@ def test_superlink_tls_node_auth_end_to_end(tmp_path: Path) -> None:
         again = flwr("supernode", "register", str(good_public), "fedsafe-test", "--name", "g2")
         assert not again["success"] and "already in use" in again["error-message"]
 
+        # Three SuperNodes at once (each takes seconds to start): a registered one; one whose key is
+        # not registered; one that does not trust our CA.
         good = supernode(
             good_private, ca_cert, tmp_path / "good.log",
             ["--node-config",
              'data-path="/tmp/fedsafe-data" state-dir="/tmp/fedsafe-state" '
              'max-epsilon=3 delta=1e-5 device="cpu"'],
         )
+        bad = supernode(bad_private, ca_cert, tmp_path / "bad.log", [])
+        wrong = supernode(good_private, other_ca, tmp_path / "wrong-ca.log", ["--max-retries", "0"])
         match = _wait_for_text(
             tmp_path / "good.log", r"SuperNode ID: (\d+)", good, time.monotonic() + 40
         )
@@ -760,14 +687,12 @@ def test_superlink_tls_node_auth_end_to_end(tmp_path: Path) -> None:
         assert [(n["node-id"], n["status"]) for n in nodes] == [(node_id, "online")]
 
         # Unregistered key: refused by the SuperLink (Flower exit code 305, OS status 1).
-        bad = supernode(bad_private, ca_cert, tmp_path / "bad.log", [])
         bad.wait(timeout=60)
         bad_log = (tmp_path / "bad.log").read_text(errors="replace")
         assert bad.returncode == 1, bad_log
         assert "Exit Code: 305" in bad_log and "Failed to activate SuperNode" in bad_log
 
         # SuperNode that does not trust our CA: TLS verification fails.
-        wrong = supernode(good_private, other_ca, tmp_path / "wrong-ca.log", ["--max-retries", "0"])
         wrong.wait(timeout=60)
         wrong_log = (tmp_path / "wrong-ca.log").read_text(errors="replace")
         assert wrong.returncode == 1, wrong_log

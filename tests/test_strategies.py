@@ -4,6 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from server.checkpoint import CheckpointError
 import torch
 
 from client.data import load_dataset
@@ -95,8 +97,7 @@ def test_stateful_strategies_resume_to_the_same_model(tmp_path, monkeypatch, nam
     with pytest.raises(_Crash):
         run(cfg, grid, strategy, progress=crash_after_round_2)
     saved = load_checkpoint(cfg.out_path, restore_rng=False).strategy_state
-    links = dict(zip(saved["chain"], saved["links"]))
-    assert links[type(strategy).__name__][state_key] is not None
+    assert any(link.get(state_key) is not None for link in saved["links"])  # strikes may wrap the strategy
 
     shutil.copytree(tmp_path / "crashed", tmp_path / "crashed-copy")
     resumed_cfg = RunConfig(**{**cfg.__dict__, "resume": True})
@@ -120,7 +121,7 @@ def test_checkpoint_from_another_strategy_refuses_to_resume(tmp_path):
     cfg, grid, strategy = federation(tmp_path, strategy="fedadam", num_rounds=1, dp=False)
     run(cfg, grid, strategy)
     _, grid, other = federation(tmp_path, strategy="fedyogi", num_rounds=2, dp=False, resume=True)
-    with pytest.raises(StrategyError, match="written by strategy FedAdam; this run builds FedYogi"):
+    with pytest.raises(CheckpointError, match="strategy: 'fedadam' → 'fedyogi'"):
         run(RunConfig(**{**cfg.__dict__, "strategy": "fedyogi", "num_rounds": 2, "resume": True}), grid, other)
 
 

@@ -1,0 +1,197 @@
+"""The coordinator's round loop under faults, in-process: silent and failing nodes, poisoned updates and
+exclusion, a crash and its resume, and the checks that keep a resume honest. The grid is a fake that
+answers each train message with a function of the message (no Flower processes, no training)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+from server.app import central_data, global_model_setup
+from server.checkpoint import CHECKPOINT_NAME, CheckpointError
+from server.config import ConfigError, RunConfig
+from server.loop import run_rounds
+from strategies import StrikesStrategy, build_strategy
+
+Reply = Callable[[Message, int], "Message | None"]
+
+
+def _arrays(message: Message) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in message.content["arrays"].items()}
+
+
+def good(scale: float = 0.01) -> Reply:
+    """A node whose update is a deterministic function of the global model, its id and the round."""
+    def reply(message: Message, rnd: int) -> Message:
+        node = message.metadata.dst_node_id
+        arrays = {k: (v * 0.9 + scale * node / rnd).astype(v.dtype) for k, v in _arrays(message).items()}
+        content = RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": 10 + node, "epsilon": 0.5 * rnd})})
+        return Message(content, reply_to=message)
+    return reply
+
+
+def nan() -> Reply:
+    def reply(message: Message, rnd: int) -> Message:
+        arrays = {k: np.full_like(v, np.nan) for k, v in _arrays(message).items()}
+        content = RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": 10, "epsilon": 0.5 * rnd})})
+        return Message(content, reply_to=message)
+    return reply
+
+
+def silent() -> Reply:
+    return lambda message, rnd: None
+
+
+def failing() -> Reply:
+    return lambda message, rnd: Message(Error(code=0, reason="ClientApp raised"), reply_to=message)
+
+
+class FakeGrid:
+    """push_messages answers at once (or never); pull_messages hands the answers out."""
+
+    def __init__(self, nodes: dict[int, Reply], crash_in_round: int | None = None) -> None:
+        self.nodes = nodes
+        self.crash_in_round = crash_in_round
+        self.sent: list[tuple[int, int]] = []  # (round, node)
+        self.pending: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            rnd = int(message.content["config"]["server-round"])
+            if rnd == self.crash_in_round:
+                raise RuntimeError("the coordinator's machine died")
+            message.metadata.__dict__["_message_id"] = message.object_id
+            node = int(message.metadata.dst_node_id)
+            self.sent.append((rnd, node))
+            reply = self.nodes[node](message, rnd)
+            if reply is not None:
+                self.pending[message.object_id] = reply
+            ids.append(message.object_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
+
+
+def _config(tmp_path, **kw) -> RunConfig:
+    base = dict(num_rounds=3, out_dir=str(tmp_path / "run"), min_nodes=2, min_replies=1, round_timeout=0.3,
+                poll_interval=0.01, max_strikes=2)
+    return RunConfig(**{**base, **kw})
+
+
+def _run(cfg: RunConfig, grid: FakeGrid):
+    initial, model_config, _ = global_model_setup(cfg)
+    strategy = StrikesStrategy(build_strategy(cfg.strategy, fraction_train=cfg.fraction_train,
+                                              min_train_nodes=1, min_available_nodes=cfg.min_nodes), cfg.max_strikes)
+    return run_rounds(grid, cfg, strategy, initial, model_config, evaluator=None)
+
+
+@pytest.fixture(autouse=True)
+def _identity(flower_task_identity):
+    yield
+
+
+def test_silent_and_failing_nodes_do_not_stop_the_run(tmp_path):
+    grid = FakeGrid({1: good(), 2: silent(), 3: failing()})
+    outcome = _run(_config(tmp_path), grid)
+    rounds = outcome.history
+    assert [r["aggregated"] for r in rounds] == [True] * 3
+    assert all(r["replies"] == 1 and r["failures"] == 2 for r in rounds)
+    reasons = {p["node"]: p["reason"] for p in rounds[0]["problems"]}
+    assert "no reply within round-timeout" in reasons[2] and "ClientApp raised" in reasons[3]
+    assert all(r["wait_seconds"] >= 0.3 for r in rounds)  # waited for the silent node, then moved on
+
+
+def test_poisoned_node_is_excluded_after_max_strikes_and_the_model_stays_finite(tmp_path):
+    grid = FakeGrid({1: good(), 2: good(), 3: nan()})
+    outcome = _run(_config(tmp_path, num_rounds=4), grid)
+    rounds = outcome.history
+    assert [r["rejected"] for r in rounds] == [1, 1, 0, 0]
+    assert sorted(n for rnd, n in grid.sent if rnd == 3) == [1, 2]  # excluded after 2 in a row
+    assert rounds[-1]["excluded"] == [3]
+    assert "NaN" in rounds[0]["problems"][0]["reason"]
+    assert all(np.isfinite(v.numpy()).all() for v in outcome.arrays.values())
+
+
+def test_an_accepted_update_resets_the_strikes():
+    strategy = StrikesStrategy(inner=object(), max_strikes=2)
+    strategy.record_rejection(7, "NaN", 1)
+    strategy.record_accepted(7)
+    strategy.record_rejection(7, "NaN", 3)
+    assert not strategy.excluded
+    strategy.record_rejection(7, "shape", 4)
+    assert strategy.excluded == {7: "shape"}
+    restored = StrikesStrategy(inner=object(), max_strikes=2)
+    restored.fedsafe_load_state_dict(json.loads(json.dumps(strategy.fedsafe_state_dict())))
+    assert restored.excluded == {7: "shape"} and restored.strikes == {7: 2}
+
+
+def test_a_crashed_coordinator_resumes_to_the_same_model_and_keeps_exclusions(tmp_path):
+    nodes = {1: good(), 2: good(0.02), 3: nan()}
+    reference = _run(_config(tmp_path / "a", num_rounds=4), FakeGrid(dict(nodes)))
+
+    cfg = _config(tmp_path / "b", num_rounds=4)
+    with pytest.raises(RuntimeError, match="died"):
+        _run(cfg, FakeGrid(dict(nodes), crash_in_round=3))  # rounds 1-2 checkpointed; node 3 excluded
+    grid = FakeGrid(dict(nodes))
+    resumed = _run(RunConfig(**{**cfg.__dict__, "resume": True}), grid)
+
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+    assert sorted({n for _, n in grid.sent}) == [1, 2]  # the exclusion survived the crash
+    for key in reference.arrays.keys():
+        assert np.array_equal(reference.arrays[key].numpy(), resumed.arrays[key].numpy())
+
+
+def test_resume_refuses_another_config_a_corrupt_checkpoint_and_a_missing_one(tmp_path):
+    cfg = _config(tmp_path, num_rounds=2)
+    _run(cfg, FakeGrid({1: good(), 2: good()}))
+    with pytest.raises(CheckpointError, match="holds the checkpoint of an earlier run.*resume=true"):
+        _run(cfg, FakeGrid({1: good(), 2: good()}))
+    with pytest.raises(CheckpointError, match=r"differs.*lr: 0\.5 → 0\.1"):
+        _run(RunConfig(**{**cfg.__dict__, "resume": True, "lr": 0.1}), FakeGrid({1: good()}))
+    (cfg.out_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        _run(RunConfig(**{**cfg.__dict__, "resume": True}), FakeGrid({1: good()}))
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        _run(_config(tmp_path / "none", resume=True), FakeGrid({1: good()}))
+
+
+def test_metrics_only_some_nodes_report_are_dropped_not_fatal(tmp_path):
+    def extra(message, rnd):
+        reply = good()(message, rnd)
+        reply.content["metrics"]["only-me"] = 1.0
+        return reply
+
+    outcome = _run(_config(tmp_path, num_rounds=1), FakeGrid({1: good(), 2: extra}))
+    assert outcome.history[0]["aggregated"] and outcome.history[0]["replies"] == 2
+
+
+def test_central_evaluation_data_eval_path_or_none(tmp_path):
+    from client.data import load_dataset
+
+    test = load_dataset("breast-cancer").test
+    np.savez(tmp_path / "heldout.npz", x=test.x, y=test.y)
+    spec, data = central_data(RunConfig(dataset="", eval_path=str(tmp_path / "heldout.npz")))
+    assert spec.input_shape == (30,) and len(data.test) == len(test)
+
+    spec, data = central_data(RunConfig(dataset="", input_shape="30", num_classes=2))
+    assert data is None and spec.num_classes == 2
+    _, _, evaluator = global_model_setup(RunConfig(dataset="", input_shape="30", num_classes=2))
+    assert evaluator is None  # no held-out data: no central evaluation, and no error
+
+    with pytest.raises(ConfigError, match="eval-path=.*input-shape and num-classes"):
+        central_data(RunConfig(dataset="site-data"))
+    with pytest.raises(ConfigError, match="central evaluation data: data file not found"):
+        central_data(RunConfig(eval_path=str(tmp_path / "missing.npz")))
+    with pytest.raises(ConfigError, match="input-shape=8 but the evaluation data is shaped"):
+        central_data(RunConfig(eval_path=str(tmp_path / "heldout.npz"), input_shape="8"))

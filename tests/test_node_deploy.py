@@ -1,0 +1,258 @@
+"""`fedsafe node` / `fedsafe superlink` before Flower starts (checks, flags), the node's replay cache and
+test-only options, and the warm-start zygote — fast, without a SuperLink."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsafe import credentials as cr
+from fedsafe.cli import main
+from fedsafe.deploy import NodeOptions, SuperLinkOptions, explain_refusal, node_command, superlink_command
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> dict[str, Path]:
+    ca, ca_key = cr.make_ca(tmp_path / "certs")
+    cr.make_server_certificate(tmp_path / "certs", ca, ca_key, ["127.0.0.1", "localhost"])
+    private, public = cr.make_node_keys(tmp_path / "keys", "clinic")
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(40, 30)).astype(np.float32), y=np.arange(40) % 2)
+    (tmp_path / "not-pem").write_text("hello")
+    return {"root": tmp_path, "ca": ca, "key": private, "pub": public, "data": data, "certs": tmp_path / "certs"}
+
+
+def _node_args(site, **overrides) -> list[str]:
+    args = {"--superlink": "127.0.0.1:8000", "--root-cert": str(site["ca"]), "--key": str(site["key"]),
+            "--data-path": str(site["data"]), "--state-dir": str(site["root"] / "ledgers"), "--max-epsilon": "3"}
+    args.update(overrides)
+    return ["node", *[x for k, v in args.items() if v is not None for x in (k, v)]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"--root-cert": "/no/ca.pem"}, "root certificate /no/ca.pem does not exist"),
+    ({"--root-cert": "NOT_PEM"}, "is not a PEM certificate"),
+    ({"--root-cert": None}, "--root-cert CA.pem is required"),
+    ({"--key": "/no/key"}, "node key /no/key does not exist"),
+    ({"--key": "PUB"}, "that is the public key; give the private one"),
+    ({"--data-path": "/no/data.npz"}, "--data-path: data file not found: /no/data.npz"),
+    ({"--superlink": "https://fl.example.org:8000"}, "give HOST:PORT"),
+    ({"--device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"--max-epsilon": "0"}, "max-epsilon must be > 0"),
+    ({"--test-poison": "sql"}, "debug-poison takes a comma list of nan, shape, norm"),
+])
+def test_node_refuses_to_start_on_what_operators_get_wrong(site, overrides, message, capsys):
+    overrides = {k: {"NOT_PEM": str(site["root"] / "not-pem"), "PUB": str(site["pub"])}.get(v, v)
+                 for k, v in overrides.items()}
+    assert main(_node_args(site, **overrides)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_node_refuses_a_corrupt_ledger(site, capsys):
+    from client.ledger import ledger_filename
+
+    ledgers = site["root"] / "ledgers"
+    ledgers.mkdir()
+    (ledgers / ledger_filename("file:" + str(site["data"].resolve()))).write_text("{torn")
+    assert main(_node_args(site)) == 2
+    assert "refusing to train rather than forget past spend" in capsys.readouterr().err
+
+
+def test_node_command_quotes_node_config_as_flower_parses_it(site):
+    from flwr.common.config import parse_config_args
+
+    command = node_command(NodeOptions(
+        superlink="127.0.0.1:8000", root_cert=site["ca"], key=site["key"], data_path=site["data"],
+        state_dir=site["root"] / "my ledgers", max_epsilon=3, delta=1e-5, device="cuda:1", port=9095,
+        seed_noise=True, debug_poison="nan,norm"))
+    assert command[1:3] == ["--superlink", "127.0.0.1:8000"]
+    assert "--root-certificates" in command and "--auth-supernode-private-key" in command
+    assert "--insecure" not in command
+    config = parse_config_args([command[command.index("--node-config") + 1]])
+    assert config == {"data-path": str(site["data"].resolve()), "state-dir": str((site["root"] / "my ledgers").resolve()),
+                      "max-epsilon": 3.0, "delta": 1e-5, "device": "cuda:1", "seed-noise": True,
+                      "debug-poison": "nan,norm"}
+    assert command[command.index("--port") + 1] == "9095"
+
+
+def test_superlink_command_has_tls_and_node_auth_unless_insecure(site, tmp_path):
+    command = superlink_command(SuperLinkOptions(certs=site["certs"], database=tmp_path / "s.db", port=9000))
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation"):
+        assert flag in command
+    insecure = superlink_command(SuperLinkOptions(certs=None, database=tmp_path / "s.db", insecure=True))
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+
+
+def test_superlink_refuses_bad_certificates(site, tmp_path, capsys):
+    db = str(tmp_path / "state" / "s.db")
+    assert main(["superlink", "--certs", str(tmp_path / "nowhere"), "--database", db]) == 2
+    assert "fedsafe certs --host" in capsys.readouterr().err
+    assert main(["superlink", "--database", db]) == 2
+    assert "--certs DIR is required" in capsys.readouterr().err
+
+    no_loopback = tmp_path / "no-loopback"
+    ca, ca_key = cr.make_ca(no_loopback)
+    cr.make_server_certificate(no_loopback, ca, ca_key, ["fl.example.org"])
+    assert main(["superlink", "--certs", str(no_loopback), "--database", db]) == 2
+    assert "no subjectAltName 127.0.0.1" in capsys.readouterr().err
+
+    other = tmp_path / "other"
+    cr.make_ca(other)
+    (other / "server.pem").write_bytes((site["certs"] / "server.pem").read_bytes())
+    (other / "server.key").write_bytes((site["certs"] / "server.key").read_bytes())
+    assert main(["superlink", "--certs", str(other), "--database", db]) == 2
+    assert "was not signed by the CA" in capsys.readouterr().err
+
+
+def test_credentials_subcommands_are_fedsafe_subcommands(tmp_path, capsys):
+    assert main(["certs", "--host", "fl.example.org", "--out-dir", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "server.pem").exists()
+    assert main(["node-keys", "clinic", "--out-dir", str(tmp_path / "k")]) == 0
+    assert "flwr supernode register" in capsys.readouterr().out
+
+
+def test_refusals_are_explained(site):
+    flower_305 = "ERROR: Exit Code: 305\nFailed to initialize the connection\n[code: 2004] Failed to activate SuperNode."
+    text = explain_refusal(flower_305, site["key"])
+    assert "not registered" in text and str(site["pub"]) in text and "SHA256:" in text
+    assert "TLS verification" in explain_refusal("ssl: CERTIFICATE_VERIFY_FAILED", site["key"])
+    assert explain_refusal("SuperNode terminated gracefully.", site["key"]) is None
+
+
+# ------------------------------------------------------------------------- the node's ClientApp
+def test_policy_test_only_options_parse():
+    from client.policy import NodePolicy
+
+    policy = NodePolicy.from_node_config({"seed-noise": True, "debug-poison": "nan, shape"})
+    assert policy.seed_noise and policy.debug_poison == ("nan", "shape")
+    assert NodePolicy.from_node_config({}).debug_poison == () and not NodePolicy.from_node_config({}).seed_noise
+
+
+@pytest.mark.parametrize("kind, reason", [("nan", "NaN"), ("shape", "shape"), ("norm", "exceeds the bound")])
+def test_every_poison_is_rejected_by_update_validation(kind, reason):
+    import torch
+    from flwr.app import ArrayRecord
+
+    from client.app import poison_update
+    from strategies import UpdateRejected, validate_update
+
+    state = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}
+    with pytest.raises(UpdateRejected, match=reason):
+        validate_update(ArrayRecord(state), ArrayRecord(poison_update(state, kind)), max_update_norm=1000.0)
+
+
+def test_a_re_sent_round_is_answered_from_the_replay_cache_without_new_spend(tmp_path, flower_task_identity):
+    from client.app import train_round
+    from client.ledger import PrivacyLedger
+    from client.policy import NodePolicy
+    from server.config import RunConfig
+    from tests.node_harness import node_context, train_message
+
+    cfg = RunConfig(num_rounds=2, local_epochs=1)
+    policy = NodePolicy(state_dir=str(tmp_path), max_epsilon=3.0)
+    message = train_message(cfg, 1)
+    first = train_round(message, node_context(), policy)
+    again = train_round(train_message(cfg, 1), node_context(), policy)  # the coordinator re-sends round 1
+    assert not first.has_error() and not again.has_error()
+    for key in first.content["arrays"].keys():
+        assert np.array_equal(first.content["arrays"][key].numpy(), again.content["arrays"][key].numpy())
+    ledger_path = next(tmp_path.glob("*.json"))
+    ledger = PrivacyLedger.open(tmp_path, __import__("json").loads(ledger_path.read_text())["data_key"])
+    assert len(ledger.rounds_of("run-a")) == 1  # one round trained, one charged
+
+    # Another global model for the same round is a new request: trained, and charged, again.
+    other = train_message(cfg, 1, arrays=first.content["arrays"])
+    assert not train_round(other, node_context(), policy).has_error()
+    ledger = PrivacyLedger.open(tmp_path, ledger.data_key)
+    assert len(ledger.rounds_of("run-a")) == 2
+
+
+def test_replay_cache_ignores_torn_or_mismatched_files(tmp_path):
+    from client.replay import ReplayCache
+
+    cache = ReplayCache(tmp_path, "clinic")
+    arrays = {"w": np.ones((2, 2), dtype=np.float32)}
+    cache.store("run", 3, "digest", arrays, {"num-examples": 5})
+    got, metrics = cache.lookup("run", 3, "digest")
+    assert np.array_equal(got["w"], arrays["w"]) and metrics == {"num-examples": 5.0}
+    assert cache.lookup("run", 3, "other") is None and cache.lookup("run", 4, "digest") is None
+    cache.arrays_path.write_bytes(b"torn")
+    assert cache.lookup("run", 3, "digest") is None
+
+
+# ------------------------------------------------------------------------- warm start
+PROBE = """
+import os, sys
+import numpy as np
+import torch
+
+def main():
+    print("probe", sys.argv[1:], os.getcwd(), os.environ.get("PROBE_VAR"), torch.rand(1).item(),
+          np.random.rand(), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    sys.exit(7)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork + SCM_RIGHTS on Linux")
+def test_warm_start_forks_with_the_callers_args_streams_and_fresh_randomness(tmp_path, monkeypatch):
+    from fedsafe import warmstart
+
+    (tmp_path / "warm_probe.py").write_text(PROBE)
+    monkeypatch.setitem(warmstart.ENTRY_POINTS, "probe", ("warm_probe", "main"))
+    warm = warmstart.WarmStart("probe", "/bin/echo")
+    zygote_code = (
+        "import sys, fedsafe.warmstart as w; w.ENTRY_POINTS['probe'] = ('warm_probe', 'main'); "
+        f"w.PRELOAD['probe'] = ('numpy', 'torch'); w.serve('probe', {str(warm.socket)!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
+    zygote = subprocess.Popen([sys.executable, "-c", zygote_code], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as probe_socket:
+                    probe_socket.connect(str(warm.socket))
+                break
+            except OSError:
+                assert zygote.poll() is None and time.monotonic() < deadline, "zygote did not start"
+                time.sleep(0.2)
+        (tmp_path / "cwd").mkdir()
+        runs = [subprocess.run([str(warm.shim), "--token", "x"], capture_output=True, text=True, timeout=30,
+                               cwd=tmp_path / "cwd", env={**os.environ, "PROBE_VAR": f"v{i}"}) for i in range(2)]
+    finally:
+        zygote.terminate()
+        zygote.wait(timeout=10)
+    for i, run in enumerate(runs):
+        assert run.returncode == 7, run.stderr
+        words = run.stdout.split()
+        assert words[0] == "probe" and "'--token', 'x'" in run.stdout and str(tmp_path / "cwd") in run.stdout
+        assert f"v{i}" in words and "to stderr" in run.stderr
+    # Forks of one process, yet each draws fresh random numbers (DP noise must never repeat).
+    assert runs[0].stdout.split()[-2:] != runs[1].stdout.split()[-2:]
+
+    # Without a zygote the shim runs the real program: a cold start.
+    cold = subprocess.run([str(warm.shim), "cold", "start"], capture_output=True, text=True, timeout=30)
+    assert cold.returncode == 0 and cold.stdout.strip() == "cold start"
+    warm.cleanup()
+
+
+def test_insecure_node_needs_no_certificate_or_key_and_says_so(site, capsys, monkeypatch):
+    command = node_command(NodeOptions(superlink="10.0.0.5:8000", root_cert=None, key=None, data_path=site["data"],
+                                       state_dir=site["root"] / "l", max_epsilon=3, delta=1e-5, insecure=True))
+    assert "--insecure" in command and "--root-certificates" not in command
+    seen = {}
+    monkeypatch.setattr("fedsafe.deploy.supervise", lambda cmd, env, **kw: seen.update(cmd=cmd, **kw) or 0)
+    assert main(["node", "--superlink", "10.0.0.5:8000", "--data-path", str(site["data"]), "--state-dir",
+                 str(site["root"] / "l"), "--max-epsilon", "3", "--insecure"]) == 0
+    assert "WARNING: --insecure: no TLS" in capsys.readouterr().err
+    assert seen["warm_program"] == "flwr-clientapp" and seen["explain"]
