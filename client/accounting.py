@@ -165,7 +165,7 @@ def _calibrate(
     global _calibrating
     _calibrating += 1
     try:
-        sigma = _calibrate(prior, sample_rate, steps, target_epsilon, delta, accountant, tolerance)
+        sigma = _bisect(prior, sample_rate, steps, target_epsilon, delta, accountant, tolerance)
     finally:
         _calibrating -= 1
     if not prior:
@@ -177,7 +177,7 @@ def _calibrate(
     return sigma
 
 
-def _calibrate(prior, sample_rate, steps, target_epsilon, delta, accountant, tolerance) -> float:
+def _bisect(prior, sample_rate, steps, target_epsilon, delta, accountant, tolerance) -> float:
     def eps_at(sigma: float) -> float:
         return epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
 

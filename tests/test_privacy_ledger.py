@@ -136,3 +136,22 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
     ledger.path.write_text(json.dumps({"version": 99, "data_key": "k"}))
     with pytest.raises(LedgerError, match="version"):
         PrivacyLedger.open(tmp_path, "k")
+
+
+def test_calibration_is_cached_in_memory_and_on_the_nodes_disk(tmp_path):
+    import client.accounting as acc
+
+    acc._calibrate.cache_clear()
+    acc.use_disk_cache(tmp_path / "accounting.json")
+    try:
+        sigma = acc.calibrate_noise([], 0.125, 64, 2.5, 1e-5)
+        assert acc.calibrate_noise([], 0.125, 64, 2.5, 1e-5) == sigma
+        assert acc._calibrate.cache_info().hits == 1  # the bisection ran once
+        saved = json.loads((tmp_path / "accounting.json").read_text())
+        assert list(saved["calibration"].values()) == [sigma]  # a fresh ClientApp process reads it back
+        assert f"{sigma!r}|0.125" in saved["rdp"]
+        acc._calibrate.cache_clear()
+        acc.use_disk_cache(tmp_path / "accounting.json")
+        assert acc.calibrate_noise([], 0.125, 64, 2.5, 1e-5) == sigma
+    finally:
+        acc.use_disk_cache(None)
