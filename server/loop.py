@@ -213,7 +213,14 @@ def run_rounds(
         if stopper is not None and stopper.should_stop:
             break
         started = time.perf_counter()
-        sampled = sampler.sample(sampler.wait_for_nodes(grid, cfg.round_timeout))
+        strikes = next((link for link in chain(strategy) if hasattr(link, "record_rejection")), None)
+        excluded = set(strikes.excluded) if strikes is not None else set()
+        eligible = [n for n in sampler.wait_for_nodes(grid, cfg.round_timeout) if n not in excluded]
+        if not eligible:
+            stop_reason = f"every connected node is excluded for rejected updates: {sorted(excluded)}"
+            log.warning("run stopped before round %d: %s", rnd, stop_reason)
+            break
+        sampled = sampler.sample(eligible)  # excluded nodes take no sampling slot
         try:
             messages = list(strategy.configure_train(rnd, arrays, train_config, SampledGrid(grid, sampled)))
         except _stop_exceptions() as err:
@@ -231,7 +238,6 @@ def run_rounds(
             log.warning("round %d: node %s failed: %s", rnd, entry["node"], entry["reason"])
         for entry in refusals:
             log.warning("round %d: node %s refused: %s", rnd, entry["node"], entry["reason"])
-        strikes = next((link for link in chain(strategy) if hasattr(link, "record_rejection")), None)
         for entry in rejected:
             if strikes is not None:
                 strikes.record_rejection(entry["node"], entry["reason"], rnd)

@@ -3,12 +3,11 @@
 The coordinator's loop validates every reply (strategies/validation.py) and tells this wrapper about
 each rejected and each accepted update. A node whose last `max_strikes` updates were all rejected
 (NaN, wrong shapes, an update norm over the bound, …) gets no more train messages in this run: the
-wrapper drops its messages from what the inner strategy's `configure_train` returns. An accepted update
-resets the count; error replies and missing replies (a refused budget, a crash, a timeout) neither
-count nor reset. The counts and the excluded set are part of the coordinator's checkpoint.
-
-With `fraction-train` < 1 the inner strategy may sample an excluded node; its slot then stays empty
-that round (the inner strategy's sampling is left untouched, so its behaviour and RNG use are too).
+loop samples among the other connected nodes (server/loop.py), and the wrapper drops any message the
+inner strategy's `configure_train` still addresses to it. An accepted update resets the count; error
+replies and missing replies (a refused budget, a crash, a timeout) neither count nor reset. The counts
+and the excluded set are part of the coordinator's checkpoint. When every connected node is excluded
+the run stops, with that reason.
 """
 
 from __future__ import annotations

@@ -90,10 +90,10 @@ def _config(tmp_path, **kw) -> RunConfig:
 
 
 def _run(cfg: RunConfig, grid: FakeGrid):
+    from server.app import build_run_strategy
+
     initial, model_config, _ = global_model_setup(cfg)
-    strategy = StrikesStrategy(build_strategy(cfg.strategy, fraction_train=cfg.fraction_train,
-                                              min_train_nodes=1, min_available_nodes=cfg.min_nodes), cfg.max_strikes)
-    return run_rounds(grid, cfg, strategy, initial, model_config, evaluator=None)
+    return run_rounds(grid, cfg, build_run_strategy(cfg), initial, model_config, evaluator=None)
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +121,22 @@ def test_poisoned_node_is_excluded_after_max_strikes_and_the_model_stays_finite(
     assert rounds[-1]["excluded"] == [3]
     assert "NaN" in rounds[0]["problems"][0]["reason"]
     assert all(np.isfinite(v.numpy()).all() for v in outcome.arrays.values())
+
+
+def test_an_excluded_node_takes_no_sampling_slot(tmp_path):
+    grid = FakeGrid({1: good(), 2: good(), 3: good(), 4: nan()})
+    _run(_config(tmp_path, num_rounds=8, fraction_train=0.7, max_strikes=1, min_nodes=4), grid)  # 2 of 4, 2 of 3
+    sent = {rnd: sorted(n for r, n in grid.sent if r == rnd) for rnd in range(1, 9)}
+    struck = min(rnd for rnd, nodes in sent.items() if 4 in nodes)
+    assert struck < 8
+    for rnd in range(struck + 1, 9):
+        assert len(sent[rnd]) == 2 and 4 not in sent[rnd], sent  # two of the three others, every round
+
+
+def test_the_run_stops_when_every_node_is_excluded(tmp_path):
+    outcome = _run(_config(tmp_path, num_rounds=3, max_strikes=1), FakeGrid({1: nan(), 2: nan()}))
+    assert [r["round"] for r in outcome.history] == [1]
+    assert "every connected node is excluded" in outcome.stop_reason
 
 
 def test_an_accepted_update_resets_the_strikes():
