@@ -158,12 +158,13 @@ def write_node_data(directory: Path, num_nodes: int, dataset: str = "breast-canc
     """Each node's share of a built-in dataset's training split, as .npz files (x, y)."""
     import numpy as np
 
-    from client.data import load_partition
+    from client.data import PartitionScheme, load_partition
 
     directory.mkdir(parents=True, exist_ok=True)
+    scheme = PartitionScheme("iid", num_nodes, seed=seed)
     paths = []
     for i in range(num_nodes):
-        part = load_partition(dataset, i, num_nodes, "iid", 0.5, seed)
+        part = load_partition(dataset, i, scheme)
         path = directory / f"node{i}.npz"
         np.savez(path, x=part.x, y=part.y)
         paths.append(path)
