@@ -55,13 +55,13 @@ class SimulationOptions:
             raise ConfigError(str(err)) from None
         if self.attackers > self.num_nodes:
             raise ConfigError(f"attackers ({self.attackers}) exceed nodes ({self.num_nodes})")
+        if self.client_cpus <= 0 or self.client_gpus < 0:
+            raise ConfigError(f"client CPUs must be > 0 and GPUs >= 0; got {self.client_cpus}, {self.client_gpus}")
 
     def attack_spec(self):
         from .attacks import Attack
 
         return Attack(self.attack, self.attackers, self.attack_factor)
-        if self.client_cpus <= 0 or self.client_gpus < 0:
-            raise ConfigError("client CPUs and GPUs must be >= 0")
 
 
 def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:

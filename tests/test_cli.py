@@ -52,6 +52,8 @@ def test_ledger_command_reports_spend(tmp_path, capsys):
         (["sweep", "--epsilon", "1,x"], "comma-separated list of float"),
         (["sweep", "--nodes", "3,999999"], "more nodes (999999)"),
         (["partitions", "--partitioner", "zipf"], "unknown partitioner 'zipf'"),
+        (["simulate", "--client-cpus", "0"], "client CPUs must be > 0"),
+        (["simulate", "--client-gpus", "-0.5"], "GPUs >= 0"),
     ],
 )
 def test_bad_simulation_config_is_named(argv, message, capsys):
