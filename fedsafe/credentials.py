@@ -233,6 +233,14 @@ def _check_targets(paths: Sequence[Path], overwrite: bool) -> None:
             )
 
 
+def _write_key_and_certificate(
+    key_path: Path, key: ec.EllipticCurvePrivateKey, cert_path: Path, cert: x509.Certificate, overwrite: bool
+) -> None:
+    # Key first: a certificate without its key is useless, the reverse is not.
+    _write_file(key_path, _private_pem(key), private=True, overwrite=overwrite)
+    _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=overwrite)
+
+
 def _write_file(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
     """Write ``data`` to ``path``; private files get mode 0600 from creation on.
 
@@ -380,14 +388,7 @@ def make_ca(
         )
         .sign(key, _SIGNATURE_HASH())
     )
-    # Key first: a certificate without its key is useless, the reverse is not.
-    _write_file(key_path, _private_pem(key), private=True, overwrite=overwrite)
-    _write_file(
-        cert_path,
-        cert.public_bytes(serialization.Encoding.PEM),
-        private=False,
-        overwrite=overwrite,
-    )
+    _write_key_and_certificate(key_path, key, cert_path, cert, overwrite)
     return cert_path, key_path
 
 
@@ -486,13 +487,7 @@ def make_server_certificate(
         .add_extension(aki, critical=False)
         .sign(issuer_key, _SIGNATURE_HASH())
     )
-    _write_file(key_path, _private_pem(key), private=True, overwrite=overwrite)
-    _write_file(
-        cert_path,
-        cert.public_bytes(serialization.Encoding.PEM),
-        private=False,
-        overwrite=overwrite,
-    )
+    _write_key_and_certificate(key_path, key, cert_path, cert, overwrite)
     return cert_path, key_path
 
 
