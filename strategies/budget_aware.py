@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .client_dp import RunStop
 from .state import chain
+from .wrapper import StrategyWrapper
 
 BUDGET_EXHAUSTED = 4001  # client.app.BUDGET_EXHAUSTED (strategies does not import the node's code)
 SLACK = 1e-9
@@ -37,7 +38,7 @@ class _FilteredGrid:
         return getattr(self._grid, name)
 
 
-class BudgetAwareSelection(Strategy):
+class BudgetAwareSelection(StrategyWrapper):
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
         self.ledgers: dict[int, dict[str, float]] = {}  # node → last reported ledger figures
@@ -100,15 +101,6 @@ class BudgetAwareSelection(Strategy):
     def round_report(self, server_round: int) -> dict[str, Any]:
         skipped = self._skipped.pop(server_round, [])
         return {"skipped": len(skipped), "skipped_nodes": skipped}
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     # ---- checkpoints ---------------------------------------------------------------------
     def fedsafe_state_dict(self) -> dict[str, Any]:

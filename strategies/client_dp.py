@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from .wrapper import StrategyWrapper
 
 UNIFORM_WEIGHT = "client-dp-weight"  # every sampled node weighs the same in the clipped mean
 
@@ -131,7 +133,7 @@ def _flower_rdp_accountant(population: int, delta: float, max_epsilon: float | N
         raise ImportError(f"client-dp=fixed accounts with Flower's RdpAccountant: {err}") from None
 
 
-class ClientLevelDP(Strategy):
+class ClientLevelDP(StrategyWrapper):
     """fedsafe's wrapper around Flower's server-side DP wrappers (see the module docstring)."""
 
     def __init__(
@@ -225,15 +227,6 @@ class ClientLevelDP(Strategy):
     def round_report(self, server_round: int) -> dict[str, Any]:
         return self._report.pop(server_round, {"client_level_epsilon": self.epsilon(),
                                                "client_level_delta": self.delta})
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return []
-
-    def aggregate_evaluate(self, server_round, replies):
-        return None
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     # ---- checkpoints ---------------------------------------------------------------------
     def fedsafe_state_dict(self) -> dict[str, Any]:

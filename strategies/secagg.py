@@ -36,6 +36,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from .wrapper import StrategyWrapper
+
 log = logging.getLogger("fedsafe.secagg")
 
 
@@ -73,7 +75,7 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-class SecAggPlusAggregation(Strategy):
+class SecAggPlusAggregation(StrategyWrapper):
     hides_updates = True  # the loop must not expect (or validate) plaintext updates
 
     def __init__(
@@ -303,12 +305,3 @@ class SecAggPlusAggregation(Strategy):
 
     def round_report(self, server_round: int) -> dict[str, Any]:
         return self._report.pop(server_round, {})
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return []
-
-    def aggregate_evaluate(self, server_round, replies):
-        return None
-
-    def summary(self) -> None:
-        self.strategy.summary()
