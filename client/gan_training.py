@@ -12,7 +12,6 @@ returned `steps` counts.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -91,6 +90,4 @@ def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: to
     finally:
         if private is not None:
             private.close()
-    steps = plain_steps if steps_taken is None else steps_taken[0]
-    return TrainOutcome(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
-                        num_examples=len(data))
+    return TrainOutcome.of(plain_steps, steps_taken, losses, len(data))

@@ -51,6 +51,12 @@ class TrainOutcome:
     mean_loss: float
     num_examples: int
 
+    @classmethod
+    def of(cls, plain_steps: int, dp_steps: list[int] | None, losses: list[float], num_examples: int) -> TrainOutcome:
+        """`dp_steps` counts the steps Opacus' optimizer took (None when not private): the steps charged."""
+        return cls(steps=plain_steps if dp_steps is None else dp_steps[0],
+                   mean_loss=float(np.mean(losses)) if losses else float("nan"), num_examples=num_examples)
+
 
 def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "sgd":
@@ -172,6 +178,4 @@ def train(
     finally:
         if private is not None:
             private.close()
-    steps = plain_steps if steps_taken is None else steps_taken[0]
-    return TrainOutcome(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
-                        num_examples=len(data))
+    return TrainOutcome.of(plain_steps, steps_taken, losses, len(data))
