@@ -10,11 +10,11 @@ import functools
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from .files import atomic_write
 
 Spend = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -105,11 +105,8 @@ def _disk_put(section: str, key: str, value) -> None:
         return
     _disk[section][key] = value
     try:
-        _disk_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=_disk_path.parent, prefix=".accounting-", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
+        with atomic_write(_disk_path, durable=False) as handle:
             json.dump(_disk, handle)
-        os.replace(tmp, _disk_path)
     except OSError as err:  # a cache: never fatal
         log.warning("accounting cache %s not written: %s", _disk_path, err)
 

@@ -12,15 +12,14 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .accounting import Spend, calibrate_noise, epsilon
+from .files import atomic_write
 
 LEDGER_VERSION = 1
 
@@ -101,22 +100,8 @@ class PrivacyLedger:
 
     def _save(self) -> None:
         """Write atomically and durably: a crash leaves the old file or the new one, never half."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self._state, handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with atomic_write(self.path) as handle:
+            json.dump(self._state, handle, indent=1)
 
     # ---- reading -----------------------------------------------------------------------------
     @property

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .files import atomic_write
 from .ledger import ledger_filename
 
 
@@ -42,19 +41,6 @@ def request_digest(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) 
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ReplayCache:
@@ -82,7 +68,9 @@ class ReplayCache:
               metrics: Mapping[str, float]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         keys = list(arrays)
-        _atomic(self.arrays_path, lambda h: np.savez(h, **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)}))
+        with atomic_write(self.arrays_path, "wb") as handle:
+            np.savez(handle, **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)})
         meta = {"run": run_id, "round": server_round, "request": digest, "keys": keys,
                 "metrics": {k: float(v) for k, v in metrics.items()}, "arrays_sha256": _file_digest(self.arrays_path)}
-        _atomic(self.meta_path, lambda h: h.write(json.dumps(meta, indent=1).encode()))
+        with atomic_write(self.meta_path) as handle:
+            json.dump(meta, handle, indent=1)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -39,17 +39,9 @@ def save_checkpoint(directory: Path, state: RunState) -> Path:
     state.python_rng = random.getstate()
     state.numpy_rng = np.random.get_state(legacy=False)
     state.torch_rng = torch.get_rng_state()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state.__dict__, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        path = directory / CHECKPOINT_NAME
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = directory / CHECKPOINT_NAME
+    with atomic_write(path, "wb") as handle:
+        torch.save(state.__dict__, handle)
     return path
 
 

@@ -9,14 +9,13 @@ the checkpoint's history.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import ConfigError
+from .files import atomic_write
 
 BEST_MODEL_NAME = "best_model.pt"
 VALIDATION_PREFIX = "val_"
@@ -90,15 +89,9 @@ class EarlyStopping:
             "model_state": arrays.to_torch_state_dict(), "round": self.best_round, "metric": self.key,
             "value": self.best_value, "eval": self.best_eval,
         }
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".best-", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(document, tmp)
-            path = self.out_dir / BEST_MODEL_NAME
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        path = self.out_dir / BEST_MODEL_NAME
+        with atomic_write(path, "wb") as handle:
+            torch.save(document, handle)
         return path
 
     def summary(self) -> dict[str, Any]:

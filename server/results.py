@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import atomic_write
 
 # The CSV's columns: the round, the task's metrics (its headline metric first, see
 # models.tasks.HEADLINE_ORDER; validation metrics, when early stopping is on, after the others),
@@ -54,12 +55,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class ResultsWriter:
     def __init__(self, directory: Path, config: dict[str, Any]) -> None:
         self.directory = directory
@@ -90,29 +85,26 @@ class ResultsWriter:
 
     def write_node_epsilon(self, history: list[dict[str, Any]]) -> None:
         """Every node's cumulative ε after every round it trained in: the per-client distribution."""
-        tmp = self.directory / "node_epsilon.csv.tmp"
-        with tmp.open("w", newline="") as handle:
+        with atomic_write(self.directory / "node_epsilon.csv", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["round", "node", "epsilon"])
             for h in history:
                 for node, eps in sorted(h.get("node_epsilon", {}).items()):
                     writer.writerow([h["round"], node, eps])
-        os.replace(tmp, self.directory / "node_epsilon.csv")
 
     def write(self, history: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> None:
         document = {"config": self.config, "rounds": history, "summary": summary or {}}
-        _atomic_write(self.directory / "metrics.json", json.dumps(_json_safe(document), indent=1))
+        with atomic_write(self.directory / "metrics.json") as handle:
+            json.dump(_json_safe(document), handle, indent=1)
         columns = ["round", *metric_columns(history), *RUN_COLUMNS]
         rows = [
             {c: ("" if r.get(c) is None else r.get(c)) for c in columns}
             for r in ({**h, **{f"{k}": v for k, v in h.get("eval", {}).items()}} for h in history)
         ]
-        tmp = self.directory / "metrics.csv.tmp"
-        with tmp.open("w", newline="") as handle:
+        with atomic_write(self.directory / "metrics.csv", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.directory / "metrics.csv")
 
     def plot(self, history: list[dict[str, Any]]) -> Path:
         """`accuracy_epsilon.png` (the task's headline metric — accuracy for classifiers — and ε per round)
