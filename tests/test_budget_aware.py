@@ -1,6 +1,5 @@
 """Budget-aware selection: nodes whose ledger cannot afford the next round are not sampled."""
 
-import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fed_harness import federation, run

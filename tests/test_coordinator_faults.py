@@ -15,7 +15,7 @@ from server.app import central_data, global_model_setup
 from server.checkpoint import CHECKPOINT_NAME, CheckpointError
 from server.config import ConfigError, RunConfig
 from server.loop import run_rounds
-from strategies import StrikesStrategy, build_strategy
+from strategies import StrikesStrategy
 
 Reply = Callable[[Message, int], "Message | None"]
 

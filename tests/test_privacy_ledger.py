@@ -96,7 +96,7 @@ def test_ledger_survives_a_process_restart(tmp_path):
     expected = ledger.epsilon(1e-5)
     code = (
         "from client.ledger import PrivacyLedger; import sys; "
-        f"l = PrivacyLedger.open(sys.argv[1], 'hospital-a'); print(l.epsilon(1e-5), l.run_plan('r1').noise_multiplier)"
+        "l = PrivacyLedger.open(sys.argv[1], 'hospital-a'); print(l.epsilon(1e-5), l.run_plan('r1').noise_multiplier)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     eps, sigma_again = map(float, out.stdout.split())
