@@ -211,6 +211,9 @@ class NodeOptions:
     insecure: bool = False
     max_retries: int | None = None
     max_wait_time: float | None = None
+    # Seconds the SuperNode idles between pulls when the SuperLink has nothing for it (fedsafe/supernode.py);
+    # None: Flower's own 3 s.
+    poll_interval: float | None = 0.5
     # Test and simulation only (documented as such): reproducible DP noise; deliberately bad updates.
     seed_noise: bool = False
     debug_poison: str | None = None
@@ -287,7 +290,13 @@ def check_node_data_and_ledger(opts: NodeOptions) -> str:
 
 def node_command(opts: NodeOptions) -> list[str]:
     _check_superlink_address(opts.superlink)
-    command = [flower_binary("flower-supernode"), "--superlink", opts.superlink]
+    if opts.poll_interval is None:
+        command = [flower_binary("flower-supernode")]
+    elif opts.poll_interval > 0:
+        command = [sys.executable, "-m", "fedsafe.supernode", "--fedsafe-poll-interval", repr(float(opts.poll_interval))]
+    else:
+        raise DeployError(f"--poll-interval must be > 0 seconds; got {opts.poll_interval}")
+    command += ["--superlink", opts.superlink]
     if opts.insecure:
         command.append("--insecure")
     else:

@@ -73,7 +73,9 @@ def test_node_command_quotes_node_config_as_flower_parses_it(site):
         superlink="127.0.0.1:8000", root_cert=site["ca"], key=site["key"], data_path=site["data"],
         state_dir=site["root"] / "my ledgers", max_epsilon=3, delta=1e-5, device="cuda:1", port=9095,
         seed_noise=True, debug_poison="nan,norm"))
-    assert command[1:3] == ["--superlink", "127.0.0.1:8000"]
+    superlink = command.index("--superlink")
+    assert command[superlink + 1] == "127.0.0.1:8000"
+    assert command[1:superlink] == ["-m", "fedsafe.supernode", "--fedsafe-poll-interval", "0.5"]
     assert "--root-certificates" in command and "--auth-supernode-private-key" in command
     assert "--insecure" not in command
     config = parse_config_args([command[command.index("--node-config") + 1]])
@@ -256,3 +258,33 @@ def test_insecure_node_needs_no_certificate_or_key_and_says_so(site, capsys, mon
                  str(site["root"] / "l"), "--max-epsilon", "3", "--insecure"]) == 0
     assert "WARNING: --insecure: no TLS" in capsys.readouterr().err
     assert seen["warm_program"] == "flwr-clientapp" and seen["explain"]
+
+
+def test_supernode_idle_poll_is_shortened_and_nothing_else(monkeypatch):
+    import inspect
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    from fedsafe.supernode import IDLE_POLL_SECONDS, REPLY_POLL_SECONDS, pace
+
+    source = inspect.getsource(start_client_internal)
+    # The waits fedsafe.supernode shortens must still be Flower's: an upgrade that changes them fails here.
+    assert f"time.sleep({IDLE_POLL_SECONDS:g})" in source and f"time.sleep({REPLY_POLL_SECONDS})" in source
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored after the test
+    pace(0.05)
+    paced = start_client_internal.time
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    paced.sleep(IDLE_POLL_SECONDS)
+    paced.sleep(REPLY_POLL_SECONDS)
+    paced.sleep(7)
+    assert slept == [0.05, 0.1, 7]
+    assert paced.time is time.time and paced.monotonic is time.monotonic
+    with pytest.raises(ValueError, match="poll interval must be > 0"):
+        pace(0)
+
+
+def test_node_poll_interval_must_be_positive(site, capsys):
+    assert main([*_node_args(site), "--poll-interval", "0"]) == 2
+    assert "--poll-interval must be > 0 seconds" in capsys.readouterr().err
