@@ -35,7 +35,7 @@ PARTITION_REPORT_MAX_NODES = 200  # above this the per-node report costs more th
 class SimulationOptions:
     num_nodes: int
     # One CPU per virtual node: one Ray actor per core, each training with one thread. On 2 cores this
-    # measured ~6x faster per round than one actor with two threads (benchmarks/sim_overhead.py).
+    # measured 0.68 s per steady round against 0.87 s for one actor with two threads (benchmarks/sim_overhead.py).
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str | None = None  # join an existing Ray cluster instead of starting one
