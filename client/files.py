@@ -1,4 +1,5 @@
-"""Files on the node's disk that a crash leaves whole: the previous version or the new one, never half."""
+"""Files that a crash leaves whole: the previous version or the new one, never half. The node's ledger and
+caches, the coordinator's checkpoints and results, and the credentials the CLI writes all go through here."""
 
 from __future__ import annotations
 
@@ -11,15 +12,20 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "w", *, newline: str | None = None, durable: bool = True) -> Iterator[IO]:
+def atomic_write(path: Path, mode: str = "w", *, newline: str | None = None, durable: bool = True,
+                 permissions: int | None = None) -> Iterator[IO]:
     """Write `path` through a temporary file in the same directory, renamed over it on success.
 
     `durable` also fsyncs the file and its directory, so the new version survives a power cut once this
-    returns: what the privacy ledger needs before an update may leave the node; a cache does not.
+    returns: what the privacy ledger needs before an update may leave the node, and a checkpoint before
+    the next round starts; a cache does not. `permissions` are set before anything is written (a private
+    key is never readable by others, not even briefly); without them the file is created 0600.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if permissions is not None:
+            os.fchmod(fd, permissions)
         with os.fdopen(fd, mode, newline=newline) as handle:
             yield handle
             if durable:

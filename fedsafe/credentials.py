@@ -41,7 +41,6 @@ import ipaddress
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -50,6 +49,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from client.files import atomic_write
 
 __all__ = [
     "CredentialError",
@@ -251,17 +252,8 @@ def _write_file(path: Path, data: bytes, *, private: bool, overwrite: bool) -> N
     mode = 0o600 if private else 0o644
     try:
         if overwrite:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            try:
-                os.fchmod(fd, mode)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_write(path, "wb", permissions=mode) as handle:
+                handle.write(data)
         else:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(path, flags, mode)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .files import atomic_write
+from client.files import atomic_write
 
 BEST_MODEL_NAME = "best_model.pt"
 VALIDATION_PREFIX = "val_"

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write
+from client.files import atomic_write
 
 # The CSV's columns: the round, the task's metrics (its headline metric first, see
 # models.tasks.HEADLINE_ORDER; validation metrics, when early stopping is on, after the others),
