@@ -7,7 +7,8 @@ pulling in node logic. Built-in sets come from scikit-learn's bundled files, so 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,61 @@ def partition_indices(data: ArrayDataset, scheme: PartitionScheme) -> list[np.nd
 @functools.lru_cache(maxsize=4)
 def _cached_partitioner(dataset: str, scheme: PartitionScheme):
     return make_partitioner(load_dataset(dataset, scheme.partition_by).train, scheme)
+
+
+STORE_MANIFEST = "manifest.json"
+
+
+def save_partitions(directory: Path, dataset: str, data: ArrayDataset, scheme: PartitionScheme,
+                    parts: list[np.ndarray]) -> None:
+    """Write `data` (the training split of `dataset`) node after node as `scheme` divides it (`parts`,
+    from partition_indices): x.npy and y.npy in partition order, offsets.npy, and a manifest naming the
+    dataset and scheme, written last. Simulated nodes read their share with load_stored_partition,
+    memory-mapped, instead of every process loading and partitioning the whole set."""
+    from .files import atomic_write
+
+    order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+    arrays = {"x.npy": data.x[order], "y.npy": data.y[order], "offsets.npy": offsets}
+    for name, array in arrays.items():
+        with atomic_write(directory / name, "wb", durable=False) as handle:
+            np.save(handle, array)
+    manifest = {"dataset": dataset, "scheme": asdict(scheme), "spec": asdict(data.spec)}
+    with atomic_write(directory / STORE_MANIFEST, durable=False) as handle:
+        json.dump(manifest, handle)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_store(directory: str) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray] | None:
+    try:
+        manifest = json.loads((Path(directory) / STORE_MANIFEST).read_text())
+        x, y, offsets = (np.load(Path(directory) / name, mmap_mode="r") for name in ("x.npy", "y.npy", "offsets.npy"))
+    except (OSError, ValueError):
+        return None
+    return manifest, x, y, offsets
+
+
+def load_stored_partition(directory: str, dataset: str, partition_id: int,
+                          scheme: PartitionScheme) -> ArrayDataset | None:
+    """One simulated node's share from a save_partitions store; None when there is no store at
+    `directory` or it was written for another dataset or partition scheme."""
+    store = _open_store(str(directory))
+    if store is None:
+        return None
+    manifest, x, y, offsets = store
+    if manifest.get("dataset") != dataset or manifest.get("scheme") != asdict(scheme):
+        return None
+    if not 0 <= partition_id < scheme.num_partitions or len(offsets) != scheme.num_partitions + 1:
+        return None
+    start, end = int(offsets[partition_id]), int(offsets[partition_id + 1])
+    spec = manifest["spec"]
+    spec = DataSpec(input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"], task=spec["task"])
+    return ArrayDataset(np.array(x[start:end]), np.array(y[start:end]), spec)
+
+
+def prepare_partitions(dataset: str, scheme: PartitionScheme) -> None:
+    """Load `dataset` and its partitioner into this process' cache ahead of the first load_partition."""
+    _cached_partitioner(dataset, scheme)
 
 
 def load_partition(dataset: str, partition_id: int, scheme: PartitionScheme) -> ArrayDataset:

@@ -12,21 +12,22 @@ from client.data import ArrayDataset, PartitionScheme, partition_indices
 MAX_PLOTTED_NODES = 100
 
 
-def label_histograms(data: ArrayDataset, scheme: PartitionScheme) -> np.ndarray:
-    """(nodes × classes) sample counts."""
-    parts = partition_indices(data, scheme)
+def label_histograms(data: ArrayDataset, scheme: PartitionScheme, parts: list[np.ndarray] | None = None) -> np.ndarray:
+    """(nodes × classes) sample counts; `parts`: the nodes' indices, if already computed."""
+    parts = partition_indices(data, scheme) if parts is None else parts
     classes = max(data.spec.num_classes, 1)
     return np.stack([np.bincount(data.y[p], minlength=classes) for p in parts])
 
 
-def write_partition_report(data: ArrayDataset, scheme: PartitionScheme, directory: Path) -> np.ndarray:
+def write_partition_report(data: ArrayDataset, scheme: PartitionScheme, directory: Path,
+                           parts: list[np.ndarray] | None = None) -> np.ndarray:
     """Write `partitions.csv` and `partitions.png` under `directory`; return the histograms."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = label_histograms(data, scheme)
+    counts = label_histograms(data, scheme, parts)
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "partitions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

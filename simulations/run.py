@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import os
-import random
-from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import ConfigError, RunConfig
 from server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
+
+from .engine import (
+    SIMULATED_GRID_POLL_SECONDS,
+    LocalRay,
+    deterministic_node_ids,
+    scalable_engine,
+    warm_actors,
+)
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -29,6 +35,7 @@ def quiet_flower_environment() -> None:
 
 
 PARTITION_REPORT_MAX_NODES = 200  # above this the per-node report costs more than it tells
+PARTITION_STORE_DIR = "federation"  # under the out-dir: the partitioned training split the virtual nodes read
 
 
 @dataclass(frozen=True)
@@ -90,62 +97,31 @@ def partition_scheme(cfg: RunConfig, num_nodes: int):
     )
 
 
-@contextlib.contextmanager
-def deterministic_node_ids(seed: int):
-    """Flower draws simulated node ids from os.urandom, and samples nodes from a set of them, so the
-    same seed would still train different nodes. Seeded ids make client sampling reproducible."""
-    from flwr.server.superlink.linkstate import in_memory_linkstate
-
-    rng = random.Random(seed)
-
-    def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
-        while True:
-            value = rng.getrandbits(8 * num_bytes)
-            if value and not (exclude and value in exclude):
-                return value
-
-    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded):
-        yield
-
-
-def _dispatch_pending_messages(state, queue, nodes_mapping, f_stop) -> None:
-    """Flower's simulation engine polls every registered node for messages ten times a second, and
-    each poll scans every stored message: O(nodes × messages) under one lock, which stalls 10,000
-    virtual nodes. This does the same job by polling only the nodes that have a message waiting."""
-    while not f_stop.is_set():
-        with state.lock:
-            waiting = {m.metadata.dst_node_id for m in state.message_ins_store.values()
-                       if m.metadata.delivered_at == ""}
-        for node_id in waiting & nodes_mapping.keys():
-            for message in state.get_message_ins(node_id=node_id, limit=1):
-                queue.put(message)
-        f_stop.wait(0.1)
-
-
-@contextlib.contextmanager
-def scalable_engine():
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    with mock.patch.object(vce_api, "add_messages_to_queue", _dispatch_pending_messages):
-        yield
-
-
 def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilon: float | None = None,
                           node_caps: dict[int, float] | None = None):
-    """The run's config for `options.num_nodes` nodes, and the virtual nodes' ClientApp.
+    """The run's config for `options.num_nodes` nodes, the virtual nodes' ClientApp, and the warm-up
+    each simulation actor runs when it is created.
     `node_caps` gives some partitions their own lifetime ε cap (heterogeneous operators)."""
-    from client.app import make_client_app
+    from client.app import make_client_app, warm_up_simulated_node
     from client.policy import DEFAULT_MAX_EPSILON, NodePolicy
 
-    cfg = RunConfig(**{**cfg.__dict__, "num_partitions": options.num_nodes,
-                       "min_nodes": options.num_nodes})
+    cfg = RunConfig(**{**cfg.__dict__, "num_partitions": options.num_nodes, "min_nodes": options.num_nodes,
+                       "poll_interval": min(cfg.poll_interval, SIMULATED_GRID_POLL_SECONDS)})
+    scheme = partition_scheme(cfg, options.num_nodes)
+    partition_store = None
     if options.num_nodes <= PARTITION_REPORT_MAX_NODES:
-        from client.data import load_dataset
+        # Every node's share is computed here for the report anyway; stored once, it spares each
+        # simulation actor loading and partitioning the whole dataset (and importing scikit-learn and
+        # HF datasets to do it). Larger federations partition lazily, node by node, in the actors.
+        from client.data import load_dataset, partition_indices, save_partitions
 
         from .partition_report import write_partition_report
 
         data = load_dataset(cfg.dataset, cfg.partition_by or None).train
-        write_partition_report(data, partition_scheme(cfg, options.num_nodes), cfg.out_path)
+        parts = partition_indices(data, scheme)
+        write_partition_report(data, scheme, cfg.out_path, parts)
+        partition_store = str(cfg.out_path / PARTITION_STORE_DIR)
+        save_partitions(Path(partition_store), cfg.dataset, data, scheme, parts)
     ledger_dir = options.ledger_dir or str(Path(cfg.out_dir) / "ledgers")
     # The researcher is every virtual node's operator: the node policy travels inside the ClientApp
     # (pickled to the Ray actors), not in module globals, which the actors would never see.
@@ -155,6 +131,7 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         delta=cfg.delta,
         allow_non_private=not cfg.dp,
         seed_noise=True,
+        partition_store=partition_store,
     )
     attack = options.attack_spec()
     mods = [attack.mod] if attack.active else []
@@ -164,7 +141,8 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         cap = caps.get(int(context.node_config.get("partition-id", -1)))
         return policy if cap is None else policy.with_overrides(max_epsilon=cap)
 
-    return cfg, make_client_app(policy_source=policy_source, extra_mods=mods)
+    warm_up = functools.partial(warm_up_simulated_node, cfg.dataset, scheme, partition_store)
+    return cfg, make_client_app(policy_source=policy_source, extra_mods=mods), warm_up
 
 
 def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = None,
@@ -177,7 +155,7 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
 
     from .local import LocalGrid
 
-    cfg, client_app = _simulated_federation(cfg, options, max_epsilon)
+    cfg, client_app, _ = _simulated_federation(cfg, options, max_epsilon)
     if not options.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     return run_server(LocalGrid(client_app, options.num_nodes, drop=drop), cfg, progress)
@@ -186,29 +164,39 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
 def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress) -> RunOutcome:
     """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history."""
     quiet_flower_environment()
+    # Ray boots while the driver checks the run and prepares the federation; on a cluster Flower joins it.
+    local_ray = None if options.ray_address else LocalRay(int(os.cpu_count() or 1), verbose=options.verbose)
+    try:
+        return _simulate(cfg, options, progress, local_ray)
+    finally:
+        if local_ray is not None:
+            local_ray.release()
+
+
+def _simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None,
+              local_ray: LocalRay | None) -> RunOutcome:
     validate_against_data(cfg, options)
     check_out_dir(cfg)
+    cfg, client_app, warm_up = _simulated_federation(cfg, options)
+    if local_ray is not None:
+        local_ray.ready()
     import torch
     from flwr.simulation import run_simulation
 
     from server.app import make_server_app
 
-    cfg, client_app = _simulated_federation(cfg, options)
     outcomes: list[RunOutcome] = []
     server_app = make_server_app(config_source=lambda _ctx: cfg, on_finish=outcomes.append, progress=progress)
-
-    cpus = options.client_cpus
     backend_config = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": options.client_gpus},
-        "init_args": {"num_cpus": int(os.cpu_count() or 1)} if options.ray_address is None
-        else {"address": options.ray_address},
+        "client_resources": {"num_cpus": options.client_cpus, "num_gpus": options.client_gpus},
+        "init_args": {} if options.ray_address is None else {"address": options.ray_address},
     }
     if not options.verbose:
         # Flower's INFO lines and its run_simulation deprecation notice; fedsafe prints its own progress
         # and logs refusals and rejected updates under "fedsafe.*".
         logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(os.cpu_count() or 1)  # the driver: central evaluation
-    with deterministic_node_ids(cfg.seed), scalable_engine():
+    with deterministic_node_ids(cfg.seed), scalable_engine(), warm_actors(warm_up):
         run_simulation(
             server_app=server_app,
             client_app=client_app,

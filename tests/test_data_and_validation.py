@@ -3,7 +3,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from client.data import DataError, PartitionScheme, load_dataset, load_file, load_partition, partition_indices
+from client.data import (
+    DataError,
+    PartitionScheme,
+    load_dataset,
+    load_file,
+    load_partition,
+    load_stored_partition,
+    partition_indices,
+    save_partitions,
+)
 from server.checkpoint import CheckpointError, RunState, load_checkpoint, save_checkpoint
 from strategies import UpdateRejected, validate_update
 
@@ -51,6 +60,29 @@ def test_a_node_loads_only_its_own_partition_lazily():
     part = load_partition("synthetic", 9_999, scheme)
     everyone = partition_indices(load_dataset("synthetic").train, PartitionScheme("iid", 50, seed=3))
     assert 4 <= len(part) <= 5 and sum(map(len, everyone)) == len(load_dataset("synthetic").train)
+
+
+@pytest.mark.parametrize("scheme", [PartitionScheme("iid", 7, seed=2), PartitionScheme("dirichlet", 9, alpha=0.3, seed=5),
+                                    PartitionScheme("pathological", 10, classes_per_node=2, seed=1)])
+def test_the_partition_store_gives_each_node_exactly_what_it_would_partition_itself(tmp_path, scheme):
+    data = _digits()
+    save_partitions(tmp_path / "store", "digits", data, scheme, partition_indices(data, scheme))
+    for node in range(scheme.num_partitions):
+        stored = load_stored_partition(str(tmp_path / "store"), "digits", node, scheme)
+        own = load_partition("digits", node, scheme)
+        assert np.array_equal(stored.x, own.x) and np.array_equal(stored.y, own.y)
+        assert stored.x.dtype == own.x.dtype and stored.y.dtype == own.y.dtype and stored.spec == own.spec
+
+
+def test_a_partition_store_for_other_data_or_another_split_is_not_used(tmp_path):
+    data, scheme = _digits(), PartitionScheme("iid", 4, seed=0)
+    save_partitions(tmp_path / "store", "digits", data, scheme, partition_indices(data, scheme))
+    store = str(tmp_path / "store")
+    assert load_stored_partition(store, "digits", 3, scheme) is not None
+    assert load_stored_partition(store, "digits-seq", 3, scheme) is None
+    assert load_stored_partition(store, "digits", 3, PartitionScheme("iid", 4, seed=1)) is None
+    assert load_stored_partition(store, "digits", 3, PartitionScheme("iid", 5, seed=0)) is None
+    assert load_stored_partition(str(tmp_path / "nowhere"), "digits", 0, scheme) is None
 
 
 def test_iid_partitions_are_shuffled_even_when_labels_are_sorted():
@@ -140,3 +172,19 @@ def test_checkpoint_round_trips_and_corruption_is_named(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "elsewhere")
+
+
+def test_virtual_nodes_read_their_share_from_the_drivers_store(tmp_path, monkeypatch):
+    from client import data as client_data
+
+    from fed_harness import federation, run
+
+    cfg, grid, strategy = federation(tmp_path, nodes=3, num_rounds=1, dataset="digits", model="mlp", epsilon=3.0)
+    assert (cfg.out_path / "federation" / "manifest.json").exists()
+
+    def no_partitioning(*_args):
+        raise AssertionError("a virtual node partitioned the dataset itself")
+
+    monkeypatch.setattr(client_data, "_cached_partitioner", no_partitioning)
+    outcome = run(cfg, grid, strategy)
+    assert outcome.history[-1]["replies"] == 3 and outcome.history[-1]["failures"] == 0
