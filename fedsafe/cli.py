@@ -244,21 +244,30 @@ def _default_out(args: argparse.Namespace, kind: str) -> str:
 def _simulate(args: argparse.Namespace) -> int:
     import time
 
-    from simulations.report import print_summary
-    from simulations.run import simulate, validate_against_data
+    from simulations.engine import start_local_ray
 
     nodes = _number(args.nodes, int, "nodes")
-    cfg = _run_config(args, epsilon=_number(args.epsilon, float, "epsilon"), dp=not args.no_dp,
-                      alpha=_number(args.alpha, float, "alpha"), out_dir=_default_out(args, ""))
-    options = _simulation_options(args, nodes)
-    validate_against_data(cfg, options)
+    # Ray boots (about 4 s) while this process imports PyTorch and Flower and checks the run.
+    local_ray = start_local_ray(args.ray_address, args.verbose)
+    try:
+        from simulations.report import print_summary
+        from simulations.run import simulate, validate_against_data
+
+        cfg = _run_config(args, epsilon=_number(args.epsilon, float, "epsilon"), dp=not args.no_dp,
+                          alpha=_number(args.alpha, float, "alpha"), out_dir=_default_out(args, ""))
+        options = _simulation_options(args, nodes)
+        validate_against_data(cfg, options)
+    except BaseException:
+        if local_ray is not None:
+            local_ray.release()
+        raise
     started = time.perf_counter()
     print(f"fedsafe: {nodes} nodes × {args.rounds} rounds, {args.model} on {args.dataset}, "
           + ("no DP" if args.no_dp else f"DP-SGD ε≤{cfg.epsilon:g} δ={args.delta:g}")
           + f", {args.strategy}" + (" over SecAgg+" if args.secagg else "")
           + (f", client-level DP ({args.client_dp})" if args.client_dp != "off" else "")
           + (f"; {args.attackers} simulated attacker(s): {args.attack}" if args.attackers else ""), flush=True)
-    outcome = simulate(cfg, options)
+    outcome = simulate(cfg, options, local_ray=local_ray)
     print_summary(outcome, cfg, time.perf_counter() - started)
     return 0
 

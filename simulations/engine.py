@@ -16,6 +16,28 @@ import threading
 from collections.abc import Callable
 from unittest import mock
 
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's future default, and it stops Ray's warning
+}
+
+
+def quiet_flower_environment() -> None:
+    """No telemetry, no update checks, no runtime `uv sync`: offline and reproducible."""
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def start_local_ray(ray_address: str | None, verbose: bool) -> LocalRay | None:
+    """Ray for a simulation on this machine, starting now in the background (LocalRay); None when the
+    simulation joins the cluster at `ray_address` (Flower connects to it)."""
+    quiet_flower_environment()
+    return None if ray_address else LocalRay(int(os.cpu_count() or 1), verbose)
+
+
 # The simulated grid is an in-memory store: polling it costs no network request, so replies and new
 # messages are picked up within this many seconds rather than the deployment's poll-interval.
 SIMULATED_GRID_POLL_SECONDS = 0.02

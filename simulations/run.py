@@ -15,24 +15,11 @@ from .engine import (
     SIMULATED_GRID_POLL_SECONDS,
     LocalRay,
     deterministic_node_ids,
+    quiet_flower_environment,
     scalable_engine,
+    start_local_ray,
     warm_actors,
 )
-
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's future default, and it stops Ray's warning
-}
-
-
-def quiet_flower_environment() -> None:
-    """No telemetry, no update checks, no runtime `uv sync`: offline and reproducible."""
-    for key, value in FLOWER_ENV.items():
-        os.environ.setdefault(key, value)
-
 
 PARTITION_REPORT_MAX_NODES = 200  # above this the per-node report costs more than it tells
 PARTITION_STORE_DIR = "federation"  # under the out-dir: the partitioned training split the virtual nodes read
@@ -161,11 +148,17 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
     return run_server(LocalGrid(client_app, options.num_nodes, drop=drop), cfg, progress)
 
 
-def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress) -> RunOutcome:
-    """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history."""
+def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress,
+             local_ray: LocalRay | None = None) -> RunOutcome:
+    """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history.
+
+    `local_ray`: Ray already starting for this run (simulations.engine.start_local_ray, called by a
+    caller with its own preparation to overlap); otherwise it starts here. Either way it is stopped
+    when the run ends or fails."""
     quiet_flower_environment()
-    # Ray boots while the driver checks the run and prepares the federation; on a cluster Flower joins it.
-    local_ray = None if options.ray_address else LocalRay(int(os.cpu_count() or 1), verbose=options.verbose)
+    if local_ray is None:
+        # Ray boots while the driver checks the run and prepares the federation; on a cluster Flower joins it.
+        local_ray = start_local_ray(options.ray_address, options.verbose)
     try:
         return _simulate(cfg, options, progress, local_ray)
     finally:

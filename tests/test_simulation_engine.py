@@ -34,3 +34,14 @@ def test_a_run_refused_after_ray_started_leaves_no_ray_behind(tmp_path):
     assert not ray.is_initialized()
     assert not [t for t in threading.enumerate() if t.name == "fedsafe-ray"]
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_cli_stops_the_ray_it_started_when_the_run_is_refused(tmp_path, capsys):
+    import ray
+
+    from fedsafe.cli import main
+
+    assert main(["simulate", "--nodes", "5000", "--rounds", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "more nodes (5000) than training samples" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not [t for t in threading.enumerate() if t.name == "fedsafe-ray"]
