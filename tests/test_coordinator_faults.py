@@ -211,3 +211,51 @@ def test_central_evaluation_data_eval_path_or_none(tmp_path):
         central_data(RunConfig(eval_path=str(tmp_path / "missing.npz")))
     with pytest.raises(ConfigError, match="input-shape=8 but the evaluation data is shaped"):
         central_data(RunConfig(eval_path=str(tmp_path / "heldout.npz"), input_shape="8"))
+
+
+def test_replies_that_arrive_while_a_pull_outlasts_the_round_timeout_still_count():
+    """Flower retries a reply whose upload never finished (its node killed mid-upload) for minutes inside
+    one pull; the other nodes' replies that arrived meanwhile were in time and must not be lost."""
+    import time
+    from types import SimpleNamespace
+
+    from server.loop import exchange
+
+    def message(node):
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node))
+
+    def reply(message_id):
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_id))
+
+    class StallingGrid:
+        pulls = 0
+
+        def push_messages(self, messages):
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if self.pulls == 1:  # only the dead node's half-uploaded reply is there, and it stalls
+                time.sleep(0.3)
+                return [reply("m1")]  # Flower's error reply, after its retries
+            return [reply(i) for i in ids]  # nodes 2 and 3 replied during the stall
+
+    replies, silent = exchange(StallingGrid(), [message(1), message(2), message(3)], timeout=0.1, poll_interval=0.01)
+    assert sorted(node for node, _ in replies) == [1, 2, 3] and silent == []
+
+
+def test_nodes_that_stay_silent_past_the_round_timeout_are_reported():
+    from types import SimpleNamespace
+
+    from server.loop import exchange
+
+    class QuietGrid:
+        def push_messages(self, messages):
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m1"))] if "m1" in ids else []
+
+    messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (1, 2)]
+    replies, silent = exchange(QuietGrid(), messages, timeout=0.1, poll_interval=0.01)
+    assert [node for node, _ in replies] == [1] and silent == [2]
