@@ -29,7 +29,8 @@ PARTITION_STORE_DIR = "federation"  # under the out-dir: the partitioned trainin
 class SimulationOptions:
     num_nodes: int
     # One CPU per virtual node: one Ray actor per core, each training with one thread. On 2 cores this
-    # measured 0.68 s per steady round against 0.87 s for one actor with two threads (benchmarks/sim_overhead.py).
+    # measured 0.26-0.29 s per steady round against 0.45-0.48 s for one actor with two threads
+    # (benchmarks/sim_overhead.py, 10 of 100 nodes per round).
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str | None = None  # join an existing Ray cluster instead of starting one
