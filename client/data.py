@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -296,10 +297,23 @@ def make_partitioner(data: ArrayDataset, scheme: PartitionScheme):
     return partitioner
 
 
+def _indices(partitioner, partition_id: int, scheme: PartitionScheme) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            # Each redrawn Dirichlet sample warns, quoting every node's alpha: thousands of characters
+            # for a large federation. A draw that succeeds needs no warning; one that fails is an error.
+            warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
+            return np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
+    except ValueError as err:  # flwr-datasets gives up, e.g. Dirichlet draws that keep leaving a node empty
+        hint = "; raise alpha or use fewer nodes" if scheme.kind == "dirichlet" else ""
+        raise DataError(f"the {scheme.kind} partitioner cannot divide this data over {scheme.num_partitions} "
+                        f"nodes: {err}{hint}") from None
+
+
 def partition_indices(data: ArrayDataset, scheme: PartitionScheme) -> list[np.ndarray]:
     """Every node's sample indices (for reports and tests; nodes load only their own)."""
     partitioner = make_partitioner(data, scheme)
-    return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(scheme.num_partitions)]
+    return [_indices(partitioner, i, scheme) for i in range(scheme.num_partitions)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -366,7 +380,7 @@ def load_partition(dataset: str, partition_id: int, scheme: PartitionScheme) -> 
     """One simulated node's share of a dataset's training split."""
     if not 0 <= partition_id < scheme.num_partitions:
         raise DataError(f"partition id {partition_id} outside 0..{scheme.num_partitions - 1}")
-    indices = np.asarray(_cached_partitioner(dataset, scheme).load_partition(partition_id)["index"], dtype=np.int64)
+    indices = _indices(_cached_partitioner(dataset, scheme), partition_id, scheme)
     if len(indices) == 0:
         raise DataError(f"partition {partition_id} of {dataset} is empty under {scheme}")
     return load_dataset(dataset, scheme.partition_by).train.subset(indices)

@@ -60,7 +60,7 @@ class SimulationOptions:
 
 
 def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
-    from client.data import DataError, load_dataset, make_partitioner
+    from client.data import DataError, load_dataset, load_partition, make_partitioner
 
     try:
         split = load_dataset(cfg.dataset, cfg.partition_by or None)
@@ -68,7 +68,13 @@ def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
             raise ConfigError(
                 f"more nodes ({options.num_nodes}) than training samples ({len(split.train)}) in {cfg.dataset}"
             )
-        make_partitioner(split.train, partition_scheme(cfg, options.num_nodes))
+        scheme = partition_scheme(cfg, options.num_nodes)
+        make_partitioner(split.train, scheme)
+        if options.num_nodes > PARTITION_REPORT_MAX_NODES and scheme.kind in ("dirichlet", "pathological"):
+            # flwr-datasets draws these for every node at once, and can fail to; the driver draws them
+            # for the partition report up to that size, and beyond it here, so that an impossible split
+            # is refused before the run rather than by every sampled node.
+            load_partition(cfg.dataset, 0, scheme)
     except DataError as err:
         raise ConfigError(str(err)) from None
     from server.app import global_model_setup

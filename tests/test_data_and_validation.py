@@ -110,6 +110,7 @@ def test_dirichlet_skews_label_distributions():
         (dict(kind="iid", num_partitions=0), "at least 1"),
         (dict(kind="pathological", num_partitions=3, classes_per_node=11), "exceeds the 10 classes"),
         (dict(kind="natural", num_partitions=3), "group column"),
+        (dict(kind="dirichlet", num_partitions=1000, alpha=0.05), "cannot divide this data over 1000 nodes.*raise alpha"),
     ],
 )
 def test_bad_partition_requests_are_named(scheme, message):

@@ -45,3 +45,17 @@ def test_the_cli_stops_the_ray_it_started_when_the_run_is_refused(tmp_path, caps
     assert "more nodes (5000) than training samples" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not [t for t in threading.enumerate() if t.name == "fedsafe-ray"]
+
+
+def test_a_split_flwr_datasets_cannot_draw_is_one_clear_error(tmp_path, capsys):
+    import ray
+
+    from fedsafe.cli import main
+
+    argv = ["simulate", "--dataset", "breast-cancer", "--nodes", "150", "--partitioner", "dirichlet",
+            "--alpha", "0.01", "--rounds", "1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the dirichlet partitioner cannot divide this data over 150 nodes" in err and "raise alpha" in err
+    assert "min_partition_size" not in err and "Traceback" not in err
+    assert not ray.is_initialized()
