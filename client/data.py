@@ -343,8 +343,16 @@ def save_partitions(directory: Path, dataset: str, data: ArrayDataset, scheme: P
         json.dump(manifest, handle)
 
 
-@functools.lru_cache(maxsize=4)
 def _open_store(directory: str) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray] | None:
+    try:  # the manifest is written last: its version names the store's (a rewritten store is reopened)
+        version = (Path(directory) / STORE_MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return None
+    return _open_store_version(directory, version)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_store_version(directory: str, _version: int) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray] | None:
     try:
         manifest = json.loads((Path(directory) / STORE_MANIFEST).read_text())
         x, y, offsets = (np.load(Path(directory) / name, mmap_mode="r") for name in ("x.npy", "y.npy", "offsets.npy"))

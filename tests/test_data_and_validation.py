@@ -85,6 +85,16 @@ def test_a_partition_store_for_other_data_or_another_split_is_not_used(tmp_path)
     assert load_stored_partition(str(tmp_path / "nowhere"), "digits", 0, scheme) is None
 
 
+def test_a_rewritten_partition_store_is_read_anew(tmp_path):
+    data, store = _digits(), tmp_path / "store"
+    first, second = PartitionScheme("iid", 4, seed=0), PartitionScheme("iid", 4, seed=1)
+    save_partitions(store, "digits", data, first, partition_indices(data, first))
+    assert load_stored_partition(str(store), "digits", 2, first) is not None
+    save_partitions(store, "digits", data, second, partition_indices(data, second))  # the next run, same out-dir
+    assert load_stored_partition(str(store), "digits", 2, first) is None
+    assert np.array_equal(load_stored_partition(str(store), "digits", 2, second).y, load_partition("digits", 2, second).y)
+
+
 def test_iid_partitions_are_shuffled_even_when_labels_are_sorted():
     data = _digits()
     order = np.argsort(data.y, kind="stable")
