@@ -64,6 +64,7 @@ class LocalRay:
             "logging_level": logging.INFO if verbose else logging.ERROR,
         }
         self._error: BaseException | None = None
+        self._started = False  # False: Ray was already up in this process (not ours to shut down)
         self._up = threading.Event()
         self._released = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fedsafe-ray", daemon=True)
@@ -77,6 +78,7 @@ class LocalRay:
                 paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
                 os.environ["PYTHONPATH"] = os.pathsep.join(paths)
                 ray.init(**self._kwargs)
+                self._started = True
         except BaseException as err:  # re-raised in the driver's thread by ready()
             self._error = err
         finally:
@@ -91,11 +93,11 @@ class LocalRay:
             raise self._error
 
     def release(self) -> None:
-        """Let the thread end, once Ray is shut down (Flower shuts it down at the end of a run)."""
+        """Shut down the Ray this started (Flower has already, if the run got that far); end the thread."""
         self._up.wait()
         import ray
 
-        if ray.is_initialized():
+        if self._started and ray.is_initialized():
             ray.shutdown()
         self._released.set()
         self._thread.join()
