@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from server.config import ConfigError, RunConfig
 from server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
@@ -91,11 +94,27 @@ def partition_scheme(cfg: RunConfig, num_nodes: int):
     )
 
 
+@dataclass(frozen=True)
+class SimulatedFederation:
+    """A run's config for its virtual nodes, their ClientApp, the warm-up each Ray actor runs when it is
+    created, and the partition store written for the run (None: the nodes partition lazily)."""
+
+    cfg: RunConfig
+    client_app: Any
+    warm_up: Callable[[], None]
+    partition_store: Path | None
+
+    def remove_store(self) -> None:
+        """The store serves one run (a resumed run writes it again); one copy of the training split per
+        run would otherwise pile up in every sweep."""
+        if self.partition_store is not None:
+            shutil.rmtree(self.partition_store, ignore_errors=True)
+
+
 def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilon: float | None = None,
-                          node_caps: dict[int, float] | None = None):
-    """The run's config for `options.num_nodes` nodes, the virtual nodes' ClientApp, and the warm-up
-    each simulation actor runs when it is created.
-    `node_caps` gives some partitions their own lifetime ε cap (heterogeneous operators)."""
+                          node_caps: dict[int, float] | None = None) -> SimulatedFederation:
+    """The federation of `options.num_nodes` virtual nodes for `cfg`; `node_caps` gives some partitions
+    their own lifetime ε cap (heterogeneous operators)."""
     from client.app import make_client_app, warm_up_simulated_node
     from client.policy import DEFAULT_MAX_EPSILON, NodePolicy
 
@@ -114,8 +133,8 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         data = load_dataset(cfg.dataset, cfg.partition_by or None).train
         parts = partition_indices(data, scheme)
         write_partition_report(data, scheme, cfg.out_path, parts)
-        partition_store = str(cfg.out_path / PARTITION_STORE_DIR)
-        save_partitions(Path(partition_store), cfg.dataset, data, scheme, parts)
+        partition_store = cfg.out_path / PARTITION_STORE_DIR
+        save_partitions(partition_store, cfg.dataset, data, scheme, parts)
     ledger_dir = options.ledger_dir or str(Path(cfg.out_dir) / "ledgers")
     # The researcher is every virtual node's operator: the node policy travels inside the ClientApp
     # (pickled to the Ray actors), not in module globals, which the actors would never see.
@@ -125,7 +144,7 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         delta=cfg.delta,
         allow_non_private=not cfg.dp,
         seed_noise=True,
-        partition_store=partition_store,
+        partition_store=None if partition_store is None else str(partition_store),
     )
     attack = options.attack_spec()
     mods = [attack.mod] if attack.active else []
@@ -135,8 +154,9 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         cap = caps.get(int(context.node_config.get("partition-id", -1)))
         return policy if cap is None else policy.with_overrides(max_epsilon=cap)
 
-    warm_up = functools.partial(warm_up_simulated_node, cfg.dataset, scheme, partition_store)
-    return cfg, make_client_app(policy_source=policy_source, extra_mods=mods), warm_up
+    warm_up = functools.partial(warm_up_simulated_node, cfg.dataset, scheme, policy.partition_store)
+    return SimulatedFederation(cfg, make_client_app(policy_source=policy_source, extra_mods=mods), warm_up,
+                               partition_store)
 
 
 def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = None,
@@ -149,10 +169,13 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
 
     from .local import LocalGrid
 
-    cfg, client_app, _ = _simulated_federation(cfg, options, max_epsilon)
+    federation = _simulated_federation(cfg, options, max_epsilon)
     if not options.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    return run_server(LocalGrid(client_app, options.num_nodes, drop=drop), cfg, progress)
+    try:
+        return run_server(LocalGrid(federation.client_app, options.num_nodes, drop=drop), federation.cfg, progress)
+    finally:
+        federation.remove_store()
 
 
 def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress,
@@ -177,14 +200,23 @@ def _simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink
               local_ray: LocalRay | None) -> RunOutcome:
     validate_against_data(cfg, options)
     check_out_dir(cfg)
-    cfg, client_app, warm_up = _simulated_federation(cfg, options)
-    if local_ray is not None:
-        local_ray.ready()
+    federation = _simulated_federation(cfg, options)
+    try:
+        if local_ray is not None:
+            local_ray.ready()
+        return _run_on_ray(federation, options, progress)
+    finally:
+        federation.remove_store()
+
+
+def _run_on_ray(federation: SimulatedFederation, options: SimulationOptions,
+                progress: ProgressSink | None) -> RunOutcome:
     import torch
     from flwr.simulation import run_simulation
 
     from server.app import make_server_app
 
+    cfg = federation.cfg
     outcomes: list[RunOutcome] = []
     server_app = make_server_app(config_source=lambda _ctx: cfg, on_finish=outcomes.append, progress=progress)
     backend_config = {
@@ -196,10 +228,10 @@ def _simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink
         # and logs refusals and rejected updates under "fedsafe.*".
         logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(os.cpu_count() or 1)  # the driver: central evaluation
-    with deterministic_node_ids(cfg.seed), scalable_engine(), warm_actors(warm_up):
+    with deterministic_node_ids(cfg.seed), scalable_engine(), warm_actors(federation.warm_up):
         run_simulation(
             server_app=server_app,
-            client_app=client_app,
+            client_app=federation.client_app,
             num_supernodes=options.num_nodes,
             backend_config=backend_config,
             verbose_logging=options.verbose,

@@ -14,8 +14,8 @@ def federation(tmp_path, nodes: int = 5, drop=None, node_caps=None, attack="none
     """(cfg, grid, strategy) for `nodes` virtual nodes; `overrides` are RunConfig fields."""
     cfg = RunConfig(**{"num_rounds": 3, "local_epochs": 1, "out_dir": str(tmp_path / "run"), **overrides})
     options = SimulationOptions(num_nodes=nodes, attack=attack, attackers=attackers, attack_factor=factor)
-    cfg, client_app, _ = _simulated_federation(cfg, options, node_caps=node_caps)
-    return cfg, LocalGrid(client_app, nodes, drop=drop), build_run_strategy(cfg)
+    federation = _simulated_federation(cfg, options, node_caps=node_caps)
+    return federation.cfg, LocalGrid(federation.client_app, nodes, drop=drop), build_run_strategy(federation.cfg)
 
 
 def run(cfg, grid, strategy, progress=None):

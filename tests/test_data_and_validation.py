@@ -199,3 +199,13 @@ def test_virtual_nodes_read_their_share_from_the_drivers_store(tmp_path, monkeyp
     monkeypatch.setattr(client_data, "_cached_partitioner", no_partitioning)
     outcome = run(cfg, grid, strategy)
     assert outcome.history[-1]["replies"] == 3 and outcome.history[-1]["failures"] == 0
+
+
+def test_the_partition_store_is_removed_when_the_run_ends(tmp_path):
+    from server.config import RunConfig
+    from simulations.run import SimulationOptions, simulate_in_process
+
+    cfg = RunConfig(num_rounds=1, dataset="digits", model="mlp", epsilon=3.0, out_dir=str(tmp_path / "run"))
+    outcome = simulate_in_process(cfg, SimulationOptions(num_nodes=3))
+    assert outcome.history[-1]["replies"] == 3
+    assert (tmp_path / "run" / "partitions.csv").exists() and not (tmp_path / "run" / "federation").exists()
