@@ -86,10 +86,9 @@ class LocalRay:
         self._released.wait()
 
     def ready(self) -> None:
-        """Wait until Ray is up; Ray's own error if it could not start."""
+        """Wait until Ray is up; Ray's own error if it could not start (the caller still releases)."""
         self._up.wait()
         if self._error is not None:
-            self.release()
             raise self._error
 
     def release(self) -> None:
