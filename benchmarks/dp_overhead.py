@@ -29,11 +29,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.data import load_builtin  # noqa: E402
-from client.dp_modes import make_private  # noqa: E402
-from models import GRAD_SAMPLE_MODES, DataSpec, build_model, default_task, model_names, task_for  # noqa: E402
-from models import preferred_grad_sample_mode  # noqa: E402
-from models.gan import train_step  # noqa: E402
+from fedsafe.client.data import load_builtin  # noqa: E402
+from fedsafe.client.dp_modes import make_private  # noqa: E402
+from fedsafe.models import GRAD_SAMPLE_MODES, DataSpec, build_model, default_task, model_names, task_for  # noqa: E402
+from fedsafe.models import preferred_grad_sample_mode  # noqa: E402
+from fedsafe.models.gan import train_step  # noqa: E402
 
 warnings.filterwarnings("ignore")  # Opacus' "full backward hook" and functorch notices
 BATCH = 64

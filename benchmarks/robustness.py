@@ -20,17 +20,17 @@ ROBUST = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
 def _cfg(out: str, **overrides):
-    from server.config import RunConfig
+    from fedsafe.server.config import RunConfig
 
     base = dict(num_rounds=3, local_epochs=1, dp=False, out_dir=out)
     return RunConfig(**{**base, **overrides})
 
 
 def _run(cfg, nodes: int, attack: str = "none", attackers: int = 0, factor: float = 5.0):
-    from server.app import build_run_strategy, global_model_setup
-    from server.loop import run_rounds
-    from simulations.local import LocalGrid
-    from simulations.run import SimulationOptions, _simulated_federation
+    from fedsafe.server.app import build_run_strategy, global_model_setup
+    from fedsafe.server.loop import run_rounds
+    from fedsafe.simulations.local import LocalGrid
+    from fedsafe.simulations.run import SimulationOptions, _simulated_federation
 
     options = SimulationOptions(num_nodes=nodes, attack=attack, attackers=attackers, attack_factor=factor)
     cfg, client_app = _simulated_federation(cfg, options)

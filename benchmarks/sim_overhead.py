@@ -63,12 +63,12 @@ def plain_loop(cfg, clients: int) -> float:
     """The same rounds, sampled nodes, and local DP-SGD steps as the simulation, in one process."""
     import torch
 
-    from client.accounting import calibrate_noise
-    from client.data import PartitionScheme, load_partition
-    from client.training import TrainSettings, poisson_schedule, train
-    from models import build_model, task_for
-    from server.app import global_model_setup
-    from server.sampling import NodeSampler
+    from fedsafe.client.accounting import calibrate_noise
+    from fedsafe.client.data import PartitionScheme, load_partition
+    from fedsafe.client.training import TrainSettings, poisson_schedule, train
+    from fedsafe.models import build_model, task_for
+    from fedsafe.server.app import global_model_setup
+    from fedsafe.server.sampling import NodeSampler
 
     started = time.perf_counter()
     initial, model_config, evaluator = global_model_setup(cfg)
@@ -103,7 +103,7 @@ def simulation(cfg, clients: int, client_cpus: float = 1.0):
     Start-up: from the call to the first round's start, plus what round 1 took beyond a steady round
     (Ray and the actors booting). Shut-down: from the last round's end to the call's return (results,
     plots, Ray stopping)."""
-    from simulations.run import SimulationOptions, simulate
+    from fedsafe.simulations.run import SimulationOptions, simulate
 
     round_ends: list[float] = []
     called = time.perf_counter()
@@ -129,8 +129,8 @@ def main() -> None:
 
     import torch
 
-    from server.config import RunConfig
-    from simulations.run import quiet_flower_environment
+    from fedsafe.server.config import RunConfig
+    from fedsafe.simulations.run import quiet_flower_environment
 
     quiet_flower_environment()
     torch.set_num_threads(1)  # as each simulated node trains: one actor per core, one thread each
@@ -140,7 +140,7 @@ def main() -> None:
                         fraction_train=args.per_round / args.clients, out_dir=f"{tmp}/sim")
         # What either way needs first (PyTorch, Flower, flwr-datasets imports; the data; the model), paid once
         # here so that neither measurement below is charged for it.
-        from simulations.run import SimulationOptions, validate_against_data
+        from fedsafe.simulations.run import SimulationOptions, validate_against_data
 
         warm_started = time.perf_counter()
         validate_against_data(cfg, SimulationOptions(num_nodes=args.clients))

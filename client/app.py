@@ -83,7 +83,7 @@ def load_local_data(policy: NodePolicy, request: TrainRequest, partition: tuple[
 def warm_up_simulated_node(dataset: str, scheme, partition_store: str | None = None) -> None:
     """What a virtual node's first round would otherwise pay inside the round: PyTorch, Opacus and the
     training stack imported; the driver's partition store opened or, without one, the federation's
-    dataset and partitioner loaded (`scheme` is the driver's client.data.PartitionScheme). Run once
+    dataset and partitioner loaded (`scheme` is the driver's fedsafe.client.data.PartitionScheme). Run once
     per simulation actor at its creation. Only an optimisation: a failure is logged and left for the
     round to report."""
     try:
@@ -123,8 +123,8 @@ def train_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
 def _train(msg, policy, request, terms, data, partition) -> Message:
     import torch
 
-    from models import build_model, parse_model_options, preferred_grad_sample_mode, task_for
-    from models.transfer import freeze
+    from fedsafe.models import build_model, parse_model_options, preferred_grad_sample_mode, task_for
+    from fedsafe.models.transfer import freeze
 
     from .ledger import PrivacyLedger
     from .regularize import can_augment
@@ -250,8 +250,8 @@ def poison_update(state: dict, kind: str) -> dict:
 
 def _spec_from_request(msg: Message, data):
     """The model's data spec, as the coordinator built the global model, and the node's data in the
-    shape it asks for (client.data.fit_view); DataError if the data cannot fit it."""
-    from models import DataSpec
+    shape it asks for (fedsafe.client.data.fit_view); DataError if the data cannot fit it."""
+    from fedsafe.models import DataSpec
 
     from .data import DataError, fit_view
 

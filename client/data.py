@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.registry import DataSpec
+from fedsafe.models.registry import DataSpec
 
 
 class DataError(ValueError):

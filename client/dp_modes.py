@@ -93,7 +93,7 @@ def make_private(
 ) -> PrivateModel:
     """Wrap `model` and `optimizer` for DP-SGD with per-sample gradients computed in `mode`.
 
-    `per_sample_loss(outputs, targets)` returns the (B,) losses (e.g. a models.tasks task's
+    `per_sample_loss(outputs, targets)` returns the (B,) losses (e.g. a fedsafe.models.tasks task's
     ``per_sample_loss``); the returned criterion averages them (loss_reduction "mean").
     """
     from opacus import GradSampleModule
@@ -101,7 +101,7 @@ def make_private(
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-    from models.registry import GRAD_SAMPLE_MODES
+    from fedsafe.models.registry import GRAD_SAMPLE_MODES
 
     dp_args = dict(
         noise_multiplier=noise_multiplier,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from models.gan import train_step
+from fedsafe.models.gan import train_step
 
 from .data import ArrayDataset
 from .dp_modes import make_private

@@ -48,7 +48,7 @@ class NodePolicy:
     device: str = "auto"
     allow_non_private: bool = False  # a run may turn DP off only where the operator said so
     seed_noise: bool = False  # seeded DP noise is reproducible, and so predictable: simulations and tests only
-    # Simulations only: the driver's pre-partitioned training split (client.data.save_partitions).
+    # Simulations only: the driver's pre-partitioned training split (fedsafe.client.data.save_partitions).
     partition_store: str | None = None
     debug_poison: tuple[str, ...] = ()  # TEST ONLY: send deliberately bad updates (nan, shape, norm), by round
 

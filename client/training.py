@@ -1,9 +1,9 @@
 """Local training on a node: DP-SGD through Opacus (Poisson sampling, per-sample clipping, noise),
 or plain SGD when the run is not private.
 
-Any task (models.tasks): the loss compares the model's outputs with ``task.targets(x, y)`` (labels,
+Any task (fedsafe.models.tasks): the loss compares the model's outputs with ``task.targets(x, y)`` (labels,
 or the inputs themselves for reconstruction), and per-sample gradients are computed in the model
-family's grad_sample_mode through client.dp_modes.make_private. GANs train in client.gan_training
+family's grad_sample_mode through fedsafe.client.dp_modes.make_private. GANs train in fedsafe.client.gan_training
 (DP-SGD on the discriminator only)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import warnings
 
-from models.tasks import Task
+from fedsafe.models.tasks import Task
 
 from .data import ArrayDataset
 from .dp_modes import make_private

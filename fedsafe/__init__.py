@@ -1,1 +1,14 @@
-"""fedsafe: federated, privacy-preserving deep learning on Flower, PyTorch and Opacus."""
+"""fedsafe: federated, privacy-preserving deep learning on Flower, PyTorch and Opacus.
+
+The product's roles are folders at the repository root (client/, server/, models/, strategies/,
+simulations/); an install maps them to fedsafe.client, fedsafe.server, … (pyproject's package-dir), so
+nothing but `fedsafe` lands in site-packages. Where this package is imported from a source tree instead
+(a checkout on sys.path, or an app package that Flower unpacked), the same folders are found beside it.
+"""
+
+from pathlib import Path as _Path
+
+_source_root = _Path(__file__).resolve().parent.parent
+if (_source_root / "pyproject.toml").is_file() and (_source_root / "client" / "__init__.py").is_file():
+    __path__.append(str(_source_root))  # noqa: F821 - a package's __path__
+del _Path, _source_root

@@ -202,7 +202,7 @@ def _number(text: str, kind, name: str):
 
 
 def _run_config(args: argparse.Namespace, **overrides):
-    from server.config import RunConfig
+    from fedsafe.server.config import RunConfig
 
     values = dict(
         num_rounds=args.rounds, model=args.model, dataset=args.dataset, partitioner=args.partitioner,
@@ -227,7 +227,7 @@ def _run_config(args: argparse.Namespace, **overrides):
 
 
 def _simulation_options(args: argparse.Namespace, nodes: int):
-    from simulations.run import SimulationOptions
+    from fedsafe.simulations.run import SimulationOptions
 
     return SimulationOptions(num_nodes=nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
                              ray_address=args.ray_address, verbose=args.verbose, attack=args.attack,
@@ -244,14 +244,14 @@ def _default_out(args: argparse.Namespace, kind: str) -> str:
 def _simulate(args: argparse.Namespace) -> int:
     import time
 
-    from simulations.engine import start_local_ray
+    from fedsafe.simulations.engine import start_local_ray
 
     nodes = _number(args.nodes, int, "nodes")
     # Ray boots (about 4 s) while this process imports PyTorch and Flower and checks the run.
     local_ray = start_local_ray(args.ray_address, args.verbose)
     try:
-        from simulations.report import print_summary
-        from simulations.run import simulate, validate_against_data
+        from fedsafe.simulations.report import print_summary
+        from fedsafe.simulations.run import simulate, validate_against_data
 
         cfg = _run_config(args, epsilon=_number(args.epsilon, float, "epsilon"), dp=not args.no_dp,
                           alpha=_number(args.alpha, float, "alpha"), out_dir=_default_out(args, ""))
@@ -273,7 +273,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from simulations.sweep import SweepGrid, parse_list, run_sweep
+    from fedsafe.simulations.sweep import SweepGrid, parse_list, run_sweep
 
     grid = SweepGrid(
         epsilons=parse_list(args.epsilon, float, "epsilon"),
@@ -290,8 +290,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _partitions(args: argparse.Namespace) -> int:
-    from client.data import PartitionScheme, load_dataset
-    from simulations.partition_report import print_partition_table, write_partition_report
+    from fedsafe.client.data import PartitionScheme, load_dataset
+    from fedsafe.simulations.partition_report import print_partition_table, write_partition_report
 
     scheme = PartitionScheme(kind=args.partitioner, num_partitions=args.nodes, alpha=args.alpha,
                              classes_per_node=args.classes_per_node, partition_by=args.partition_by or None,
@@ -312,7 +312,7 @@ def _model_options(args: argparse.Namespace) -> str:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    from simulations.report import print_ledgers
+    from fedsafe.simulations.report import print_ledgers
 
     print_ledgers(args.state_dir, args.delta)
     return 0
@@ -369,11 +369,11 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from client.data import DataError
-    from client.ledger import LedgerError
-    from client.policy import PolicyError
-    from server.checkpoint import CheckpointError
-    from server.config import ConfigError
+    from fedsafe.client.data import DataError
+    from fedsafe.client.ledger import LedgerError
+    from fedsafe.client.policy import PolicyError
+    from fedsafe.server.checkpoint import CheckpointError
+    from fedsafe.server.config import ConfigError
 
     from .deploy import DeployError
 

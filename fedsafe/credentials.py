@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from client.files import atomic_write
+from fedsafe.client.files import atomic_write
 
 __all__ = [
     "CredentialError",

@@ -238,7 +238,7 @@ def _check_superlink_address(address: str) -> None:
 
 
 def node_config(opts: NodeOptions) -> dict[str, Any]:
-    from client.policy import NodePolicy, PolicyError
+    from fedsafe.client.policy import NodePolicy, PolicyError
 
     values: dict[str, Any] = {
         "data-path": str(opts.data_path.expanduser().resolve()),
@@ -261,9 +261,9 @@ def node_config(opts: NodeOptions) -> dict[str, Any]:
 
 def check_node_data_and_ledger(opts: NodeOptions) -> str:
     """Load the node's data and ledger once; return a one-line summary of what the node holds and has spent."""
-    from client.data import DataError, load_file
-    from client.ledger import LedgerError, PrivacyLedger
-    from client.policy import NodePolicy
+    from fedsafe.client.data import DataError, load_file
+    from fedsafe.client.ledger import LedgerError, PrivacyLedger
+    from fedsafe.client.policy import NodePolicy
 
     try:
         data = load_file(opts.data_path)

@@ -1,6 +1,6 @@
 """Dense autoencoder: flatten -> encoder -> bottleneck -> decoder -> reshape to the input's shape.
 
-For reconstruction and anomaly scoring (models.tasks.ReconstructionTask: per-sample reconstruction
+For reconstruction and anomaly scoring (fedsafe.models.tasks.ReconstructionTask: per-sample reconstruction
 error as the anomaly score). Trained on inputs alone; under DP-SGD each record's influence on the
 weights is clipped and noised like any other loss.
 """

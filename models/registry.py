@@ -3,7 +3,7 @@
 Each family declares, next to its builder, the tasks it serves (the first is its default) and the
 Opacus ``grad_sample_mode`` that computes its per-sample gradients fastest, as measured by
 ``benchmarks/dp_overhead.py`` (CPU, 1 thread, batch 64, digits-sized data; three runs agreed):
-mlp, cnn, autoencoder, transformer: ew; lstm, gru: hooks; gan: ghost. client.dp_modes.make_private
+mlp, cnn, autoencoder, transformer: ew; lstm, gru: hooks; gan: ghost. fedsafe.client.dp_modes.make_private
 sets up any of the four modes. This module stays plain PyTorch: it names Opacus modes as strings
 and never imports Opacus.
 """
@@ -23,7 +23,7 @@ class DataSpec:
 
     Nodes and the server build the global model from the same spec, so they hold the same function.
     `num_classes` is the number of classes (classification) or of targets (regression); `task` is
-    one of models.tasks.TASK_NAMES and must be one the model family serves.
+    one of fedsafe.models.tasks.TASK_NAMES and must be one the model family serves.
     """
 
     input_shape: tuple[int, ...]
@@ -136,7 +136,7 @@ def resolve_spec(name: str, data: DataSpec) -> DataSpec:
     * Shape: a sequence family reads a one-channel image (1, H, W) as H steps of W features; an
       image family reads (H, W) as a one-channel image. Other shapes are left as they are.
 
-    The coordinator resolves the spec once and sends it to the nodes; client.data.fit_view gives
+    The coordinator resolves the spec once and sends it to the nodes; fedsafe.client.data.fit_view gives
     a node's own data that shape.
     """
     family = model_family(name)

@@ -177,7 +177,7 @@ DIGITS_SHAPES = ((1, 8, 8), (8, 8), (64,))
 def digits_reference_classifier():
     """A fixed reference classifier for 8x8 digit images scaled to [0, 1] (pixel / 16): scikit-learn
     multinomial logistic regression fit, deterministically, on the training split of the digits set
-    bundled with scikit-learn (nothing downloaded; the same split as client.data: 25 % held out,
+    bundled with scikit-learn (nothing downloaded; the same split as fedsafe.client.data: 25 % held out,
     stratified, seed 0). 96.9 % accurate on the held-out split. Trained once per process (~2 s)."""
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression

@@ -26,8 +26,8 @@ def central_data(cfg: RunConfig):
     """
     from dataclasses import replace
 
-    from client.data import DataError, DataSplit, is_builtin, load_dataset, load_file
-    from models import DataSpec
+    from fedsafe.client.data import DataError, DataSplit, is_builtin, load_dataset, load_file
+    from fedsafe.models import DataSpec
 
     from .config import ConfigError
 
@@ -85,10 +85,10 @@ def build_run_strategy(cfg: RunConfig):
     The round loop samples the nodes (server/sampling.py) and shows the chain only those, so every
     strategy here trains all the nodes it is shown.
     """
-    from strategies import build_strategy
+    from fedsafe.strategies import build_strategy
 
     if cfg.client_dp != "off":
-        from strategies.client_dp import build_client_dp
+        from fedsafe.strategies.client_dp import build_client_dp
 
         sampled = cfg.expected_sample_size() or max(int(cfg.min_nodes * cfg.fraction_train), cfg.min_train_nodes())
         common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_evaluate_nodes=0, min_available_nodes=1)
@@ -105,18 +105,18 @@ def build_run_strategy(cfg: RunConfig):
             params=cfg.strategy_params(),
         )
     if cfg.secagg:
-        from strategies.secagg import SecAggPlusAggregation
+        from fedsafe.strategies.secagg import SecAggPlusAggregation
 
         strategy = SecAggPlusAggregation(
             strategy, num_shares=cfg.secagg_shares, reconstruction_threshold=cfg.secagg_threshold,
             clipping_range=cfg.secagg_clipping_range, timeout=cfg.round_timeout,
         )
     if cfg.max_strikes and not cfg.secagg:  # under SecAgg+ no single update can be checked, so none is struck
-        from strategies import StrikesStrategy
+        from fedsafe.strategies import StrikesStrategy
 
         strategy = StrikesStrategy(strategy, cfg.max_strikes)
     if cfg.budget_aware:
-        from strategies.budget_aware import BudgetAwareSelection
+        from fedsafe.strategies.budget_aware import BudgetAwareSelection
 
         strategy = BudgetAwareSelection(strategy)
     return strategy
@@ -136,7 +136,7 @@ def make_server_app(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        from client.data import DataError
+        from fedsafe.client.data import DataError
 
         from .checkpoint import CheckpointError
         from .config import ConfigError

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.files import atomic_write
+from fedsafe.client.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

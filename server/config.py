@@ -43,7 +43,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     strategy: str = "fedavg"
-    # Strategy parameters (strategies.registry.PARAM_DEFAULTS says which strategy takes which).
+    # Strategy parameters (fedsafe.strategies.registry.PARAM_DEFAULTS says which strategy takes which).
     proximal_mu: float = 0.0
     server_lr: float = 0.0  # 0: the strategy's Flower default
     server_momentum: float = 0.0
@@ -91,11 +91,11 @@ class RunConfig:
     early_stopping_metric: str = ""  # the validation metric to watch; default: the task's headline metric
 
     def __post_init__(self) -> None:
-        from client.accounting import ACCOUNTANTS
-        from client.data import PARTITIONERS
-        from client.training import OPTIMIZERS
-        from models import model_names
-        from strategies import StrategyError, check_strategy, strategy_names, strategy_spec
+        from fedsafe.client.accounting import ACCOUNTANTS
+        from fedsafe.client.data import PARTITIONERS
+        from fedsafe.client.training import OPTIMIZERS
+        from fedsafe.models import model_names
+        from fedsafe.strategies import StrategyError, check_strategy, strategy_names, strategy_spec
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -166,7 +166,7 @@ class RunConfig:
         need(self.early_stopping_patience >= 0,
              f"early-stopping-patience must be >= 0 (0: off); got {self.early_stopping_patience}")
         if self.early_stopping_metric:
-            from models.tasks import higher_is_better
+            from fedsafe.models.tasks import higher_is_better
 
             try:
                 higher_is_better(self.early_stopping_metric)
@@ -174,7 +174,7 @@ class RunConfig:
                 raise ConfigError(f"early-stopping-metric: {err}") from None
         need(not self.init_checkpoint or Path(self.init_checkpoint).expanduser().is_file(),
              f"init-checkpoint: file not found: {self.init_checkpoint}")
-        from models import ModelConfigError, parse_model_options
+        from fedsafe.models import ModelConfigError, parse_model_options
 
         try:
             parse_model_options(self.model_options)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from client.files import atomic_write
+from fedsafe.client.files import atomic_write
 
 BEST_MODEL_NAME = "best_model.pt"
 VALIDATION_PREFIX = "val_"
@@ -37,7 +37,7 @@ class EarlyStopping:
         return VALIDATION_PREFIX + self.metric
 
     def _resolve_metric(self, metrics: dict[str, float]) -> None:
-        from models.tasks import headline_metric, higher_is_better
+        from fedsafe.models.tasks import headline_metric, higher_is_better
 
         if not self.metric:
             reported = [k for k in metrics if not k.startswith(VALIDATION_PREFIX)]

@@ -9,7 +9,7 @@ What the evaluation reports, by task:
 
 * classification: loss, accuracy, macro precision/recall/F1, AUROC;
 * regression: mse, mae, r2 (0 is the mean predictor);
-* reconstruction: mse and mae on normal records; on an anomaly set (client.data.DataSplit.outliers)
+* reconstruction: mse and mae on normal records; on an anomaly set (fedsafe.client.data.DataSplit.outliers)
   also ``outlier_mse`` and ``anomaly_auroc`` (reconstruction error as the outlier score);
 * generation: GenerationTask.quality: Fréchet distance to held-out records, and on 8x8 digits the
   reference classifier's score (``digits_is``), coverage and confidence.
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.data import ArrayDataset, DataSplit
-from models import DataSpec
+from fedsafe.client.data import ArrayDataset, DataSplit
+from fedsafe.models import DataSpec
 
 log = logging.getLogger("fedsafe.server")
 
@@ -42,7 +42,7 @@ GAN_SAMPLES = 1000  # generated samples per quality score
 class GlobalModel:
     model: nn.Module
     spec: DataSpec  # what the nodes build the model from
-    task: object  # models.tasks task
+    task: object  # fedsafe.models.tasks task
     frozen: list[str]  # parameter names not trained (transfer learning)
 
 
@@ -50,12 +50,12 @@ def build_global_model(cfg, data_spec: DataSpec) -> GlobalModel:
     """The run's initial global model for data described by `data_spec`; ConfigError, naming the
     key, for anything the run cannot use: model options, the init checkpoint, freeze prefixes,
     augmentation of non-images, a model DP-SGD cannot train."""
-    from client.data import DataError
-    from client.dp_modes import NotPrivatisable, check_privatisable
-    from client.regularize import can_augment
-    from models import ModelConfigError, build_model, parse_model_options, preferred_grad_sample_mode, resolve_spec
-    from models import task_for
-    from models.transfer import check_prefixes, load_matching, parse_prefixes, read_state_dict
+    from fedsafe.client.data import DataError
+    from fedsafe.client.dp_modes import NotPrivatisable, check_privatisable
+    from fedsafe.client.regularize import can_augment
+    from fedsafe.models import ModelConfigError, build_model, parse_model_options, preferred_grad_sample_mode, resolve_spec
+    from fedsafe.models import task_for
+    from fedsafe.models.transfer import check_prefixes, load_matching, parse_prefixes, read_state_dict
 
     from .config import ConfigError
 
@@ -98,7 +98,7 @@ def split_validation(test: ArrayDataset, seed: int = 0) -> tuple[ArrayDataset, A
 
 def judge(model: nn.Module, task, data: ArrayDataset, outliers: bool, seed: int = 0) -> dict[str, float]:
     """The task's metrics of `model` on `data` (see the module docstring)."""
-    from models import anomaly_auroc, anomaly_scores, evaluate
+    from fedsafe.models import anomaly_auroc, anomaly_scores, evaluate
 
     if task.name == "generation":
         return task.quality(model, data.x, n=GAN_SAMPLES, seed=seed)
@@ -117,7 +117,7 @@ def make_evaluator(
 ) -> Callable[[object], dict[str, float]]:
     """The coordinator's evaluator: ArrayRecord of the global model -> metrics on held-out data
     (with `validation`, ``val_*`` metrics on half of it too)."""
-    from client.data import fit_view
+    from fedsafe.client.data import fit_view
 
     model, task = global_model.model, global_model.task
     test = fit_view(split.test, global_model.spec.input_shape)

@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies import (
+from fedsafe.strategies import (
     UpdateRejected,
     complete_update,
     conform_arrays,
@@ -28,7 +28,7 @@ from strategies import (
     strategy_state_dict,
     validate_update,
 )
-from strategies.state import chain
+from fedsafe.strategies.state import chain
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -38,7 +38,7 @@ from .sampling import NodeSampler, SampledGrid
 
 log = logging.getLogger("fedsafe.server")
 
-BUDGET_EXHAUSTED = 4001  # the node's error code for a refused round (client.app.BUDGET_EXHAUSTED)
+BUDGET_EXHAUSTED = 4001  # the node's error code for a refused round (fedsafe.client.app.BUDGET_EXHAUSTED)
 
 Evaluator = Callable[[ArrayRecord], dict[str, float]]
 ProgressSink = Callable[[dict[str, Any], RunConfig], None]
@@ -58,7 +58,7 @@ def _stop_exceptions() -> tuple[type[BaseException], ...]:
     """What a strategy raises, before a round starts, to end the run cleanly."""
     from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-    from strategies.client_dp import RunStop
+    from fedsafe.strategies.client_dp import RunStop
 
     return (PrivacyBudgetExhausted, RunStop)
 
@@ -336,7 +336,7 @@ def run_rounds(
 
 def _frozen_keys(arrays: ArrayRecord, cfg: RunConfig) -> list[str]:
     """The parameters the run freezes (nodes neither train nor upload them)."""
-    from models.transfer import frozen_names, parse_prefixes
+    from fedsafe.models.transfer import frozen_names, parse_prefixes
 
     return frozen_names(arrays.keys(), parse_prefixes(cfg.freeze))
 

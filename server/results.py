@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from client.files import atomic_write
+from fedsafe.client.files import atomic_write
 
 # The CSV's columns: the round, the task's metrics (its headline metric first, see
-# models.tasks.HEADLINE_ORDER; validation metrics, when early stopping is on, after the others),
+# fedsafe.models.tasks.HEADLINE_ORDER; validation metrics, when early stopping is on, after the others),
 # then the run's figures.
 RUN_COLUMNS = ("epsilon_max", "epsilon_mean", "replies", "failures", "budget_refusals", "rejected", "seconds")
 CSV_COLUMNS = ("round", "accuracy", "loss", "f1", "auroc", *RUN_COLUMNS)  # a classification run's
@@ -36,7 +36,7 @@ def metric_columns(history: list[dict[str, Any]]) -> list[str]:
 
 def headline_text(metrics: dict[str, float]) -> str:
     """The task's headline metric and one companion, e.g. "acc 0.912 loss 0.310", "r2 0.412 mse 0.588"."""
-    from models.tasks import headline_metric
+    from fedsafe.models.tasks import headline_metric
 
     name = headline_metric(metrics)
     if name is None:

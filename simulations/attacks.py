@@ -3,7 +3,7 @@
 A ClientApp mod that turns some simulated nodes Byzantine: after honest training, the node replies with
 its update scaled (`scale`) or reversed and scaled (`sign-flip`). It exists to measure how the robust
 aggregators hold up; it is wired in only by the simulation driver (`SimulationOptions.attack`), never
-by the node's deployable ClientApp (`client.app.app`).
+by the node's deployable ClientApp (`fedsafe.client.app.app`).
 """
 
 from __future__ import annotations

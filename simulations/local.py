@@ -39,7 +39,7 @@ class LocalGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        from strategies.secagg import payload_bytes
+        from fedsafe.strategies.secagg import payload_bytes
 
         replies = []
         for message in messages:

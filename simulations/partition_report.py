@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.data import ArrayDataset, PartitionScheme, partition_indices
+from fedsafe.client.data import ArrayDataset, PartitionScheme, partition_indices
 
 MAX_PLOTTED_NODES = 100
 

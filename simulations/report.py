@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from server.config import RunConfig
-from server.loop import RunOutcome
+from fedsafe.server.config import RunConfig
+from fedsafe.server.loop import RunOutcome
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -17,7 +17,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def print_summary(outcome: RunOutcome, cfg: RunConfig, seconds: float) -> None:
-    from server.results import headline_text, metric_columns
+    from fedsafe.server.results import headline_text, metric_columns
 
     console = Console()
     table = Table(title=f"fedsafe: {cfg.model} on {cfg.dataset}, {len(outcome.node_epsilon) or 'all'} nodes")
@@ -47,7 +47,7 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, seconds: float) -> None:
 
 
 def print_ledgers(state_dir: str, delta: float) -> None:
-    from client.ledger import PrivacyLedger
+    from fedsafe.client.ledger import PrivacyLedger
 
     directory = Path(state_dir).expanduser()
     files = sorted(directory.glob("*.json"))

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError, RunConfig
-from server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
+from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
 
 from .engine import (
     SIMULATED_GRID_POLL_SECONDS,
@@ -63,7 +63,7 @@ class SimulationOptions:
 
 
 def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
-    from client.data import DataError, load_dataset, load_partition, make_partitioner
+    from fedsafe.client.data import DataError, load_dataset, load_partition, make_partitioner
 
     try:
         split = load_dataset(cfg.dataset, cfg.partition_by or None)
@@ -80,13 +80,13 @@ def validate_against_data(cfg: RunConfig, options: SimulationOptions) -> None:
             load_partition(cfg.dataset, 0, scheme)
     except DataError as err:
         raise ConfigError(str(err)) from None
-    from server.app import global_model_setup
+    from fedsafe.server.app import global_model_setup
 
     global_model_setup(cfg)  # the model, its options, init checkpoint and frozen names: ConfigError if unusable
 
 
 def partition_scheme(cfg: RunConfig, num_nodes: int):
-    from client.data import PartitionScheme
+    from fedsafe.client.data import PartitionScheme
 
     return PartitionScheme(
         kind=cfg.partitioner, num_partitions=num_nodes, alpha=cfg.alpha, classes_per_node=cfg.classes_per_node,
@@ -115,8 +115,8 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
                           node_caps: dict[int, float] | None = None) -> SimulatedFederation:
     """The federation of `options.num_nodes` virtual nodes for `cfg`; `node_caps` gives some partitions
     their own lifetime ε cap (heterogeneous operators)."""
-    from client.app import make_client_app, warm_up_simulated_node
-    from client.policy import DEFAULT_MAX_EPSILON, NodePolicy
+    from fedsafe.client.app import make_client_app, warm_up_simulated_node
+    from fedsafe.client.policy import DEFAULT_MAX_EPSILON, NodePolicy
 
     cfg = RunConfig(**{**cfg.__dict__, "num_partitions": options.num_nodes, "min_nodes": options.num_nodes,
                        "poll_interval": min(cfg.poll_interval, SIMULATED_GRID_POLL_SECONDS)})
@@ -126,7 +126,7 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         # Every node's share is computed here for the report anyway; stored once, it spares each
         # simulation actor loading and partitioning the whole dataset (and importing scikit-learn and
         # HF datasets to do it). Larger federations partition lazily, node by node, in the actors.
-        from client.data import load_dataset, partition_indices, save_partitions
+        from fedsafe.client.data import load_dataset, partition_indices, save_partitions
 
         from .partition_report import write_partition_report
 
@@ -165,7 +165,7 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
     `max_epsilon` overrides the virtual nodes' lifetime cap; `drop(node, message)` loses messages."""
     quiet_flower_environment()
     validate_against_data(cfg, options)
-    from server.app import run_server
+    from fedsafe.server.app import run_server
 
     from .local import LocalGrid
 
@@ -182,7 +182,7 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
              local_ray: LocalRay | None = None) -> RunOutcome:
     """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history.
 
-    `local_ray`: Ray already starting for this run (simulations.engine.start_local_ray, called by a
+    `local_ray`: Ray already starting for this run (fedsafe.simulations.engine.start_local_ray, called by a
     caller with its own preparation to overlap); otherwise it starts here. Either way it is stopped
     when the run ends or fails."""
     quiet_flower_environment()
@@ -214,7 +214,7 @@ def _run_on_ray(federation: SimulatedFederation, options: SimulationOptions,
     import torch
     from flwr.simulation import run_simulation
 
-    from server.app import make_server_app
+    from fedsafe.server.app import make_server_app
 
     cfg = federation.cfg
     outcomes: list[RunOutcome] = []

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError, RunConfig
+from fedsafe.server.config import ConfigError, RunConfig
 
 from .run import SimulationOptions, simulate, validate_against_data
 

@@ -21,7 +21,7 @@ from .client_dp import RunStop
 from .state import chain
 from .wrapper import StrategyWrapper
 
-BUDGET_EXHAUSTED = 4001  # client.app.BUDGET_EXHAUSTED (strategies does not import the node's code)
+BUDGET_EXHAUSTED = 4001  # fedsafe.client.app.BUDGET_EXHAUSTED (strategies does not import the node's code)
 SLACK = 1e-9
 
 

@@ -7,7 +7,7 @@ from flwr.serverapp.strategy import Strategy
 
 class StrategyWrapper(Strategy):
     """One link of a strategy chain: the wrapped strategy is `.strategy`, as in Flower's DP wrappers, so
-    `strategies.state.chain` can walk it. fedsafe evaluates the global model centrally (server/loop.py),
+    `fedsafe.strategies.state.chain` can walk it. fedsafe evaluates the global model centrally (server/loop.py),
     never on the nodes, so a wrapper configures no federated evaluation."""
 
     strategy: Strategy

@@ -158,7 +158,7 @@ def write_node_data(directory: Path, num_nodes: int, dataset: str = "breast-canc
     """Each node's share of a built-in dataset's training split, as .npz files (x, y)."""
     import numpy as np
 
-    from client.data import PartitionScheme, load_partition
+    from fedsafe.client.data import PartitionScheme, load_partition
 
     directory.mkdir(parents=True, exist_ok=True)
     scheme = PartitionScheme("iid", num_nodes, seed=seed)

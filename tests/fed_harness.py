@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from server.app import build_run_strategy, global_model_setup
-from server.config import RunConfig
-from server.loop import run_rounds
-from simulations.local import LocalGrid
-from simulations.run import SimulationOptions, _simulated_federation
+from fedsafe.server.app import build_run_strategy, global_model_setup
+from fedsafe.server.config import RunConfig
+from fedsafe.server.loop import run_rounds
+from fedsafe.simulations.local import LocalGrid
+from fedsafe.simulations.run import SimulationOptions, _simulated_federation
 
 
 def federation(tmp_path, nodes: int = 5, drop=None, node_caps=None, attack="none", attackers=0, factor=5.0,

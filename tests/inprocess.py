@@ -1,5 +1,5 @@
-"""An in-process federation for tests: the coordinator's real round loop (server.loop.run_rounds,
-strategy, validation, evaluation) and each virtual node's real handler (client.app.train_round, what
+"""An in-process federation for tests: the coordinator's real round loop (fedsafe.server.loop.run_rounds,
+strategy, validation, evaluation) and each virtual node's real handler (fedsafe.client.app.train_round, what
 the ClientApp runs), with real Flower messages deep-copied on the way in and out as a transport
 would. No Ray: the engine's start-up costs more than a tiny run, so one Ray simulation per test
 module is enough to cover the engine itself.
@@ -12,12 +12,12 @@ from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 
-from client.app import train_round
-from client.policy import DEFAULT_MAX_EPSILON, NodePolicy
-from server.app import global_model_setup
-from server.config import RunConfig
-from server.loop import RunOutcome, run_rounds
-from strategies import build_strategy
+from fedsafe.client.app import train_round
+from fedsafe.client.policy import DEFAULT_MAX_EPSILON, NodePolicy
+from fedsafe.server.app import global_model_setup
+from fedsafe.server.config import RunConfig
+from fedsafe.server.loop import RunOutcome, run_rounds
+from fedsafe.strategies import build_strategy
 
 NODE_ID_BASE = 100
 
@@ -52,7 +52,7 @@ class InProcessGrid:
 
 def federate(tmp_path: Path, nodes: int = 3, **overrides) -> tuple[RunConfig, RunOutcome, InProcessGrid]:
     """Run a federation of `nodes` virtual nodes in this process; `overrides` are RunConfig fields.
-    Node policy as in simulations.run.simulate: every node grants the run's ε, seeded noise."""
+    Node policy as in fedsafe.simulations.run.simulate: every node grants the run's ε, seeded noise."""
     cfg = RunConfig(**{"num_rounds": 3, "out_dir": str(tmp_path / "run"), **overrides})
     cfg = RunConfig(**{**cfg.__dict__, "num_partitions": nodes, "min_nodes": nodes})
     policy = NodePolicy(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from server.app import global_model_setup
-from server.config import RunConfig
+from fedsafe.server.app import global_model_setup
+from fedsafe.server.config import RunConfig
 
 
 def train_message(cfg: RunConfig, server_round: int, arrays: ArrayRecord | None = None,

@@ -3,8 +3,8 @@
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fed_harness import federation, run
-from simulations.local import NODE_ID_BASE
-from strategies.budget_aware import BudgetAwareSelection
+from fedsafe.simulations.local import NODE_ID_BASE
+from fedsafe.strategies.budget_aware import BudgetAwareSelection
 
 
 def test_nodes_report_their_cap_and_projection_and_an_exhausted_node_is_skipped_with_its_reason(tmp_path):

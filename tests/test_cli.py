@@ -34,7 +34,7 @@ def test_bad_input_gets_one_clear_line(argv, message, capsys):
 
 
 def test_ledger_command_reports_spend(tmp_path, capsys):
-    from client.ledger import PrivacyLedger
+    from fedsafe.client.ledger import PrivacyLedger
 
     PrivacyLedger.open(tmp_path, "clinic-7").reserve("r", 1, (1.0, 0.1, 50), max_epsilon=9.0, delta=1e-5)
     assert main(["ledger", "--state-dir", str(tmp_path)]) == 0

@@ -44,7 +44,7 @@ def test_one_erroring_node_does_not_void_the_dp_round(tmp_path, flower_task_iden
 
     # ... fedsafe's loop removes the error reply and the round aggregates, the missing node counting
     # as a zero update, so the noise still matches the mean over the 5 sampled nodes.
-    from simulations.local import NODE_ID_BASE
+    from fedsafe.simulations.local import NODE_ID_BASE
 
     cfg, grid, strategy = federation(tmp_path, **FIXED)
     original = grid.client_app
@@ -78,7 +78,7 @@ def test_run_stops_cleanly_when_the_client_level_budget_is_reached(tmp_path):
 
 
 def test_adaptive_clipping_accounts_both_releases_stops_on_budget_and_resumes(tmp_path):
-    from strategies.client_dp import AdaptiveClippingAccountant
+    from fedsafe.strategies.client_dp import AdaptiveClippingAccountant
 
     adaptive = dict(client_dp="adaptive", client_noise_multiplier=1.0, client_clipping_norm=0.1, dp=False)
     cfg, grid, strategy = federation(tmp_path, num_rounds=2, **adaptive)
@@ -97,7 +97,7 @@ def test_adaptive_clipping_accounts_both_releases_stops_on_budget_and_resumes(tm
 
 
 def test_client_level_accountants_and_clip_norm_survive_a_restart(tmp_path):
-    from strategies.client_dp import AdaptiveClippingAccountant
+    from fedsafe.strategies.client_dp import AdaptiveClippingAccountant
 
     for mode, extra in (("adaptive", dict(client_clipping_norm=0.1, client_noise_multiplier=1.0)), ("fixed", {})):
         kwargs = {**FIXED, "client_dp": mode, **extra}

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from server.app import central_data, global_model_setup
-from server.checkpoint import CHECKPOINT_NAME, CheckpointError
-from server.config import ConfigError, RunConfig
-from server.loop import run_rounds
-from strategies import StrikesStrategy
+from fedsafe.server.app import central_data, global_model_setup
+from fedsafe.server.checkpoint import CHECKPOINT_NAME, CheckpointError
+from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.server.loop import run_rounds
+from fedsafe.strategies import StrikesStrategy
 
 Reply = Callable[[Message, int], "Message | None"]
 
@@ -90,7 +90,7 @@ def _config(tmp_path, **kw) -> RunConfig:
 
 
 def _run(cfg: RunConfig, grid: FakeGrid):
-    from server.app import build_run_strategy
+    from fedsafe.server.app import build_run_strategy
 
     initial, model_config, _ = global_model_setup(cfg)
     return run_rounds(grid, cfg, build_run_strategy(cfg), initial, model_config, evaluator=None)
@@ -193,7 +193,7 @@ def test_metrics_only_some_nodes_report_are_dropped_not_fatal(tmp_path):
 
 
 def test_central_evaluation_data_eval_path_or_none(tmp_path):
-    from client.data import load_dataset
+    from fedsafe.client.data import load_dataset
 
     test = load_dataset("breast-cancer").test
     np.savez(tmp_path / "heldout.npz", x=test.x, y=test.y)
@@ -219,7 +219,7 @@ def test_replies_that_arrive_while_a_pull_outlasts_the_round_timeout_still_count
     import time
     from types import SimpleNamespace
 
-    from server.loop import exchange
+    from fedsafe.server.loop import exchange
 
     def message(node):
         return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node))
@@ -247,7 +247,7 @@ def test_replies_that_arrive_while_a_pull_outlasts_the_round_timeout_still_count
 def test_nodes_that_stay_silent_past_the_round_timeout_are_reported():
     from types import SimpleNamespace
 
-    from server.loop import exchange
+    from fedsafe.server.loop import exchange
 
     class QuietGrid:
         def push_messages(self, messages):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from client.data import (
+from fedsafe.client.data import (
     DataError,
     PartitionScheme,
     load_dataset,
@@ -13,8 +13,8 @@ from client.data import (
     partition_indices,
     save_partitions,
 )
-from server.checkpoint import CheckpointError, RunState, load_checkpoint, save_checkpoint
-from strategies import UpdateRejected, validate_update
+from fedsafe.server.checkpoint import CheckpointError, RunState, load_checkpoint, save_checkpoint
+from fedsafe.strategies import UpdateRejected, validate_update
 
 
 def _digits():
@@ -186,7 +186,7 @@ def test_checkpoint_round_trips_and_corruption_is_named(tmp_path):
 
 
 def test_virtual_nodes_read_their_share_from_the_drivers_store(tmp_path, monkeypatch):
-    from client import data as client_data
+    from fedsafe.client import data as client_data
 
     from fed_harness import federation, run
 
@@ -202,8 +202,8 @@ def test_virtual_nodes_read_their_share_from_the_drivers_store(tmp_path, monkeyp
 
 
 def test_the_partition_store_is_removed_when_the_run_ends(tmp_path):
-    from server.config import RunConfig
-    from simulations.run import SimulationOptions, simulate_in_process
+    from fedsafe.server.config import RunConfig
+    from fedsafe.simulations.run import SimulationOptions, simulate_in_process
 
     cfg = RunConfig(num_rounds=1, dataset="digits", model="mlp", epsilon=3.0, out_dir=str(tmp_path / "run"))
     outcome = simulate_in_process(cfg, SimulationOptions(num_nodes=3))

@@ -2,7 +2,7 @@
 trained: 3 nodes, 3 rounds, ε = 3 (δ = 1e-5) per node, each family against its baseline.
 
 Two families run on Flower's simulation engine (Ray): lstm and autoencoder. The others run through
-tests/inprocess.py: the same round loop and the same node handler (client.app.train_round) with
+tests/inprocess.py: the same round loop and the same node handler (fedsafe.client.app.train_round) with
 real Flower messages, without the engine's start-up. Also: early stopping keeps the best global
 model; transfer learning leaves frozen parameters untouched and out of every upload.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.data import PartitionScheme, load_partition
-from client.training import poisson_schedule
-from server.config import RunConfig
-from simulations.run import SimulationOptions, simulate
+from fedsafe.client.data import PartitionScheme, load_partition
+from fedsafe.client.training import poisson_schedule
+from fedsafe.server.config import RunConfig
+from fedsafe.simulations.run import SimulationOptions, simulate
 from tests.inprocess import federate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task_identity")]
@@ -94,7 +94,7 @@ def test_lstm_and_autoencoder_learn_on_the_simulation_engine(tmp_path):
 
 def test_early_stopping_stops_and_keeps_the_best_global_model(tmp_path):
     """Diabetes at lr 0.5: r2 peaks after round 1 and then falls; patience 1 stops at round 2."""
-    from server.app import global_model_setup
+    from fedsafe.server.app import global_model_setup
     from flwr.app import ArrayRecord
 
     cfg, outcome, _ = federate(tmp_path, nodes=NODES, model="mlp", dataset="diabetes", lr=0.5, epsilon=EPSILON,

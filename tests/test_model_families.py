@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from client.data import load_builtin
-from client.dp_modes import make_private
-from models import (
+from fedsafe import models
+from fedsafe.client.data import load_builtin
+from fedsafe.client.dp_modes import make_private
+from fedsafe.models import (
     GRAD_SAMPLE_MODES,
     DataSpec,
     ModelConfigError,
@@ -31,11 +31,11 @@ from models import (
     register_model,
     task_for,
 )
-from models.gan import train_step
-from models.gru import GRULayer
-from models.lstm import LSTMLayer
-from models.tasks import GenerationTask, anomaly_auroc, frechet_distance
-from models.transformer import SelfAttention
+from fedsafe.models.gan import train_step
+from fedsafe.models.gru import GRULayer
+from fedsafe.models.lstm import LSTMLayer
+from fedsafe.models.tasks import GenerationTask, anomaly_auroc, frechet_distance
+from fedsafe.models.transformer import SelfAttention
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
@@ -352,7 +352,7 @@ def test_gan_score_improves_with_training(digits):
 
 
 def test_quality_scores_rank_real_digits_above_noise(digits):
-    from models.tasks import digits_score
+    from fedsafe.models.tasks import digits_score
 
     real, noise = digits.test.x, np.random.default_rng(0).uniform(0, 1, size=(450, 64))
     assert digits_score(real)["digits_is"] > 3 * digits_score(noise)["digits_is"]

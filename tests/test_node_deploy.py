@@ -57,7 +57,7 @@ def test_node_refuses_to_start_on_what_operators_get_wrong(site, overrides, mess
 
 
 def test_node_refuses_a_corrupt_ledger(site, capsys):
-    from client.ledger import ledger_filename
+    from fedsafe.client.ledger import ledger_filename
 
     ledgers = site["root"] / "ledgers"
     ledgers.mkdir()
@@ -132,7 +132,7 @@ def test_refusals_are_explained(site):
 
 # ------------------------------------------------------------------------- the node's ClientApp
 def test_policy_test_only_options_parse():
-    from client.policy import NodePolicy
+    from fedsafe.client.policy import NodePolicy
 
     policy = NodePolicy.from_node_config({"seed-noise": True, "debug-poison": "nan, shape"})
     assert policy.seed_noise and policy.debug_poison == ("nan", "shape")
@@ -144,8 +144,8 @@ def test_every_poison_is_rejected_by_update_validation(kind, reason):
     import torch
     from flwr.app import ArrayRecord
 
-    from client.app import poison_update
-    from strategies import UpdateRejected, validate_update
+    from fedsafe.client.app import poison_update
+    from fedsafe.strategies import UpdateRejected, validate_update
 
     state = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}
     with pytest.raises(UpdateRejected, match=reason):
@@ -153,10 +153,10 @@ def test_every_poison_is_rejected_by_update_validation(kind, reason):
 
 
 def test_a_re_sent_round_is_answered_from_the_replay_cache_without_new_spend(tmp_path, flower_task_identity):
-    from client.app import train_round
-    from client.ledger import PrivacyLedger
-    from client.policy import NodePolicy
-    from server.config import RunConfig
+    from fedsafe.client.app import train_round
+    from fedsafe.client.ledger import PrivacyLedger
+    from fedsafe.client.policy import NodePolicy
+    from fedsafe.server.config import RunConfig
     from tests.node_harness import node_context, train_message
 
     cfg = RunConfig(num_rounds=2, local_epochs=1)
@@ -179,7 +179,7 @@ def test_a_re_sent_round_is_answered_from_the_replay_cache_without_new_spend(tmp
 
 
 def test_replay_cache_ignores_torn_or_mismatched_files(tmp_path):
-    from client.replay import ReplayCache
+    from fedsafe.client.replay import ReplayCache
 
     cache = ReplayCache(tmp_path, "clinic")
     arrays = {"w": np.ones((2, 2), dtype=np.float32)}

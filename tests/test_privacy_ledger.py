@@ -7,12 +7,12 @@ import sys
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.app import BUDGET_EXHAUSTED, REQUEST_REFUSED, train_round
-from client.data import PartitionScheme, load_partition
-from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger
-from client.policy import NodePolicy, TrainRequest
-from client.training import poisson_loader
-from server.config import RunConfig
+from fedsafe.client.app import BUDGET_EXHAUSTED, REQUEST_REFUSED, train_round
+from fedsafe.client.data import PartitionScheme, load_partition
+from fedsafe.client.ledger import BudgetExhausted, LedgerError, PrivacyLedger
+from fedsafe.client.policy import NodePolicy, TrainRequest
+from fedsafe.client.training import poisson_loader
+from fedsafe.server.config import RunConfig
 from tests.node_harness import node_context, train_message
 
 CFG = RunConfig(num_rounds=4, model="mlp", dataset="breast-cancer", num_partitions=3, epsilon=2.0,
@@ -95,7 +95,7 @@ def test_ledger_survives_a_process_restart(tmp_path):
     ledger.settle("r1", 1, 20)
     expected = ledger.epsilon(1e-5)
     code = (
-        "from client.ledger import PrivacyLedger; import sys; "
+        "from fedsafe.client.ledger import PrivacyLedger; import sys; "
         "l = PrivacyLedger.open(sys.argv[1], 'hospital-a'); print(l.epsilon(1e-5), l.run_plan('r1').noise_multiplier)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
@@ -139,7 +139,7 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
 
 
 def test_calibration_is_cached_in_memory_and_on_the_nodes_disk(tmp_path):
-    import client.accounting as acc
+    import fedsafe.client.accounting as acc
 
     acc._calibrate.cache_clear()
     acc.use_disk_cache(tmp_path / "accounting.json")

@@ -14,9 +14,9 @@ def _final_accuracy(tmp_path, strategy, attack="sign-flip", attackers=ATTACKERS,
 
 
 def test_attack_is_simulation_only():
-    import client.app
+    import fedsafe.client.app
 
-    mods = client.app.app._mods
+    mods = fedsafe.client.app.app._mods
     assert all("attack" not in getattr(m, "__qualname__", "").lower() for m in mods)
 
 

@@ -6,7 +6,7 @@ import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fed_harness import federation, run
-from simulations.local import NODE_ID_BASE
+from fedsafe.simulations.local import NODE_ID_BASE
 
 ONE_ROUND = dict(num_rounds=1, local_epochs=1)  # nodes train with DP-SGD, seeded: the same updates each run
 TOLERANCE = 1e-4  # quantisation: 2·8/2^22 per coordinate and node, times the weight
@@ -15,7 +15,7 @@ TOLERANCE = 1e-4  # quantisation: 2·8/2^22 per coordinate and node, times the w
 def _updates_in_plain_round(tmp_path):
     cfg, grid, strategy = federation(tmp_path / "plain", **ONE_ROUND)
     outcome = run(cfg, grid, strategy)
-    from server.app import global_model_setup
+    from fedsafe.server.app import global_model_setup
 
     start, _, _ = global_model_setup(cfg)
     updates = {r.metadata.src_node_id: ({k: r.content["arrays"][k].numpy() - start[k].numpy() for k in start.keys()},

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from client.data import load_dataset
-from client.ledger import PrivacyLedger
-from client.training import TrainSettings, train
-from models import build_model, evaluate, task_for
-from server.config import RunConfig
-from simulations.run import SimulationOptions, simulate
+from fedsafe.client.data import load_dataset
+from fedsafe.client.ledger import PrivacyLedger
+from fedsafe.client.training import TrainSettings, train
+from fedsafe.models import build_model, evaluate, task_for
+from fedsafe.server.config import RunConfig
+from fedsafe.simulations.run import SimulationOptions, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_a_thousand_virtual_clients_cost_only_what_is_sampled(tmp_path):
 
 
 def test_sweep_writes_a_privacy_utility_table_and_plot(tmp_path):
-    from simulations.sweep import SweepGrid, run_sweep
+    from fedsafe.simulations.sweep import SweepGrid, run_sweep
 
     grid = SweepGrid(epsilons=(1.0, float("inf")), strategies=("fedavg",), models=("mlp",), alphas=(0.5,), nodes=(3,))
     base = RunConfig(num_rounds=1, dataset="breast-cancer", out_dir=str(tmp_path))
@@ -107,7 +107,7 @@ def test_sweep_writes_a_privacy_utility_table_and_plot(tmp_path):
 def test_fedadam_over_secagg_on_ray_keeps_its_moments_in_the_checkpoint(tmp_path):
     """A non-FedAvg strategy end to end on Flower's simulation engine, over SecAgg+: the nodes' secagg
     state lives in Flower's per-node Context across the protocol's four messages per round."""
-    from server.checkpoint import load_checkpoint
+    from fedsafe.server.checkpoint import load_checkpoint
 
     cfg = RunConfig(num_rounds=2, local_epochs=1, strategy="fedadam", secagg=True, budget_aware=True,
                     out_dir=str(tmp_path / "run"))

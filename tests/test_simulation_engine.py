@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from server.config import ConfigError, RunConfig
-from simulations.run import SimulationOptions, simulate
+from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.simulations.run import SimulationOptions, simulate
 
 
 def test_the_flower_pieces_fedsafe_replaces_are_where_it_expects_them():

@@ -5,16 +5,16 @@ import shutil
 import numpy as np
 import pytest
 
-from server.checkpoint import CheckpointError
+from fedsafe.server.checkpoint import CheckpointError
 import torch
 
-from client.data import load_dataset
-from client.policy import TrainRequest
-from client.training import TrainSettings, train
-from models import build_model, task_for
-from server.checkpoint import load_checkpoint
-from server.config import ConfigError, RunConfig
-from strategies import StrategyError, build_strategy, check_strategy, strategy_names
+from fedsafe.client.data import load_dataset
+from fedsafe.client.policy import TrainRequest
+from fedsafe.client.training import TrainSettings, train
+from fedsafe.models import build_model, task_for
+from fedsafe.server.checkpoint import load_checkpoint
+from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.strategies import StrategyError, build_strategy, check_strategy, strategy_names
 
 from fed_harness import federation, run
 
@@ -26,7 +26,7 @@ def test_every_asked_for_strategy_is_registered_and_built_from_flower():
     assert set(ALL) <= set(strategy_names())
     for name in ALL:
         strategy = build_strategy(name, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
-        assert type(strategy).__module__.startswith(("flwr.serverapp.strategy", "strategies.registry"))
+        assert type(strategy).__module__.startswith(("flwr.serverapp.strategy", "fedsafe.strategies.registry"))
 
 
 def test_unknown_names_and_bad_parameters_are_refused_with_the_valid_choices(tmp_path):
@@ -71,7 +71,7 @@ def test_each_strategy_trains_through_fedsafes_loop(tmp_path, name):
 
 
 def initial_dtype(cfg):
-    from server.app import global_model_setup
+    from fedsafe.server.app import global_model_setup
 
     arrays, _, _ = global_model_setup(cfg)
     return next(iter(arrays.values())).dtype
@@ -108,7 +108,7 @@ def test_stateful_strategies_resume_to_the_same_model(tmp_path, monkeypatch, nam
         np.testing.assert_allclose(resumed.arrays[key].numpy(), straight.arrays[key].numpy(), atol=1e-5)
 
     # Without the saved state the third round lands elsewhere: the state is what made it equal.
-    monkeypatch.setattr("server.loop.load_strategy_state_dict", lambda strategy, state: None)
+    monkeypatch.setattr("fedsafe.server.loop.load_strategy_state_dict", lambda strategy, state: None)
     copy = {**cfg.__dict__, "resume": True, "out_dir": str(tmp_path / "crashed-copy" / "run")}
     _, grid, amnesiac = federation(tmp_path / "crashed-copy", **copy)
     forgot = run(RunConfig(**copy), grid, amnesiac)
@@ -147,7 +147,7 @@ def test_fedprox_sends_proximal_mu_and_nodes_read_it(tmp_path):
     from flwr.app import ConfigRecord
 
     cfg, grid, strategy = federation(tmp_path, strategy="fedprox", proximal_mu=0.25)
-    from server.app import global_model_setup
+    from fedsafe.server.app import global_model_setup
 
     arrays, model_config, _ = global_model_setup(cfg)
     messages = list(strategy.configure_train(1, arrays, ConfigRecord({**cfg.train_config(), **model_config}), grid))

@@ -13,15 +13,15 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from client.data import ArrayDataset, DataError, fit_view, load_dataset
-from client.regularize import l1_proximal_step, random_shifts
-from client.training import TrainSettings, poisson_loader, train
-from models import DataSpec, build_model, parse_model_options, preferred_grad_sample_mode, resolve_spec, task_for
-from models.registry import ModelConfigError, ModelFamily, _FAMILIES
-from server.app import global_model_setup
-from server.config import ConfigError, RunConfig
-from server.results import headline_text, metric_columns
-from strategies import UpdateRejected, complete_update, keep_frozen, validate_update
+from fedsafe.client.data import ArrayDataset, DataError, fit_view, load_dataset
+from fedsafe.client.regularize import l1_proximal_step, random_shifts
+from fedsafe.client.training import TrainSettings, poisson_loader, train
+from fedsafe.models import DataSpec, build_model, parse_model_options, preferred_grad_sample_mode, resolve_spec, task_for
+from fedsafe.models.registry import ModelConfigError, ModelFamily, _FAMILIES
+from fedsafe.server.app import global_model_setup
+from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.server.results import headline_text, metric_columns
+from fedsafe.strategies import UpdateRejected, complete_update, keep_frozen, validate_update
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -71,7 +71,7 @@ def test_anomaly_set_trains_on_normal_digits_and_holds_out_the_outliers():
 
 
 def test_regression_set_has_standardised_real_targets_and_refuses_label_partitioners():
-    from client.data import PartitionScheme, make_partitioner
+    from fedsafe.client.data import PartitionScheme, make_partitioner
 
     data = load_dataset("diabetes").train
     assert data.y.dtype == np.float32 and abs(float(data.y.mean())) < 0.2 and 0.8 < float(data.y.std()) < 1.2
@@ -297,7 +297,7 @@ def test_csv_columns_put_the_headline_first_and_validation_last():
 
 
 def test_early_stopping_picks_the_best_round_and_a_resumed_run_picks_it_up(tmp_path):
-    from server.early_stopping import EarlyStopping
+    from fedsafe.server.early_stopping import EarlyStopping
 
     arrays = ArrayRecord({"w": torch.zeros(2)})
     history = [{"round": r, "eval": {"mse": 1.0, "r2": 0.0, "val_mse": v, "val_r2": 0.0}} for r, v in
@@ -318,7 +318,7 @@ def test_early_stopping_picks_the_best_round_and_a_resumed_run_picks_it_up(tmp_p
 
 @pytest.mark.usefixtures("flower_task_identity")
 def test_a_view_of_the_same_records_shares_their_ledger():
-    from client.policy import NodePolicy, TrainRequest
+    from fedsafe.client.policy import NodePolicy, TrainRequest
     from tests.node_harness import train_message
 
     keys = []
