@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .predict import spec_path
 from .run import FinishedRun, RunDirError, open_run
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -56,7 +57,7 @@ class ReconstructionWithScore(nn.Module):
 
 @dataclass
 class InputSpec:
-    """What an exported model takes and gives; written next to it as <model>.json."""
+    """What an exported model takes and gives; written next to it as <model file>.json."""
 
     family: str
     task: str
@@ -74,11 +75,6 @@ class InputSpec:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
-
-
-def spec_path(model_path: Path) -> Path:
-    """Where the input spec of the model at `model_path` is: model.onnx -> model.json."""
-    return Path(model_path).with_suffix(".json")
 
 
 def serving_module(run: FinishedRun) -> tuple[nn.Module, str, list[int], list[str]]:
@@ -139,7 +135,7 @@ def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> N
 def export_model(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str = "onnx",
                  weights: str = "global") -> tuple[Path, InputSpec]:
     """Export `run_dir`'s global (or best) model to `out_dir` (default <run>/export) as model.onnx or
-    model.pt, with model.json (the input spec and the measured parity) and the run's model card.
+    model.pt, with model.onnx.json / model.pt.json (the input spec and the measured parity) and the run's model card.
     ExportError if the exported model's outputs differ from PyTorch's by more than PARITY_TOLERANCE."""
     from .card import card_paths, write_model_card
 
