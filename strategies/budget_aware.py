@@ -17,11 +17,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
+from fedsafe.protocol import BUDGET_EXHAUSTED
+
 from .client_dp import RunStop
 from .state import chain
 from .wrapper import StrategyWrapper
 
-BUDGET_EXHAUSTED = 4001  # fedsafe.client.app.BUDGET_EXHAUSTED (strategies does not import the node's code)
 SLACK = 1e-9
 
 
