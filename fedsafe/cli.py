@@ -333,7 +333,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .deploy import DeployError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         from . import credentials
 
