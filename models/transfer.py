@@ -8,8 +8,10 @@ call the same functions, so they agree on which parameters are frozen.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +68,20 @@ def freeze(model: nn.Module, prefixes: Iterable[str], model_name: str = "model")
     return frozen
 
 
+def load_tensor_file(path: str | Path) -> Any:
+    """A .pt file read without running any code from it (``torch.load(weights_only=True)``): tensors
+    and plain Python values only. pickle.UnpicklingError, one line naming what the file asked for, if
+    it names any other Python object: loading that would run it, and a crafted .pt runs arbitrary code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise pickle.UnpicklingError(
+            "it holds Python objects beyond tensors and plain values, and loading them could run code "
+            f"(refused{': ' + named if named else ''})"
+        ) from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from `path`: a state dict saved with ``torch.save(model.state_dict())``, or a fedsafe
     ``checkpoint.pt`` / ``best_model.pt`` (their ``model_state``)."""
@@ -73,12 +89,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ModelConfigError(f"init-checkpoint: file not found: {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a fedsafe checkpoint also pickles RNG states; the operator's own file
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            raise ModelConfigError(f"init-checkpoint: {path} is not a PyTorch file ({type(err).__name__}: {err})") from None
+        raw = load_tensor_file(path)
+    except pickle.UnpicklingError as err:
+        raise ModelConfigError(f"init-checkpoint: {path} is refused: {err}") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not its own
+        raise ModelConfigError(f"init-checkpoint: {path} is not a PyTorch file ({type(err).__name__}: {err})") from None
     if isinstance(raw, Mapping) and "model_state" in raw:
         raw = raw["model_state"]
     if not isinstance(raw, Mapping) or not raw or not all(
