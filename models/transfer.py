@@ -68,18 +68,32 @@ def freeze(model: nn.Module, prefixes: Iterable[str], model_name: str = "model")
     return frozen
 
 
+class TensorFileError(ValueError):
+    """A .pt file that `load_tensor_file` will not read; `unsafe` when it names Python objects to run."""
+
+    def __init__(self, reason: str, unsafe: bool) -> None:
+        super().__init__(reason)
+        self.unsafe = unsafe
+
+
 def load_tensor_file(path: str | Path) -> Any:
     """A .pt file read without running any code from it (``torch.load(weights_only=True)``): tensors
-    and plain Python values only. pickle.UnpicklingError, one line naming what the file asked for, if
-    it names any other Python object: loading that would run it, and a crafted .pt runs arbitrary code."""
+    and plain Python values only. TensorFileError, with a one-line reason, otherwise: a file naming any
+    other Python object (loading it would run it; a crafted .pt runs arbitrary code) or no .pt at all."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        named = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-        raise pickle.UnpicklingError(
-            "it holds Python objects beyond tensors and plain values, and loading them could run code "
-            f"(refused{': ' + named if named else ''})"
-        ) from None
+        # torch explains at length; one line of it names what the file asked for.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        named = next((line for line in lines if "GLOBAL" in line), None)
+        if named is not None:
+            raise TensorFileError(
+                f"it holds Python objects beyond tensors and plain values, and loading them could run code ({named})",
+                unsafe=True) from None
+        raise TensorFileError(f"UnpicklingError: {lines[-1] if lines else 'unreadable'}", unsafe=False) from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not its own
+        raise TensorFileError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                              unsafe=False) from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -90,10 +104,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelConfigError(f"init-checkpoint: file not found: {path}")
     try:
         raw = load_tensor_file(path)
-    except pickle.UnpicklingError as err:
-        raise ModelConfigError(f"init-checkpoint: {path} is refused: {err}") from None
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not its own
-        raise ModelConfigError(f"init-checkpoint: {path} is not a PyTorch file ({type(err).__name__}: {err})") from None
+    except TensorFileError as err:
+        problem = f"is refused: {err}" if err.unsafe else f"is not a PyTorch file ({err})"
+        raise ModelConfigError(f"init-checkpoint: {path} {problem}") from None
     if isinstance(raw, Mapping) and "model_state" in raw:
         raw = raw["model_state"]
     if not isinstance(raw, Mapping) or not raw or not all(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedsafe.client.files import atomic_write
-from fedsafe.models.transfer import load_tensor_file
+from fedsafe.models.transfer import TensorFileError, load_tensor_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -94,7 +94,8 @@ def load_checkpoint(directory: Path, restore_rng: bool = True) -> RunState:
     try:
         state = RunState(**plain_tree(load_tensor_file(path)))
     except Exception as err:  # noqa: BLE001 - any loading failure means the file is not usable
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err})") from None
+        detail = str(err) if isinstance(err, TensorFileError) else f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({detail})") from None
     if restore_rng:
         if state.python_rng is not None:
             random.setstate(state.python_rng)
