@@ -1,4 +1,7 @@
-"""The node's Flower ClientApp: resolve policy, check the ledger, train with DP-SGD, reply.
+"""The node's Flower ClientApp: a round as policy → data → (replay) → reserve → train → settle → reply.
+
+Each step is a function of its own; the ledger and the reply are touched only through the privacy gate
+(client/gate.py), so what the node spends and what it sends can be read in one file.
 
 Heavy libraries (torch, opacus, scikit-learn) are imported inside the handler so that a fresh
 ClientApp process, which Flower's deployment engine starts per message, reaches user code quickly.

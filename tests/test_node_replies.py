@@ -188,3 +188,33 @@ def test_secagg_replies_hold_protocol_records_and_public_metrics_only(tmp_path):
         if "metrics" in content.metric_records:
             metrics = set(content.metric_records["metrics"])
             assert metrics <= set(PUBLIC_METRICS) and "epsilon" in metrics, metrics - set(PUBLIC_METRICS)
+
+
+def test_the_gate_steps_one_by_one_reserve_before_training_settle_what_was_done_release_the_public(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedsafe.client.gate import PrivacyGate
+    from fedsafe.client.ledger import PrivacyLedger
+    from fedsafe.client.policy import TrainRequest, resolve_terms
+
+    msg = train_message(CFG, 1)
+    policy = _policy(tmp_path)
+    request = TrainRequest.from_config(msg.content["config"], "flower-run")
+    gate = PrivacyGate(msg, policy, request, resolve_terms(policy, request), "hospital-a")
+
+    plan = gate.reserve(100)
+    assert plan.private and plan.noise_multiplier > 0 and plan.steps > 1
+    assert PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps == plan.steps  # on disk before training
+
+    figures = gate.settle(plan, SimpleNamespace(steps=plan.steps - 1))  # training took one step fewer
+    assert figures["dp-steps"] == plan.steps - 1 == PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps
+
+    state = {"w": torch.ones(2)}
+    reply = gate.release("digest-1", state, {**figures, "num-examples": 100, "train-loss": 0.25})
+    assert audit(reply) == {"num-examples", *LEDGER_FIGURES}  # train-loss dropped at the gate
+    again = gate.replay("digest-1")
+    assert audit(again) == {"num-examples", "replayed", *LEDGER_FIGURES}
+    assert np.array_equal(again.content["arrays"]["w"].numpy(), np.ones(2))
+    assert gate.replay("another request") is None
