@@ -16,7 +16,10 @@ from collections.abc import Callable
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from .gate import BUDGET_EXHAUSTED, REQUEST_REFUSED, PrivacyGate, refusal_reply, refuse, say  # noqa: F401
+from fedsafe import protocol
+from fedsafe.protocol import BUDGET_EXHAUSTED, REQUEST_REFUSED  # noqa: F401  (re-exported: tests import them here)
+
+from .gate import PrivacyGate, refusal_reply, refuse, say
 from .policy import NodePolicy, PolicyError, TrainRequest, resolve_terms
 
 log = logging.getLogger("fedsafe.client")
@@ -105,7 +108,7 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     device = node_device(policy)
     startup = _startup_seconds()
     data = load_local_data(policy, request, partition)
-    spec, data = _spec_from_request(msg, data)
+    spec, data = _spec_from_request(request, data)
     gate = PrivacyGate(msg, policy, request, terms, policy.data_key(request, partition))
 
     digest = _request_digest(msg)
@@ -118,7 +121,7 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     outcome = _train_locally(model, task, data, request, plan, device, generator)
     figures = gate.settle(plan, outcome)
     update = _update(model, frozen, policy, request)
-    return gate.release(digest, update, {"num-examples": len(data), **startup, **figures})
+    return gate.release(digest, update, {protocol.NUM_EXAMPLES: len(data), **startup, **figures})
 
 
 def node_device(policy: NodePolicy):
@@ -141,7 +144,7 @@ def _startup_seconds() -> dict[str, float]:
     from . import training  # noqa: F401
 
     age = process_age()
-    return {} if age is None else {"startup-seconds": age}
+    return {} if age is None else {protocol.STARTUP_SECONDS: age}
 
 
 def _request_digest(msg: Message) -> str:
@@ -187,14 +190,8 @@ def _train_locally(model, task, data, request: TrainRequest, plan, device, gener
 
     from .training import TrainSettings, train
 
-    settings = TrainSettings(
-        local_epochs=request.local_epochs, batch_size=request.batch_size, optimizer=request.optimizer,
-        lr=request.lr, momentum=request.momentum, weight_decay=request.weight_decay,
-        max_grad_norm=request.max_grad_norm, proximal_mu=request.proximal_mu,
-        grad_sample_mode=preferred_grad_sample_mode(request.model),
-        l1=request.l1, augment=request.augment,
-        noise_multiplier=plan.noise_multiplier if plan.private else None,
-    )
+    settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model),
+                                noise_multiplier=plan.noise_multiplier if plan.private else None)
     return train(model, task, data, settings, device, generator)
 
 
@@ -227,22 +224,14 @@ def poison_update(state: dict, kind: str) -> dict:
     return state
 
 
-def _spec_from_request(msg: Message, data):
+def _spec_from_request(request: TrainRequest, data):
     """The model's data spec, as the coordinator built the global model, and the node's data in the
     shape it asks for (fedsafe.client.data.fit_view); DataError if the data cannot fit it."""
     from fedsafe.models import DataSpec
 
     from .data import DataError, fit_view
 
-    config = msg.content["config"]
-    try:
-        spec = DataSpec(
-            input_shape=tuple(int(v) for v in config["input-shape"]),
-            num_classes=int(config["num-classes"]),
-            task=str(config.get("task", "classification")),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise PolicyError(f"train request: unusable input-shape/num-classes ({type(err).__name__}: {err})") from None
+    spec = DataSpec(input_shape=request.input_shape, num_classes=request.num_classes, task=request.task)
     try:
         data = fit_view(data, spec.input_shape)
     except DataError as err:

@@ -13,7 +13,7 @@ What leaves the node is decided here and nowhere else:
 * an update reply holds the trained arrays (the DP output; parameter names are the architecture) and a
   MetricRecord whose keys are exactly those of `PUBLIC_METRICS`, each public by declaration (README,
   "What leaves a node"); any other key is dropped before sending;
-* an error reply holds a fixed code and a fixed category from `REFUSALS`, never exception text: a
+* an error reply holds a fixed code and a fixed category (fedsafe.protocol.REFUSALS), never exception text: a
   message can quote a cell of the private data, a label or a file path. The detail goes to the node's
   own stderr and log.
 """
@@ -30,38 +30,31 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
+from fedsafe import protocol
+from fedsafe.protocol import (
+    BUDGET_EXHAUSTED,
+    DATA_UNUSABLE,
+    INTERNAL_ERROR,
+    LEDGER_DAMAGED,
+    REFUSALS,
+    REQUEST_REFUSED,
+)
+
 log = logging.getLogger("fedsafe.client")
-
-# Error codes of fedsafe's refusals (Flower's own codes are small integers). The coordinator treats
-# BUDGET_EXHAUSTED as "skip this node" and every other code as a failed reply.
-BUDGET_EXHAUSTED = 4001
-REQUEST_REFUSED = 4002
-DATA_UNUSABLE = 4003
-LEDGER_DAMAGED = 4004
-INTERNAL_ERROR = 4005
-
-# The whole text an error reply may carry, per code.
-REFUSALS: dict[int, str] = {
-    BUDGET_EXHAUSTED: "privacy budget exhausted",
-    REQUEST_REFUSED: "refused by the node's policy",
-    DATA_UNUSABLE: "the node's data does not fit this request",
-    LEDGER_DAMAGED: "the node's privacy ledger is damaged",
-    INTERNAL_ERROR: "internal error on the node",
-}
 
 # Every metric a node may send, and why it may leave the node (README: "What leaves a node").
 PUBLIC_METRICS: dict[str, str] = {
-    "num-examples": "the size of the node's data, its aggregation weight: public by declaration",
-    "startup-seconds": "ClientApp process start to its libraries loaded, measured before any record is read",
-    "epsilon": "ledger: ε spent on this data over all runs (a function of σ, q, steps, δ)",
-    "delta": "policy: the δ of the guarantee",
-    "dp-steps": "ledger: DP-SGD steps taken on this data over all runs",
-    "noise-multiplier": "ledger: σ of this run (fixed from ε, δ, q, steps)",
-    "max-epsilon": "policy: the node's lifetime cap",
-    "run-epsilon": "policy: ε granted to this run",
-    "epsilon-next": "ledger: ε after one more round like this one",
-    "run-epsilon-next": "ledger: this run's ε after one more round like this one",
-    "replayed": "1 when the reply is the stored one of a re-sent round",
+    protocol.NUM_EXAMPLES: "the size of the node's data, its aggregation weight: public by declaration",
+    protocol.STARTUP_SECONDS: "ClientApp process start to its libraries loaded, measured before any record is read",
+    protocol.EPSILON: "ledger: ε spent on this data over all runs (a function of σ, q, steps, δ)",
+    protocol.DELTA: "policy: the δ of the guarantee",
+    protocol.DP_STEPS: "ledger: DP-SGD steps taken on this data over all runs",
+    protocol.NOISE_MULTIPLIER: "ledger: σ of this run (fixed from ε, δ, q, steps)",
+    protocol.MAX_EPSILON: "policy: the node's lifetime cap",
+    protocol.RUN_EPSILON: "policy: ε granted to this run",
+    protocol.EPSILON_NEXT: "ledger: ε after one more round like this one",
+    protocol.RUN_EPSILON_NEXT: "ledger: this run's ε after one more round like this one",
+    protocol.REPLAYED: "1 when the reply is the stored one of a re-sent round",
 }
 
 
@@ -115,7 +108,7 @@ def public_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 def update_reply(msg: Message, arrays: ArrayRecord, metrics: Mapping[str, float]) -> Message:
     """The one builder of a successful reply: the update's arrays and the public metrics, nothing else."""
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(public_metrics(metrics))})
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(public_metrics(metrics))})
     return Message(content, reply_to=msg)
 
 
@@ -153,7 +146,7 @@ class PrivacyGate:
         say(f"round {self.request.server_round}: re-sent by the coordinator; answering with the update this node "
             f"already trained for it (no new privacy spend, ε stays {metrics.get('epsilon', float('nan')):.3f})")
         record = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
-        return update_reply(self.msg, record, {**metrics, "replayed": 1.0})
+        return update_reply(self.msg, record, {**metrics, protocol.REPLAYED: 1.0})
 
     # ---- the ledger ---------------------------------------------------------------------------
     def reserve(self, num_examples: int) -> Plan:
@@ -201,14 +194,14 @@ class PrivacyGate:
         lifetime_next, run_next = ledger.project(
             request.run_id, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta, request.accountant)
         return {
-            "epsilon": ledger.epsilon(terms.delta, request.accountant),
-            "delta": terms.delta,
-            "dp-steps": ledger.total_steps,
-            "noise-multiplier": plan.noise_multiplier,
-            "max-epsilon": terms.max_epsilon,
-            "run-epsilon": terms.run_epsilon,
-            "epsilon-next": lifetime_next,
-            "run-epsilon-next": run_next,
+            protocol.EPSILON: ledger.epsilon(terms.delta, request.accountant),
+            protocol.DELTA: terms.delta,
+            protocol.DP_STEPS: ledger.total_steps,
+            protocol.NOISE_MULTIPLIER: plan.noise_multiplier,
+            protocol.MAX_EPSILON: terms.max_epsilon,
+            protocol.RUN_EPSILON: terms.run_epsilon,
+            protocol.EPSILON_NEXT: lifetime_next,
+            protocol.RUN_EPSILON_NEXT: run_next,
         }
 
     # ---- the reply ----------------------------------------------------------------------------

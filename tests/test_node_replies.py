@@ -18,15 +18,8 @@ from flwr.common.serde import message_to_proto
 
 from fedsafe.client.app import make_client_app, train_round
 from fedsafe.client.data import load_dataset
-from fedsafe.client.gate import (
-    BUDGET_EXHAUSTED,
-    DATA_UNUSABLE,
-    INTERNAL_ERROR,
-    LEDGER_DAMAGED,
-    PUBLIC_METRICS,
-    REFUSALS,
-    REQUEST_REFUSED,
-)
+from fedsafe.client.gate import PUBLIC_METRICS
+from fedsafe.protocol import BUDGET_EXHAUSTED, DATA_UNUSABLE, INTERNAL_ERROR, LEDGER_DAMAGED, REFUSALS, REQUEST_REFUSED
 from fedsafe.client.policy import NodePolicy
 from fedsafe.server.config import RunConfig
 from tests.node_harness import node_context, train_message
