@@ -85,17 +85,26 @@ def refusal_code(err: BaseException) -> int:
 
 
 def refuse(msg: Message, err: BaseException) -> Message:
-    """An error reply with a fixed code and category; the exception's text stays on the node."""
+    """An error reply with a fixed code and category; the exception's text stays on the node, but for a
+    malformed request (RequestError), whose text says only what the coordinator itself sent."""
+    from .policy import RequestError
+
     code = refusal_code(err)
     detail = f"{type(err).__name__}: {err}"
+    if isinstance(err, RequestError):
+        say(f"refusing the round ({REFUSALS[code]}): {detail}")
+        return refusal_reply(msg, code, str(err))
     say(f"refusing the round ({REFUSALS[code]}; the coordinator is told only that): {detail}")
     if code == INTERNAL_ERROR:
         log.debug("internal error serving a round:\n%s", "".join(traceback.format_exception(err)))
     return refusal_reply(msg, code)
 
 
-def refusal_reply(msg: Message, code: int) -> Message:
-    return Message(Error(code=code, reason=REFUSALS[code]), reply_to=msg)
+def refusal_reply(msg: Message, code: int, request_problem: str = "") -> Message:
+    """The one builder of an error reply: the code's fixed category, and for a malformed request what
+    was wrong with it (one line)."""
+    reason = REFUSALS[code] + (f": {' '.join(request_problem.split())[:300]}" if request_problem else "")
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def public_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -42,7 +42,10 @@ def wire(reply: Message) -> bytes:
 def audit(reply: Message, model_keys=None) -> set[str] | int:
     """Every field of `reply` against the allowlist: the metric names of an update, or an error's code."""
     if reply.has_error():
-        assert REFUSALS.get(reply.error.code) == reply.error.reason, reply.error
+        # The fixed category; a malformed request (only) also hears what was wrong with what it sent.
+        fixed, _, request_problem = reply.error.reason.partition(": ")
+        assert REFUSALS.get(reply.error.code) == fixed, reply.error
+        assert not request_problem or (reply.error.code == REQUEST_REFUSED and request_problem.startswith("train request"))
         assert not reply.has_content()
         return reply.error.code
     content = reply.content
@@ -121,6 +124,11 @@ def test_node_config_errors_and_evaluate_messages_get_a_fixed_refusal(tmp_path, 
     assert audit(refused) == REQUEST_REFUSED
     assert SECRET.encode() not in wire(refused) and SECRET_DIR.encode() not in wire(refused)
     assert SECRET in capsys.readouterr().err  # the operator sees which key is wrong
+
+    # A malformed request is the one refusal that says what was wrong: with what the coordinator itself sent.
+    message.content["config"]["learning-rate"] = 0.1
+    malformed = train_round(message, node_context(), _policy(tmp_path))
+    assert audit(malformed) == REQUEST_REFUSED and "'learning-rate'" in malformed.error.reason
 
     evaluate = Message(RecordDict({"arrays": message.content["arrays"], "config": ConfigRecord({})}),
                        dst_node_id=1, message_type=MessageType.EVALUATE)
