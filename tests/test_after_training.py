@@ -271,3 +271,27 @@ def test_bootstrap_metrics_equal_sklearn():
     target = rng.standard_normal(50)
     guess = target + rng.standard_normal(50)
     assert r2(target, guess) == pytest.approx(r2_score(target, guess))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/fedsafe-after-payload-ran"),))
+
+
+def test_a_tampered_run_directory_is_refused_in_one_line(tmp_path, capsys):
+    """A checkpoint that would run code when unpickled, or a hand-edited metrics.json, stops with one line."""
+    import pickle
+
+    from fedsafe.cli import main
+
+    marker = Path("/tmp/fedsafe-after-payload-ran")
+    marker.unlink(missing_ok=True)
+    run_dir = finished_run(tmp_path / "run", "mlp", "breast-cancer")
+    torch.save({"model_state": _Payload()}, run_dir / "checkpoint.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    assert main(["export", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint.pt" in err and "Traceback" not in err
+    assert not marker.exists()
+    (run_dir / "metrics.json").write_text('{"config": {"model": "mlp", "no-such-key": 1}}')
+    assert main(["card", str(run_dir)]) == 2
+    assert "the run's config cannot be read back" in capsys.readouterr().err
