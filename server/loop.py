@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedsafe.protocol import BUDGET_EXHAUSTED, RUN_KEY
+from fedsafe.protocol import BUDGET_EXHAUSTED, NOISE_TOO_HIGH, REFUSALS, RUN_KEY
 
 from fedsafe.strategies import (
     UpdateRejected,
@@ -280,6 +280,13 @@ def run_rounds(
                 "round %d skipped: %d valid replies, %d needed (min-replies); the global model is unchanged",
                 rnd, len(valid), cfg.min_replies,
             )
+        noise_refusals = [e for e in failures if e["code"] == NOISE_TOO_HIGH]
+        if not aggregated and noise_refusals and len(noise_refusals) + len(refusals) == len(messages):
+            # σ is fixed per run, so every later round would be refused the same way: stop, not loop.
+            stop_reason = (f"round {rnd}: every node refused, {len(noise_refusals)} because {REFUSALS[NOISE_TOO_HIGH]} "
+                           "(σ above their max-noise-multiplier) and the rest out of budget; the round was not "
+                           "aggregated and the global model is unchanged. Grant the run more ε or plan fewer rounds")
+            log.warning("run stopped: %s", stop_reason)
 
         record: dict[str, Any] = {
             "round": rnd,
@@ -288,6 +295,7 @@ def run_rounds(
             "replies": len(valid),
             "failures": len(failures),
             "budget_refusals": len(refusals),
+            "noise_refusals": len(noise_refusals),
             "rejected": len(rejected),
             "train_loss": train_loss,
             "epsilon_max": max(round_eps.values()) if round_eps else None,
@@ -301,6 +309,10 @@ def run_rounds(
             record["excluded"] = sorted(strategy.excluded)
         if evaluator is not None:
             record["eval"] = evaluator(arrays)
+            worse = stopper.regression(rnd, record["eval"]) if stopper is not None else None
+            if worse:
+                record["worse_than_best"] = worse
+                log.warning("%s", worse)
         if stopper is not None and stopper.observe(rnd, record["eval"], arrays):
             record["early_stopped"] = rnd < cfg.num_rounds
         record["wait_seconds"] = wait_seconds  # pushing the messages until the last reply (or the timeout)
@@ -316,6 +328,8 @@ def run_rounds(
         )
         if progress is not None:
             progress(record, cfg)
+        if stop_reason is not None:
+            break
 
     summary = {
         "final": history[-1].get("eval", {}) if history else {},
@@ -328,6 +342,10 @@ def run_rounds(
     if stopper is not None:
         summary["best"] = stopper.summary()
         summary["best"]["stopped_early"] = any(h.get("early_stopped") for h in history)
+        if history and history[-1].get("round", 0) != stopper.best_round:
+            log.warning("the final global model (round %s) is not the best one seen: %s holds round %s's (%s %.3f)",
+                        history[-1].get("round"), summary["best"]["path"], stopper.best_round, stopper.key,
+                        stopper.best_value)
     results.write(history, summary)
     results.write_node_epsilon(history)
     results.plot(history)
@@ -346,11 +364,12 @@ def _frozen_keys(arrays: ArrayRecord, cfg: RunConfig) -> list[str]:
 
 
 def _early_stopping(cfg: RunConfig, history, arrays: ArrayRecord, evaluator) -> EarlyStopping | None:
-    """The run's early stopping (None when off), caught up with `history`; best_model.pt written for
-    the initial model of a new run."""
-    if not cfg.early_stopping_patience:
-        return None
+    """The run's keeper of the best model (early stopping where a patience is set; without one it never
+    stops the run), caught up with `history`; best_model.pt written for the initial model of a new run.
+    None without central evaluation."""
     if evaluator is None:
+        if not cfg.early_stopping_patience:
+            return None
         from .config import ConfigError
 
         raise ConfigError("early stopping needs the coordinator's held-out data (central evaluation)")
@@ -382,6 +401,12 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
         parts.append(f"{record['skipped']} skipped (budget)")
     if record["budget_refusals"]:
         parts.append(f"{record['budget_refusals']} out of budget")
+    if record.get("noise_refusals"):
+        parts.append(f"{record['noise_refusals']} refused: noise would drown the update")
+    if not record.get("aggregated", True):
+        parts.append("not aggregated")
+    if record.get("worse_than_best"):
+        parts.append("WORSE than the best round (best_model.pt keeps it)")
     if record["failures"] or record["rejected"]:
         parts.append(f"{record['failures']} failed, {record['rejected']} rejected")
     parts.append(f"{record['seconds']:.1f}s")
