@@ -62,11 +62,14 @@ def simulated_partition(context: Context, request: TrainRequest) -> tuple[int, i
 
 
 def load_local_data(policy: NodePolicy, request: TrainRequest, partition: tuple[int, int] | None):
-    from .data import PartitionScheme, load_file, load_partition, load_stored_partition
+    from .data import PartitionScheme, is_builtin, load_file, load_partition, load_stored_partition
 
     if policy.data_path:
         return load_file(policy.data_path)
     if partition is not None:
+        if not (policy.simulated or is_builtin(request.dataset)):
+            raise PolicyError("the run names a data file for this node to load; only a simulated node loads the "
+                              "file a run names (a deployed node trains on its own data-path)")
         scheme = PartitionScheme(
             kind=request.partitioner, num_partitions=partition[1], alpha=request.alpha,
             classes_per_node=request.classes_per_node, partition_by=request.partition_by or None,
@@ -134,7 +137,7 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     global_arrays: ArrayRecord = msg.content["arrays"]
     spec, data = _spec_from_request(msg, data)
     partition_id = partition[0] if partition else None
-    data_key = policy.data_key(request, partition)
+    data_key = policy.data_key(request, partition, data)
 
     # A round the coordinator re-sends after a crash (same run, round and global model) is answered with
     # the update already trained and charged for it: the same bytes again cost no privacy.
@@ -205,7 +208,8 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     metrics["train-loss"] = outcome.mean_loss
     metrics["train-seconds"] = time.perf_counter() - started
     if ledger is not None:
-        ledger.settle(request.run_id, request.server_round, outcome.steps)
+        # From what the DP optimizer did, not from the settings: any difference withholds the update.
+        ledger.settle(request.run_id, request.server_round, outcome.dp_spend)
         metrics["epsilon"] = ledger.epsilon(terms.delta, request.accountant)
         metrics["delta"] = terms.delta
         metrics["dp-steps"] = ledger.total_steps

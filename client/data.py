@@ -7,6 +7,7 @@ pulling in node logic. Built-in sets come from scikit-learn's bundled files, so 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -77,6 +78,21 @@ SAME_RECORDS = {"digits-seq": "digits"}
 def records_of(dataset: str) -> str:
     """The name under which a simulated node's ledger accounts for `dataset`'s records."""
     return SAME_RECORDS.get(dataset, dataset)
+
+
+def records_digest(data: ArrayDataset) -> str:
+    """SHA-256 of the records as loaded, whatever their file: each record's features (float32) and target
+    (float64), flattened, and the set of records sorted, so a copied, renamed or re-saved file (CSV
+    spacing, number formatting, row order, .csv or .npz) has the digest of its records. What the privacy
+    ledger of a node's own data is keyed on. One sort of the rows: milliseconds for thousands of records."""
+    n = len(data)
+    features = np.ascontiguousarray(np.asarray(data.x, dtype="<f4").reshape(n, -1))
+    targets = np.asarray(data.y, dtype="<f8").reshape(n, -1)
+    rows = np.ascontiguousarray(np.concatenate([features.view(np.uint8).reshape(n, -1),
+                                                targets.view(np.uint8).reshape(n, -1)], axis=1))
+    ordered = np.sort(rows.view(np.dtype((np.void, rows.shape[1]))).ravel())
+    header = json.dumps({"records": n, "features": features.shape[1], "targets": targets.shape[1]}).encode()
+    return hashlib.sha256(header + ordered.tobytes()).hexdigest()
 
 
 @functools.cache

@@ -511,3 +511,23 @@ def audit_state_dir(state_dir: str | Path) -> StateDirAudit:
             problems.append(f"{directory / filename}: missing, but {identity.path.name} records that this node "
                             f"trained on data {key!r} (restore it from backup, or `fedsafe ledger forget`)")
     return StateDirAudit(ledgers, problems)
+
+
+def forget(state_dir: str | Path, data_key: str, by: str) -> Path:
+    """The operator's explicit reset of `data_key`'s budget, after its ledger was lost: recorded (who, when)
+    in the node identity file, so the next round on that data starts a new ledger at zero. Never deletes
+    a ledger: one that still exists must be moved away first. Returns the identity file."""
+    directory = Path(state_dir).expanduser()
+    identity = NodeIdentity(directory)
+    path = directory / ledger_filename(data_key)
+    if path.exists():
+        raise LedgerError(f"privacy ledger {path} exists: `forget` never deletes a ledger (it is the record of "
+                          f"past spend); move it out of {directory} first if you mean to start from zero")
+    try:
+        known = identity.has_trained(data_key)
+    except (OSError, ValueError) as err:
+        raise LedgerError(f"node identity file {identity.path}: {err}") from None
+    if not known:
+        raise LedgerError(f"{identity.path} records no training on data {data_key!r}: nothing to forget")
+    identity.record_forgotten(data_key, path.name, by)
+    return identity.path

@@ -278,7 +278,7 @@ def check_node_data_and_ledger(opts: NodeOptions) -> str:
         raise DeployError(f"--state-dir {state_dir} is not writable; the privacy ledger lives there")
     policy = NodePolicy(data_path=str(opts.data_path.expanduser().resolve()), dataset_id=opts.dataset_id,
                         state_dir=str(state_dir), max_epsilon=opts.max_epsilon, delta=opts.delta)
-    key = policy.data_key(None, None)  # type: ignore[arg-type]  # data_path or dataset_id is set
+    key = policy.data_key(None, None, data)  # the dataset id, or the records of the data file
     try:
         ledger = PrivacyLedger.open(state_dir, key)
         spent = ledger.epsilon(opts.delta)
