@@ -287,12 +287,16 @@ class PrivacyLedger:
     def _transaction(self):
         """Read-modify-write under an exclusive lock, so two processes on one dataset cannot
         both spend what only one of them may."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
-            yield
-            self._save()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
+                yield
+                self._save()
+        except OSError as err:  # a full disk, a read-only state dir: no spend may go unrecorded
+            raise LedgerError(f"privacy ledger {self.path} cannot be written ({err.strerror or err}); refusing "
+                              "to train without a record of the spend") from None
 
     def state_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._state))

@@ -169,7 +169,8 @@ def _add_node(sub) -> None:
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dataset-id", default=None,
-                   help="name the ledger keys on (default: the data file's path); keep it if the file moves")
+                   help="name the ledger keys on (default: the digest of the data file's records, so a moved or "
+                        "copied file keeps its ledger); e.g. for data that grows, whose records change")
     p.add_argument("--port", type=int, default=9094,
                    help="local Runtime API port; every node on one machine needs its own")
     p.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")

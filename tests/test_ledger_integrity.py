@@ -330,3 +330,25 @@ def test_settlement_compares_every_figure(tmp_path):
     ledger.reserve("r", 2, (1.5, 0.1, 20), max_epsilon=9.0, delta=1e-5)
     ledger.settle("r", 2, [(1.5, 0.1, 20)])
     assert [r["status"] for r in PrivacyLedger.open(tmp_path, "k").rounds_of("r")] == ["withheld", "spent"]
+
+
+def test_a_state_dir_that_cannot_be_written_refuses_cleanly(tmp_path):
+    state_dir = tmp_path / "ledgers"
+    state_dir.write_text("a file where the state directory should be")
+    with pytest.raises(LedgerError, match="cannot be written"):
+        PrivacyLedger.open(state_dir, "k").reserve("r", 1, (1.0, 0.1, 5), max_epsilon=9.0, delta=1e-5)
+
+
+def test_a_runs_token_is_stable_within_the_run_and_unique_across_runs_and_nodes(tmp_path):
+    def planned(state_dir, run):
+        ledger = PrivacyLedger.open(state_dir, "same-records")
+        ledger.plan_run(run, sample_rate=0.1, steps_per_round=10, planned_rounds=2, run_epsilon=2.0,
+                        max_epsilon=5.0, delta=1e-5)
+        return ledger
+
+    ledger = planned(tmp_path / "node-a", "r1")
+    token = ledger.run_token("r1")
+    ledger.reserve("r1", 1, ledger.run_plan("r1").round_spend(), max_epsilon=5.0, delta=1e-5)
+    assert PrivacyLedger.open(tmp_path / "node-a", "same-records").run_token("r1") == token
+    assert planned(tmp_path / "node-a", "r2").run_token("r2") not in (None, token)
+    assert planned(tmp_path / "node-b", "r1").run_token("r1") != token  # another node, same key and run
