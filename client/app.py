@@ -177,10 +177,13 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     ledger = None
     if terms.private:
         from . import accounting
+        from .data import record_hashes
 
         # A fresh process every round: keep the RDP math of this node's runs on its disk (pure functions).
         accounting.use_disk_cache(Path(policy.state_dir).expanduser() / "cache" / "accounting.json")
-        ledger = PrivacyLedger.open(policy.state_dir, data_key)
+        # A node's own data file: its records are kept, so data sharing them under another key is refused.
+        records = record_hashes(data) if policy.data_path else None
+        ledger = PrivacyLedger.open(policy.state_dir, data_key, records=records)
         sample_rate, batches = poisson_schedule(len(data), request.batch_size)
         steps = batches * request.local_epochs
         plan = ledger.plan_run(

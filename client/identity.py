@@ -5,6 +5,10 @@ the node (a random id that every ledger's hash chain starts from, so a ledger ca
 state directories or keys unnoticed); each later line records an event — a data key first trained on
 (with its ledger's file name), or an operator's explicit `fedsafe ledger forget`. A ledger missing for a
 key recorded as trained is then a deleted ledger, which the node refuses rather than restart at zero.
+
+Beside it, `records/<ledger>.npy` keeps a 64-bit hash of each record a node's own data file held under
+each key (fedsafe.client.data.record_hashes), so that data sharing records with another key's — a copy
+with rows added or dropped, or the same file under a new dataset id — is noticed before it is trained.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from .files import atomic_write
 
 IDENTITY_FILE = "node-identity.jsonl"
 IDENTITY_FORMAT = 1
+RECORDS_DIR = "records"
 
 
 class NodeIdentity:
@@ -129,6 +136,33 @@ class NodeIdentity:
         if not self.has_trained(data_key):
             self._append({"trained": data_key, "ledger": ledger_file})
         self._recorded.add(data_key)
+
+    def records_path(self, ledger_file: str) -> Path:
+        return self.state_dir / RECORDS_DIR / (Path(ledger_file).stem + ".npy")
+
+    def _stored_records(self, ledger_file: str) -> np.ndarray | None:
+        try:
+            return np.load(self.records_path(ledger_file), allow_pickle=False)
+        except (OSError, ValueError):  # none kept (simulated data), or damaged: nothing to compare with
+            return None
+
+    def sharing_records(self, data_key: str, hashes: np.ndarray) -> list[tuple[str, str, int]]:
+        """(key, ledger file, records shared) of every other key trained on that shares records with `hashes`."""
+        found = []
+        for key, ledger_file in self.trained_keys().items():
+            stored = None if key == data_key else self._stored_records(ledger_file)
+            if stored is not None and (shared := np.intersect1d(stored, hashes, assume_unique=True).size):
+                found.append((key, ledger_file, int(shared)))
+        return found
+
+    def record_records(self, ledger_file: str, hashes: np.ndarray) -> None:
+        """Keep `hashes` with those already kept for this ledger (data that grows under a dataset id)."""
+        stored = self._stored_records(ledger_file)
+        if stored is not None and np.isin(hashes, stored, assume_unique=True).all():
+            return
+        merged = hashes if stored is None else np.union1d(stored, hashes)
+        with atomic_write(self.records_path(ledger_file), "wb") as handle:
+            np.save(handle, merged.astype(np.uint64), allow_pickle=False)
 
     def record_forgotten(self, data_key: str, ledger_file: str, by: str) -> None:
         """The operator's explicit, logged decision that `data_key`'s budget may start again from zero."""

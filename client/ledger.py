@@ -127,44 +127,53 @@ def _derive(entries: list[dict[str, Any]]) -> tuple[_Views, list[str]]:
 
 
 def _apply(views: _Views, entry: dict[str, Any]) -> None:
-    run, kind = entry["run"], entry["kind"]
+    """Add one entry to `views`; ValueError (or KeyError, TypeError) if it is out of range or inconsistent."""
+    run = entry["run"]
     if not isinstance(run, str):
         raise ValueError(f"run {run!r} is not a string")
-    if kind == "plan":
-        if run in views.runs:
-            raise ValueError(f"run {run} is planned twice")
-        plan = RunPlan(**{f: entry[f] for f in RunPlan.__dataclass_fields__}).check()
-        views.runs[run] = asdict(plan)
-        return
+    apply = {"plan": _apply_plan, "reserve": _apply_reserve, "settle": _apply_settle}.get(entry["kind"])
+    if apply is None:
+        raise ValueError(f"unknown kind {entry['kind']!r}")
+    if entry["kind"] != "plan":
+        server_round = entry["round"]
+        if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+            raise ValueError(f"round {server_round!r} is not a whole number >= 1")
+    apply(views, entry, run)
+
+
+def _apply_plan(views: _Views, entry: dict[str, Any], run: str) -> None:
+    if run in views.runs:
+        raise ValueError(f"run {run} is planned twice")
+    views.runs[run] = asdict(RunPlan(**{f: entry[f] for f in RunPlan.__dataclass_fields__}).check())
+
+
+def _apply_reserve(views: _Views, entry: dict[str, Any], run: str) -> None:
+    spend = check_spend(entry["spend"], min_steps=1)
+    if run in views.runs:
+        planned = RunPlan(**views.runs[run]).round_spend()
+        if not _same_spend(spend, planned):
+            raise ValueError(f"reserves {list(spend)}, not the [σ, q, steps] {list(planned)} of run {run}'s plan")
+    views.history.append(list(spend))
+    views.rounds.append({"run": run, "round": entry["round"], "entry": len(views.history) - 1,
+                         "status": "reserved", "time": entry["time"]})
+
+
+def _apply_settle(views: _Views, entry: dict[str, Any], run: str) -> None:
     server_round = entry["round"]
-    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
-        raise ValueError(f"round {server_round!r} is not a whole number >= 1")
-    if kind == "reserve":
-        spend = check_spend(entry["spend"], min_steps=1)
-        if run in views.runs and not _same_spend(spend, RunPlan(**views.runs[run]).round_spend()):
-            raise ValueError(f"reserves {list(spend)}, not the [σ, q, steps] {list(RunPlan(**views.runs[run]).round_spend())} "
-                             f"of run {run}'s plan")
-        views.history.append(list(spend))
-        views.rounds.append({"run": run, "round": server_round, "entry": len(views.history) - 1,
-                             "status": "reserved", "time": entry["time"]})
-        return
-    if kind == "settle":
-        record = next((r for r in reversed(views.rounds)
-                       if (r["run"], r["round"], r["status"]) == (run, server_round, "reserved")), None)
-        if record is None:
-            raise ValueError(f"settles round {server_round} of run {run}, which has no open reservation")
-        actual = [check_spend(s) for s in entry["actual"]]
-        reserved = tuple(views.history[record["entry"]])
-        if entry["outcome"] == "spent":
-            if not (len(actual) == 1 and _same_spend(actual[0], reserved)):
-                raise ValueError(f"marks as spent a round whose training did {actual}, not the reserved {list(reserved)}")
-            record["status"] = "spent"
-        elif entry["outcome"] == "withheld":
-            record["status"] = "withheld"  # the update never left the node; the reservation stays charged
-        else:
-            raise ValueError(f"unknown outcome {entry['outcome']!r}")
-        return
-    raise ValueError(f"unknown kind {kind!r}")
+    record = next((r for r in reversed(views.rounds)
+                   if (r["run"], r["round"], r["status"]) == (run, server_round, "reserved")), None)
+    if record is None:
+        raise ValueError(f"settles round {server_round} of run {run}, which has no open reservation")
+    actual = [check_spend(s) for s in entry["actual"]]
+    reserved = tuple(views.history[record["entry"]])
+    if entry["outcome"] == "spent":
+        if not (len(actual) == 1 and _same_spend(actual[0], reserved)):
+            raise ValueError(f"marks as spent a round whose training did {actual}, not the reserved {list(reserved)}")
+        record["status"] = "spent"
+    elif entry["outcome"] == "withheld":
+        record["status"] = "withheld"  # the update never left the node; the reservation stays charged
+    else:
+        raise ValueError(f"unknown outcome {entry['outcome']!r}")
 
 
 def _check_chain(entries: list, first_prev: str) -> list[str]:
@@ -202,7 +211,8 @@ def audit_file(path: Path, data_key: str | None, identity: NodeIdentity) -> tupl
     if not isinstance(state, dict):
         return None, [f"is not a ledger (its JSON is {type(state).__name__}, not an object)"]
     if state.get("version") != LEDGER_VERSION:
-        return None, [f"has version {state.get('version')!r}; this fedsafe reads version {LEDGER_VERSION}"]
+        return None, [f"has version {state.get('version')!r}; this fedsafe reads version {LEDGER_VERSION} (keep an "
+                      "older fedsafe's ledger: it records past spend)"]
     key = state.get("data_key")
     if not isinstance(key, str) or (data_key is not None and key != data_key):
         return None, [f"is the ledger of data key {key!r}, not {data_key!r}"]
@@ -247,17 +257,21 @@ def _view_mismatch(name: str, stored: Any, derived: Any) -> str:
 
 # ---- the ledger -----------------------------------------------------------------------------------------
 class PrivacyLedger:
-    def __init__(self, path: Path, data_key: str, identity: NodeIdentity, state: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: Path, data_key: str, identity: NodeIdentity, state: dict[str, Any] | None = None,
+                 records=None) -> None:
         self.path = path
         self.data_key = data_key
         self.identity = identity
+        self.records = records  # the record hashes of a node's own data file (kept beside the identity file)
         self._state = state or {"version": LEDGER_VERSION, "data_key": data_key, "entries": [], **_Views([], [], {}).as_state()}
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
-    def open(cls, state_dir: str | Path, data_key: str) -> PrivacyLedger:
+    def open(cls, state_dir: str | Path, data_key: str, records=None) -> PrivacyLedger:
         """The verified ledger of `data_key` in `state_dir`, or an empty one for data never trained here.
-        LedgerError, naming the file and what is wrong, otherwise."""
+        LedgerError, naming the file and what is wrong, otherwise. `records`, the hashes of a node's own
+        data records (fedsafe.client.data.record_hashes): new data sharing records with another key's is
+        refused, and they are kept with the ledger once it is written."""
         state_dir = Path(state_dir).expanduser()
         identity = NodeIdentity(state_dir)
         path = state_dir / ledger_filename(data_key)
@@ -274,14 +288,31 @@ class PrivacyLedger:
                 f"{state_dir} --data-key '{data_key}'` (recorded in the identity file)"
             )
         if not exists:
-            return cls(path, data_key, identity)
+            if records is not None:
+                cls._refuse_shared_records(identity, data_key, records)
+            return cls(path, data_key, identity, records=records)
         state, problems = audit_file(path, data_key, identity)
         if problems:
             more = f" (and {len(problems) - 1} more problem(s): `fedsafe ledger verify --state-dir {state_dir}`)" \
                 if len(problems) > 1 else ""
             raise LedgerError(f"privacy ledger {path} {problems[0]}{more}; refusing to train rather than forget "
                               "past spend — restore it from backup")
-        return cls(path, data_key, identity, state)
+        return cls(path, data_key, identity, state, records)
+
+    @staticmethod
+    def _refuse_shared_records(identity: NodeIdentity, data_key: str, records) -> None:
+        try:
+            shared = identity.sharing_records(data_key, records)
+        except (OSError, ValueError) as err:
+            raise LedgerError(f"node identity file {identity.path}: {err}; refusing to train") from None
+        if shared:
+            key, ledger_file, count = max(shared, key=lambda found: found[2])
+            raise LedgerError(
+                f"{count} of the {len(records)} records of this data were trained on under data key {key!r} "
+                f"(privacy ledger {identity.state_dir / ledger_file}): a copy or edited version of that data "
+                f"spends that budget, not a new one. Set dataset-id={key!r} (fedsafe node --dataset-id) to "
+                "charge that ledger"
+            )
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -326,6 +357,9 @@ class PrivacyLedger:
         record in the node identity file that this key has been trained on."""
         with atomic_write(self.path) as handle:
             json.dump(self._state, handle, indent=1, allow_nan=False)
+        if self.records is not None:
+            self.identity.record_records(self.path.name, self.records)
+            self.records = None  # kept: once per ledger object is enough
         self.identity.record_trained(self.data_key, self.path.name)
 
     # ---- reading -----------------------------------------------------------------------------

@@ -263,6 +263,34 @@ def test_a_copied_and_reformatted_data_file_is_charged_to_the_same_ledger(tmp_pa
 
 
 @pytest.mark.usefixtures("flower_task_identity")
+def test_data_sharing_records_with_a_trained_file_is_refused_until_charged_to_its_ledger(tmp_path, capsys):
+    part = load_partition("breast-cancer", 0, PartitionScheme("iid", 3, seed=3))
+    original, grown = tmp_path / "records.csv", tmp_path / "records-plus-one.csv"
+    _write_csv(original, part.x, part.y, ".9g", np.arange(len(part)))
+    extra = part.x[:1] + 0.5
+    _write_csv(grown, np.concatenate([part.x, extra]), np.concatenate([part.y, part.y[:1]]), ".9g",
+               np.arange(len(part) + 1))
+    state_dir = tmp_path / "ledgers"
+    _ok(train_round(train_message(CFG, 1), node_context(), _policy(state_dir, data_path=str(original))))
+    [ledger_file] = _ledger_files(state_dir)
+    key = json.loads(ledger_file.read_text())["data_key"]
+
+    # One row added to a copy, or the same file under a new dataset id: not a fresh budget.
+    for policy in (_policy(state_dir, data_path=str(grown)),
+                   _policy(state_dir, data_path=str(original), dataset_id="renamed")):
+        reply = train_round(train_message(CFG, 1, run_key="run-b"), node_context(), policy)
+        assert reply.has_error() and not reply.has_content()
+        err = capsys.readouterr().err
+        assert f"{len(part)} of the" in err and key in err and ledger_file.name in err
+        assert _ledger_files(state_dir) == [ledger_file]
+    # The operator charges the grown data to the ledger its records already spend.
+    _ok(train_round(train_message(CFG, 1, run_key="run-b"), node_context(),
+                    _policy(state_dir, data_path=str(grown), dataset_id=key)))
+    assert _ledger_files(state_dir) == [ledger_file]
+    assert len(json.loads(ledger_file.read_text())["accountant"]["history"]) == 2
+
+
+@pytest.mark.usefixtures("flower_task_identity")
 def test_a_run_naming_a_data_file_is_honoured_only_by_a_simulated_node(tmp_path, capsys):
     part = load_partition("breast-cancer", 1, PartitionScheme("iid", 3, seed=3))
     secret = tmp_path / "secret.csv"
@@ -352,3 +380,17 @@ def test_a_runs_token_is_stable_within_the_run_and_unique_across_runs_and_nodes(
     assert PrivacyLedger.open(tmp_path / "node-a", "same-records").run_token("r1") == token
     assert planned(tmp_path / "node-a", "r2").run_token("r2") not in (None, token)
     assert planned(tmp_path / "node-b", "r1").run_token("r1") != token  # another node, same key and run
+
+
+def test_fedsafe_node_refuses_to_start_beside_any_damaged_ledger(tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(40, 30)).astype(np.float32), y=np.arange(40) % 2)
+    state_dir = tmp_path / "ledgers"
+    PrivacyLedger.open(state_dir, "another-dataset").reserve("r", 1, (1.0, 0.1, 5), max_epsilon=9.0, delta=1e-5)
+    old = state_dir / "file__srv_data.npz-0123456789ab.json"  # what an older fedsafe wrote
+    old.write_text(json.dumps({"version": 1, "data_key": "file:/srv/data.npz", "accountant": {"history": []}}))
+    argv = ["node", "--superlink", "127.0.0.1:8000", "--insecure", "--data-path", str(data),
+            "--state-dir", str(state_dir), "--max-epsilon", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{old}: has version 1" in err and "refusing to start" in err and err.count("\n") == 1
