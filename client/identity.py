@@ -44,19 +44,19 @@ class NodeIdentity:
         text = self.path.read_text(encoding="utf-8")
         lines = text.split("\n")[:-1]  # the last piece is "" or a torn line
         if not lines:
-            raise ValueError("is empty: its first line names the node")
+            raise ValueError(f"{self.path} is empty: its first line names the node")
         events = []
         for number, line in enumerate(lines, start=1):
             try:
                 event = json.loads(line)
             except ValueError:
-                raise ValueError(f"line {number} is not JSON (damaged)") from None
+                raise ValueError(f"{self.path}: line {number} is not JSON (damaged)") from None
             if not isinstance(event, dict):
-                raise ValueError(f"line {number} is not an object (damaged)")
+                raise ValueError(f"{self.path}: line {number} is not an object (damaged)")
             events.append(event)
         header = events[0]
         if header.get("fedsafe-node-identity") != IDENTITY_FORMAT or not isinstance(header.get("node"), str):
-            raise ValueError("line 1 does not name a node (damaged, or not a fedsafe identity file)")
+            raise ValueError(f"{self.path}: line 1 does not name a node (damaged, or not a fedsafe identity file)")
         return events
 
     @property
@@ -73,7 +73,7 @@ class NodeIdentity:
             except (ValueError, TypeError, AttributeError, KeyError):
                 node = None
             if not isinstance(node, str):
-                raise ValueError(f"node identity file {self.path}: line 1 does not name a node (damaged)")
+                raise ValueError(f"{self.path}: line 1 does not name a node (damaged)")
             self._node_id = node
         return self._node_id
 

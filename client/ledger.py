@@ -279,7 +279,7 @@ class PrivacyLedger:
             exists = path.exists()
             trained_before = not exists and identity.has_trained(data_key)
         except (OSError, ValueError) as err:
-            raise LedgerError(f"node identity file {identity.path}: {err}; refusing to train") from None
+            raise LedgerError(f"node identity file {err}; refusing to train") from None
         if trained_before:
             raise LedgerError(
                 f"privacy ledger {path} is missing, but the node identity file {identity.path} records that this "
@@ -304,7 +304,7 @@ class PrivacyLedger:
         try:
             shared = identity.sharing_records(data_key, records)
         except (OSError, ValueError) as err:
-            raise LedgerError(f"node identity file {identity.path}: {err}; refusing to train") from None
+            raise LedgerError(f"node identity file {err}; refusing to train") from None
         if shared:
             key, ledger_file, count = max(shared, key=lambda found: found[2])
             raise LedgerError(
@@ -360,7 +360,10 @@ class PrivacyLedger:
         if self.records is not None:
             self.identity.record_records(self.path.name, self.records)
             self.records = None  # kept: once per ledger object is enough
-        self.identity.record_trained(self.data_key, self.path.name)
+        try:
+            self.identity.record_trained(self.data_key, self.path.name)
+        except ValueError as err:  # a damaged identity file
+            raise LedgerError(f"node identity file {err}; refusing to train") from None
 
     # ---- reading -----------------------------------------------------------------------------
     @property
@@ -537,7 +540,7 @@ def audit_state_dir(state_dir: str | Path) -> StateDirAudit:
     try:
         trained = identity.trained_keys()
     except (OSError, ValueError) as err:
-        trained, problems = {}, [f"{identity.path}: {err}"]
+        trained, problems = {}, [str(err)]
     for path in sorted(directory.glob("*.json")):
         state, found = audit_file(path, None, identity)
         problems += [f"{path}: {line}" for line in found]
@@ -564,7 +567,7 @@ def forget(state_dir: str | Path, data_key: str, by: str) -> Path:
     try:
         known = identity.has_trained(data_key)
     except (OSError, ValueError) as err:
-        raise LedgerError(f"node identity file {identity.path}: {err}") from None
+        raise LedgerError(f"node identity file {err}") from None
     if not known:
         raise LedgerError(f"{identity.path} records no training on data {data_key!r}: nothing to forget")
     identity.record_forgotten(data_key, path.name, by)

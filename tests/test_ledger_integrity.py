@@ -394,3 +394,15 @@ def test_fedsafe_node_refuses_to_start_beside_any_damaged_ledger(tmp_path, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{old}: has version 1" in err and "refusing to start" in err and err.count("\n") == 1
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_damaged_identity_file_refuses_the_round_and_is_named_by_verify(state_dir, capsys):
+    identity = state_dir / IDENTITY_FILE
+    identity.write_text(identity.read_text() + "{not json\n")
+    reply = train_round(train_message(CFG, 2), node_context(), _policy(state_dir))
+    assert reply.has_error() and not reply.has_content()
+    assert f"{identity}: line 3 is not JSON" in capsys.readouterr().err
+    assert main(["ledger", "verify", "--state-dir", str(state_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"fedsafe: ledger problem: {identity}: line 3 is not JSON" in err and "Traceback" not in err
