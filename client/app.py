@@ -104,11 +104,21 @@ def _refuse(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
+def refuse_audit_canaries(config) -> None:
+    """A node never trains with privacy-audit canaries on a coordinator's request: audits run in simulation
+    only, where fedsafe.simulations.audit inserts them itself. A request naming canaries is refused."""
+    asked = sorted(key for key in config.keys() if "canar" in key.lower() or "audit" in key.lower())
+    if asked:
+        raise PolicyError(f"this node takes no privacy-audit canaries (asked for {', '.join(asked)}); "
+                          f"audits run in simulation only (fedsafe audit)")
+
+
 def train_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     from .data import DataError
     from .ledger import BudgetExhausted, LedgerError
 
     try:
+        refuse_audit_canaries(msg.content["config"])
         request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
         terms = resolve_terms(policy, request)
         partition = simulated_partition(context, request)
