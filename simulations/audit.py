@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.simulations.local import NODE_ID_BASE, LocalGrid
 
 CONFIDENCE = 0.95
 CANARY_NODE = 0  # the partition whose node trains with the canaries
@@ -391,26 +392,21 @@ def _prepare_canaries(cfg: RunConfig, options: AuditOptions, rng: np.random.Gene
     return canaries, (records_x.reshape(m, *own.x.shape[1:]), records_y), members
 
 
-class _AuditGrid:
-    """A LocalGrid that keeps what the coordinator saw of the canary node: each round's update."""
+class _AuditGrid(LocalGrid):
+    """The in-process grid, keeping what the coordinator saw of the canary node: each round's update."""
 
     def __init__(self, client_app, num_nodes: int) -> None:
-        from fedsafe.simulations.local import NODE_ID_BASE, LocalGrid
-
-        self.grid = LocalGrid(client_app, num_nodes)
+        super().__init__(client_app, num_nodes)
         self.canary_node = NODE_ID_BASE + CANARY_NODE
-        self.deltas: list[dict[str, np.ndarray]] = []
-        self.reported_epsilon = float("nan")
-
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
+        self.deltas: list[dict[str, np.ndarray]] = []  # per round: its update less the other nodes' mean
+        self.reported_epsilon = float("nan")  # the canary node's ledger, as its last reply said
 
     def send_and_receive(self, messages, *, timeout=None):
         from flwr.app import MessageType
 
         messages = list(messages)
         sent = {m.metadata.dst_node_id: m for m in messages if m.metadata.message_type == MessageType.TRAIN}
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        replies = super().send_and_receive(messages, timeout=timeout)
         updates = {}
         for reply in replies:
             node = reply.metadata.src_node_id

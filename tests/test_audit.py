@@ -141,6 +141,21 @@ def test_with_dp_the_lower_bound_stays_under_the_reported_epsilon(tmp_path):
     saved = json.loads((tmp_path / "dp" / "audit.json").read_text())
     assert saved["reported_epsilon"] == report.reported_epsilon and not saved["contradicted"]
     assert (tmp_path / "dp" / "audit_accuracy.png").stat().st_size > 1000
+    assert not list(tmp_path.rglob("*ledger*"))  # the audit's ledgers were throwaway, removed with its data
+
+
+def test_a_training_bug_that_drops_the_noise_fails_loudly(tmp_path, monkeypatch):
+    # The node accounts ε = 0.5 but (bug) adds no noise: the audit's bound passes the reported ε and it raises.
+    import torch
+
+    from fedsafe.simulations.audit import PrivacyContradiction
+
+    monkeypatch.setattr("opacus.optimizers.optimizer._generate_noise",
+                        lambda std, reference, **_: torch.zeros_like(reference))
+    with pytest.raises(PrivacyContradiction, match="BUG") as caught:
+        audit(RunConfig(**SMALL, epsilon=0.5, out_dir=str(tmp_path / "bug")), AuditOptions(num_nodes=2))
+    assert caught.value.report.white_box.epsilon_lower_bound > caught.value.report.reported_epsilon
+    assert json.loads((tmp_path / "bug" / "audit.json").read_text())["contradicted"]
 
 
 def test_without_dp_the_white_box_audit_has_power(tmp_path):
