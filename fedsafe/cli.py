@@ -257,13 +257,12 @@ def _audit(args: argparse.Namespace) -> int:
     if args.attackers or args.ray_address or args.client_gpus:
         raise CliError("fedsafe audit: runs in this process on this machine, with honest nodes: "
                        "--attackers, --ray-address and --client-gpus do not apply")
-    cfg = _run_config(args, epsilon=_number(args.epsilon, float, "epsilon"), dp=not args.no_dp,
-                      alpha=_number(args.alpha, float, "alpha"), out_dir=_default_out(args, "audit-"))
+    cfg = _run_config(args, out_dir=_default_out(args, "audit-"))
     options = AuditOptions(num_nodes=_number(args.nodes, int, "nodes"), canaries=args.canaries,
                            record_canaries=args.record_canaries, guess_fraction=args.guess_fraction,
                            verbose=args.verbose)
-    print(f"fedsafe audit (simulation only): {options.num_nodes} nodes × {args.rounds} rounds, {args.model} on "
-          f"{args.dataset}, " + ("no DP" if args.no_dp else f"DP-SGD ε≤{cfg.epsilon:g} δ={args.delta:g}")
+    print(f"fedsafe audit (simulation only): {options.num_nodes} nodes × {cfg.num_rounds} rounds, {args.model} on "
+          f"{args.dataset}, " + (f"DP-SGD ε≤{cfg.epsilon:g} δ={cfg.delta:g}" if cfg.dp else "no DP")
           + f"; node 0 trains with {options.canaries} gradient and {options.record_canaries} record canaries",
           flush=True)
     try:

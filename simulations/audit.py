@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsafe import protocol
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.simulations.local import NODE_ID_BASE, LocalGrid
 
@@ -410,11 +411,11 @@ class _AuditGrid(LocalGrid):
         updates = {}
         for reply in replies:
             node = reply.metadata.src_node_id
-            if node in sent and not reply.has_error() and "arrays" in reply.content:
-                start, update = sent[node].content["arrays"], reply.content["arrays"]
+            if node in sent and not reply.has_error() and protocol.ARRAYS in reply.content:
+                start, update = sent[node].content[protocol.ARRAYS], reply.content[protocol.ARRAYS]
                 updates[node] = {k: update[k].numpy() - start[k].numpy() for k in update.keys()}
                 if node == self.canary_node:
-                    self.reported_epsilon = float(reply.content["metrics"].get("epsilon", float("nan")))
+                    self.reported_epsilon = float(reply.content[protocol.METRICS].get(protocol.EPSILON, float("nan")))
         if self.canary_node in updates:
             others = [u for node, u in updates.items() if node != self.canary_node]
             # The other nodes' mean update: the drift the data alone causes on each coordinate, which the
