@@ -252,7 +252,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from fedsafe.simulations.audit import AuditOptions, PrivacyContradiction, audit
+    from fedsafe.simulations.audit import AuditError, AuditOptions, PrivacyContradiction, audit
 
     if args.attackers or args.ray_address or args.client_gpus:
         raise CliError("fedsafe audit: runs in this process on this machine, with honest nodes: "
@@ -271,6 +271,9 @@ def _audit(args: argparse.Namespace) -> int:
         print("\n".join(err.report.lines()))
         print(f"fedsafe audit: {err}", file=sys.stderr, flush=True)
         return EXIT_CONTRADICTION
+    except AuditError as err:
+        print(f"fedsafe audit: error: {err}", file=sys.stderr, flush=True)
+        return 1
     print("\n".join(report.lines()))
     return 0
 

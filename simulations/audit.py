@@ -179,7 +179,7 @@ class GradientCanaries:
         import torch
 
         if len(tensors) != len(self.names):
-            raise RuntimeError(f"canary hook: the optimizer holds {len(tensors)} parameters, the model "
+            raise AuditError(f"canary hook: the optimizer holds {len(tensors)} parameters, the model "
                                f"{len(self.names)} (frozen parameters are not supported by the audit)")
         chosen = self.step_canaries()
         self.inserted += len(chosen)
@@ -313,6 +313,10 @@ class AuditReport:
         return out
 
 
+class AuditError(RuntimeError):
+    """The run gave the audit nothing to judge (the canary node sent no update, the canaries never reached it)."""
+
+
 class PrivacyContradiction(RuntimeError):
     """The audit's lower bound exceeds the reported ε: a bug in the accounting or the training."""
 
@@ -355,7 +359,8 @@ def audit(cfg: RunConfig, options: AuditOptions = AuditOptions(), progress=None)
 
 def _check_auditable(cfg: RunConfig) -> None:
     if cfg.secagg:
-        raise ConfigError("the audit reads each round's update of the canary node; secagg hides it: audit without secagg")
+        raise ConfigError("the audit reads each round's update of the canary node; secagg hides it: "
+                          "audit without secagg")
     if cfg.freeze:
         raise ConfigError("the audit places canaries on every trainable coordinate; audit without freeze")
     if cfg.resume:
@@ -420,7 +425,8 @@ class _AuditGrid(LocalGrid):
             others = [u for node, u in updates.items() if node != self.canary_node]
             # The other nodes' mean update: the drift the data alone causes on each coordinate, which the
             # coordinator can subtract from the canary node's (it sees every update).
-            reference = {k: np.mean([u[k] for u in others], axis=0) for k in updates[self.canary_node]} if others else {}
+            reference = ({k: np.mean([u[k] for u in others], axis=0) for k in updates[self.canary_node]}
+                         if others else {})
             self.deltas.append({k: v - reference.get(k, 0.0) for k, v in updates[self.canary_node].items()})
         return replies
 
@@ -457,9 +463,10 @@ def _train_federation(cfg: RunConfig, options: AuditOptions, canaries: GradientC
     with gradient_canary_hook():
         outcome = run_server(grid, cfg, progress)
     if not grid.deltas:
-        raise RuntimeError("the canary node sent no update the coordinator accepted; nothing to audit")
+        raise AuditError("the canary node (partition 0) sent no update in any round; nothing to audit "
+                         "(see its refusal above)")
     if canaries.inserted == 0 and canaries.members.any():
-        raise RuntimeError("no gradient canary reached the canary node's optimizer: the audit hook did not fire")
+        raise AuditError("no gradient canary reached the canary node's optimizer: the audit's hook did not fire")
     final = {k: v.numpy() for k, v in outcome.arrays.items()}
     return grid.deltas, final, grid.reported_epsilon
 
@@ -493,7 +500,8 @@ def _write(report: AuditReport, plot: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     for g in (report.white_box, report.black_box):
         xs, ys = zip(*g.accuracy_curve)
-        ax.plot(xs, ys, marker=".", label=f"{g.kind} (m={g.canaries})")
+        line, = ax.plot(xs, ys, marker=".", label=f"{g.kind} (m={g.canaries}): ε ≥ {g.epsilon_lower_bound:.2f}")
+        ax.plot([g.guesses], [g.accuracy], marker="o", color=line.get_color())  # the guesses the bound uses
     if report.max_accuracy is not None:
         ax.axhline(report.max_accuracy, color="k", linestyle="--", linewidth=1,
                    label=f"allowed by ε={report.reported_epsilon:.2f}")
