@@ -10,6 +10,7 @@ from pathlib import Path
 from .after import commands as after_training
 
 EXIT_USAGE = 2
+EXIT_CONTRADICTION = 3  # fedsafe audit: an empirical lower bound above the reported ε
 
 
 class CliError(Exception):
@@ -153,11 +154,22 @@ def _add_node(sub) -> None:
     p.add_argument("--test-poison", default=None, help=argparse.SUPPRESS)
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="simulation only: an empirical lower bound on ε from one run with canaries")
+    _add_run_arguments(p)
+    g = p.add_argument_group("privacy audit (Steinke, Nasr, Jagielski 2023: one training run)")
+    g.add_argument("--canaries", type=int, default=1000, help="m: gradient canaries for the white-box audit")
+    g.add_argument("--record-canaries", type=int, default=200, help="record canaries for the black-box audit")
+    g.add_argument("--guess-fraction", type=float, default=0.05,
+                   help="k = this fraction of the canaries: guesses on each side (most and least confident)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
     _add_sweep(sub)
+    _add_audit(sub)
     _add_partitions(sub)
     _add_ledger(sub)
     _add_credentials(sub)
@@ -245,6 +257,33 @@ def _sweep(args: argparse.Namespace) -> int:
     base = _run_config(args, listed=True, model=grid.models[0], strategy=grid.strategies[0], out_dir=str(out))
     rows = run_sweep(base, grid, _simulation_options(args, grid.nodes[0]), out)
     print(f"{len(rows)} runs; table: {out}/privacy_utility.csv, plot: {out}/privacy_utility.png")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from fedsafe.simulations.audit import AuditError, AuditOptions, PrivacyContradiction, audit
+
+    if args.attackers or args.ray_address or args.client_gpus:
+        raise CliError("fedsafe audit: runs in this process on this machine, with honest nodes: "
+                       "--attackers, --ray-address and --client-gpus do not apply")
+    cfg = _run_config(args, out_dir=_default_out(args, "audit-"))
+    options = AuditOptions(num_nodes=_number(args.nodes, int, "nodes"), canaries=args.canaries,
+                           record_canaries=args.record_canaries, guess_fraction=args.guess_fraction,
+                           verbose=args.verbose)
+    print(f"fedsafe audit (simulation only): {options.num_nodes} nodes × {cfg.num_rounds} rounds, {args.model} on "
+          f"{args.dataset}, " + (f"DP-SGD ε≤{cfg.epsilon:g} δ={cfg.delta:g}" if cfg.dp else "no DP")
+          + f"; node 0 trains with {options.canaries} gradient and {options.record_canaries} record canaries",
+          flush=True)
+    try:
+        report = audit(cfg, options)
+    except PrivacyContradiction as err:
+        print("\n".join(err.report.lines()))
+        print(f"fedsafe audit: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONTRADICTION
+    except AuditError as err:
+        print(f"fedsafe audit: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -368,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(credentials, DELEGATED[argv[0]])(argv[1:], prog=f"fedsafe {argv[0]}")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger,
-                   "superlink": _superlink, "node": _node, **after_training.HANDLERS}[args.command]
+        handler = {"simulate": _simulate, "sweep": _sweep, "audit": _audit, "partitions": _partitions,
+                   "ledger": _ledger, "superlink": _superlink, "node": _node, **after_training.HANDLERS}[args.command]
         return handler(args)
     except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError,
             *after_training.errors()) as err:
