@@ -209,8 +209,11 @@ def test_the_gate_steps_one_by_one_reserve_before_training_settle_what_was_done_
     assert plan.private and plan.noise_multiplier > 0 and plan.steps > 1
     assert PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps == plan.steps  # on disk before training
 
-    figures = gate.settle(plan, SimpleNamespace(steps=plan.steps - 1))  # training took one step fewer
-    assert figures["dp-steps"] == plan.steps - 1 == PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps
+    # What the DP optimizer recorded (training.DPSpendRecorder); anything else withholds the update
+    # (tests/test_ledger_integrity.py).
+    done = SimpleNamespace(dp_spend=((plan.noise_multiplier, plan.sample_rate, plan.steps),))
+    figures = gate.settle(plan, done)
+    assert figures["dp-steps"] == plan.steps == PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps
 
     state = {"w": torch.ones(2)}
     reply = gate.release("digest-1", state, {**figures, "num-examples": 100, "train-loss": 0.25})
