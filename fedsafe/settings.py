@@ -140,11 +140,6 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("early-stopping-metric", "", "validation metric to watch (default: the task's headline metric)"),
     Setting("dp", True, "DP-SGD on the nodes; --no-dp: train without it (a non-private baseline)", BOTH, flag="no-dp"),
     Setting("epsilon", 3.0, "each node's ε budget for the run", BOTH, "> 0", requires="dp", listable=True),
-    # Above this σ a node's DP-SGD update is mostly noise (README: "Never trade a good model for noise"):
-    # measured, breast-cancer MLP on 5 nodes still learnt at σ≈10 while at σ≈35 its first round fell
-    # below the untrained model, and the digits CNN collapsed to chance at σ=31.6.
-    Setting("max-noise-multiplier", 20.0, "refuse a run whose calibrated σ (noise multiplier) is above this: "
-            "the update would be noise, and ε spent on it wasted", NODE, "> 0"),
     Setting("delta", 1e-5, "δ of the (ε, δ) guarantee", BOTH, "(0, 1)"),
     Setting("max-grad-norm", 1.0, "per-sample clipping norm C", NODE, "> 0"),
     Setting("accountant", "rdp", "rdp or prv", NODE),
