@@ -124,6 +124,7 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     from fedsafe.models import build_model, parse_model_options, preferred_grad_sample_mode, task_for
     from fedsafe.models.transfer import freeze
 
+    from .dp_modes import check_no_batchnorm
     from .ledger import PrivacyLedger
     from .regularize import can_augment
     from .replay import ReplayCache, request_digest
@@ -146,7 +147,10 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
                               "metrics": MetricRecord({**metrics, "replayed": 1.0})})
         return Message(content, reply_to=msg)
 
+    policy.check_model(request.model)
     model = build_model(request.model, spec, parse_model_options(request.model_options))
+    if terms.private:
+        check_no_batchnorm(model)  # before any ε is reserved: Opacus would fail on it mid-round
     model.load_state_dict(global_arrays.to_torch_state_dict(), strict=True)
     # Frozen parameters (transfer learning) are neither trained, noised nor uploaded.
     frozen = set(freeze(model, request.freeze, request.model)) if request.freeze else set()

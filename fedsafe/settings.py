@@ -110,7 +110,8 @@ def within(bounds: str, value: float) -> bool:
 # The coordinator's defaults. `side`: who reads it (a NODE or BOTH setting travels in every train message).
 RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("num-rounds", 5, "federated rounds", BOTH, ">= 1", flag="rounds"),
-    Setting("model", "mlp", "model family: mlp, cnn, lstm, gru, transformer, autoencoder, gan", BOTH,
+    Setting("model", "mlp", "model family: mlp, cnn, lstm, gru, transformer, autoencoder, gan, one an "
+            "installed package registers (entry points fedsafe.models), or a factory package.module:function", BOTH,
             listable=True),
     Setting("dataset", "breast-cancer",
             "built-in dataset (breast-cancer, digits, digits-seq, digits-anomaly, diabetes, synthetic) "
@@ -223,6 +224,8 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("delta", 1e-5, "δ of the (ε, δ) guarantee; a run asking a larger δ gets this one", NODE, "(0, 1)"),
     Setting("device", "auto", "auto, cpu, cuda or cuda:N", NODE),
     Setting("allow-non-private", False, "a run may turn DP off only where the operator allows it", NODE),
+    Setting("allow-models", "", "user model factories this node may import: comma list of "
+            "package.module:function or package names (built-in and entry-point models need none)", NODE),
     # Simulations: set by the driver for each virtual node.
     Setting("partition-id", -1, "simulated node: which partition of the run's dataset it holds", NODE),
     Setting("num-partitions", 0, "simulated node: how many partitions the dataset is split into", NODE),
