@@ -293,7 +293,7 @@ def run_rounds(
             "epsilon_max": max(round_eps.values()) if round_eps else None,
             "epsilon_mean": mean(round_eps.values()) if round_eps else None,
             "node_epsilon": {str(k): v for k, v in round_eps.items()},
-            "clientapp_startup_seconds": startup,  # per node: ClientApp process start to first training step
+            "clientapp_startup_seconds": startup,  # per node: ClientApp process start to its libraries loaded
             "problems": failures + refusals + rejected,
             **round_report(strategy, rnd),
         }
