@@ -183,7 +183,7 @@ def load_file(path: str | Path, label_column: str = "label", group_column: str |
             if group_column is not None and group_column not in arrays:
                 raise DataError(f"{path}: no group array {group_column!r}; found {list(arrays)}")
             groups = arrays[group_column] if group_column else None
-    elif path.suffix in TABLE_SUFFIXES:
+    elif path.suffix in TABLE_SUFFIXES or is_hf_dataset_dir(path):
         x, y, groups = _load_table(path, label_column, group_column)
     else:
         raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .npz, .csv or .parquet")
@@ -209,8 +209,27 @@ def schema_path(table: Path) -> Path:
     return table.with_name(table.name + SCHEMA_SUFFIX)
 
 
+def is_hf_dataset_dir(path: Path) -> bool:
+    """A Hugging Face `datasets` Dataset saved with save_to_disk (a DatasetDict: save one split)."""
+    return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _read_hf_dataset(path: Path):
+    """A saved Hugging Face Dataset as a pandas table (its Arrow files, memory-mapped, then copied)."""
+    from datasets import Dataset, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"{path}: a DatasetDict; save one split (dataset['train'].save_to_disk(...))")
+    unusable = [name for name, feature in dataset.features.items()
+                if type(feature).__name__ in ("Image", "Audio", "Sequence", "List", "LargeList")]
+    if unusable:
+        raise DataError(f"{path}: column(s) {unusable} are not table values (images, audio, lists)")
+    return dataset.to_pandas()
+
+
 def _load_table(path: Path, label_column: str, group_column: str | None):
-    """A .csv or .parquet table as (x, y, groups).
+    """A .csv or .parquet table, or a saved Hugging Face Dataset of table columns, as (x, y, groups).
 
     Without a schema file every feature column must be numeric and complete. With one
     (``<table>.schema.json``: ``{"numeric": {"age": {"fill": 40}, "income": {}}, "categorical":
@@ -222,7 +241,12 @@ def _load_table(path: Path, label_column: str, group_column: str | None):
     import pandas as pd
 
     try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if is_hf_dataset_dir(path):
+            table = _read_hf_dataset(path)
+        else:
+            table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - a damaged or unreadable table
         raise DataError(f"{path}: cannot read the table: {type(err).__name__}") from None
     for what, column in (("label", label_column), ("group", group_column)):

@@ -115,7 +115,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             listable=True),
     Setting("dataset", "breast-cancer",
             "built-in dataset (breast-cancer, digits, digits-seq, digits-anomaly, diabetes, synthetic) "
-            "or a .csv/.npz file with a 'label' column", BOTH),
+            "or a data file: .npz, .csv/.parquet with a 'label' column, a saved Hugging Face dataset", BOTH),
     Setting("model-options", "", "the family's options, e.g. 'hidden=128,dropout=0.2'", BOTH),
     Setting("partitioner", "iid", "iid, dirichlet, pathological or natural", BOTH),
     Setting("alpha", 0.5, "Dirichlet concentration, smaller is more skewed", BOTH, "> 0", listable=True),
@@ -217,7 +217,8 @@ SentSettings = make_dataclass(
 
 # ---- a node's policy: Flower's node-config keys, the node operator's own -------------------------
 NODE_SETTINGS: tuple[Setting, ...] = (
-    Setting("data-path", "", "this node's data: .npz (x, y) or .csv with a 'label' column", NODE),
+    Setting("data-path", "", "this node's data: .npz (x, y), .csv/.parquet with a 'label' column "
+            "(categorical or missing values: a <file>.schema.json beside it), or a saved Hugging Face dataset", NODE),
     Setting("dataset-id", "", "the name the ledger keys on (default: the data file's path)", NODE),
     Setting("state-dir", "~/.fedsafe/ledgers", "where the privacy ledgers live", NODE),
     Setting("max-epsilon", 10.0, "lifetime ε cap on this data, over all runs", NODE, "> 0"),

@@ -79,3 +79,19 @@ def test_a_table_with_categories_and_gaps_partitions_and_trains(tmp_path):
     assert 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
     first, last = outcome.history[0]["eval"]["accuracy"], outcome.history[-1]["eval"]["accuracy"]
     assert last >= 0.85 and last > first, (first, last)
+
+
+def test_a_saved_hugging_face_dataset_reads_as_its_table(tmp_path):
+    from datasets import Dataset
+
+    frame = pd.DataFrame({"age": [30.0, None, 20.0, 44.0], "region": ["east", None, "north", "south"],
+                          "label": [0, 1, 1, 0]})
+    saved = tmp_path / "hf"
+    Dataset.from_pandas(frame).save_to_disk(str(saved))
+    schema_path(saved).write_text(json.dumps(SCHEMA))
+    from_hf, from_csv = load_file(saved), load_file(_table(tmp_path / "t.csv", frame))
+    np.testing.assert_array_equal(from_hf.x, from_csv.x)
+    np.testing.assert_array_equal(from_hf.y, from_csv.y)
+    Dataset.from_dict({"x": [[1.0, 2.0]], "label": [0]}).save_to_disk(str(tmp_path / "lists"))
+    with pytest.raises(DataError, match=r"column\(s\) \['x'\] are not table values"):
+        load_file(tmp_path / "lists")
