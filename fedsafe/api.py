@@ -13,7 +13,6 @@ may change.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -167,12 +166,11 @@ class PrivateTrainer:
 
     @property
     def data_key(self) -> str:
-        """What the ledger protects: these records, by content (shape, dtype and bytes of x and y)."""
-        digest = hashlib.sha256()
-        for array in (self.dataset.x, self.dataset.y):
-            digest.update(f"{array.dtype}{array.shape}".encode())
-            digest.update(np.ascontiguousarray(array).tobytes())
-        return "records-sha256:" + digest.hexdigest()
+        """What the ledger protects: these records, by content — the key a fedsafe node gives the same
+        records loaded from a file (fedsafe.client.data.records_digest)."""
+        from fedsafe.client.data import records_digest
+
+        return "records:" + records_digest(self.dataset)
 
     def train(self, msg, context=None):
         """reserve → DP-SGD → settle → reply, or a refusal with a fixed code (client/gate.py)."""
@@ -184,6 +182,7 @@ class PrivateTrainer:
             return refuse(msg, err)
 
     def _round(self, msg):
+        from fedsafe.client.data import record_hashes
         from fedsafe.client.dp_modes import check_no_batchnorm
         from fedsafe.client.gate import PrivacyGate
         from fedsafe.client.policy import resolve_terms
@@ -194,7 +193,7 @@ class PrivateTrainer:
 
         request = self._request(msg)
         terms = resolve_terms(self.policy, request)
-        gate = PrivacyGate(msg, self.policy, request, terms, self.data_key)
+        gate = PrivacyGate(msg, self.policy, request, terms, self.data_key, records=record_hashes(self.dataset))
         arrays = msg.content["arrays"]
         digest = request_digest(dict(msg.content["config"].items()) if "config" in msg.content else {},
                                 {k: v.numpy() for k, v in arrays.items()})
