@@ -120,6 +120,7 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     refuse_audit_canaries(msg.content["config"])
     request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
     terms = resolve_terms(policy, request)
+    policy.check_model(request.model)  # the model code the run names: only what the operator allows
     partition = simulated_partition(context, request)
     device = node_device(policy)
     startup = _startup_seconds()
@@ -184,9 +185,12 @@ def _global_model(msg: Message, request: TrainRequest, spec):
     from fedsafe.models import build_model, parse_model_options, task_for
     from fedsafe.models.transfer import freeze
 
+    from .dp_modes import check_no_batchnorm
     from .regularize import can_augment
 
     model = build_model(request.model, spec, parse_model_options(request.model_options))
+    if request.dp:
+        check_no_batchnorm(model)  # before any ε is reserved: Opacus would fail on it mid-round
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     # Frozen parameters (transfer learning) are neither trained, noised nor uploaded.
     frozen = set(freeze(model, request.freeze, request.model)) if request.freeze else set()

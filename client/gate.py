@@ -36,6 +36,7 @@ from fedsafe.protocol import (
     DATA_UNUSABLE,
     INTERNAL_ERROR,
     LEDGER_DAMAGED,
+    MODEL_UNAVAILABLE,
     NOISE_TOO_HIGH,
     REFUSALS,
     REQUEST_REFUSED,
@@ -68,9 +69,10 @@ def say(text: str) -> None:
 
 def refusal_code(err: BaseException) -> int:
     """The fixed code for an exception raised while serving a round."""
-    from fedsafe.models.registry import ModelConfigError
+    from fedsafe.models.registry import ModelConfigError, UnknownModelError
 
     from .data import DataError
+    from .dp_modes import NotPrivatisable
     from .ledger import BudgetExhausted, LedgerError, NoiseTooHigh
     from .policy import PolicyError
 
@@ -82,7 +84,9 @@ def refusal_code(err: BaseException) -> int:
         return LEDGER_DAMAGED
     if isinstance(err, DataError):
         return DATA_UNUSABLE
-    if isinstance(err, (PolicyError, ModelConfigError)):
+    if isinstance(err, UnknownModelError):  # a user's model module this node lacks (its name is the run's)
+        return MODEL_UNAVAILABLE
+    if isinstance(err, (PolicyError, ModelConfigError, NotPrivatisable)):
         return REQUEST_REFUSED
     return INTERNAL_ERROR
 

@@ -49,6 +49,9 @@ class NodePolicy:
     # A virtual node of a simulation (set by the simulation driver in code, never from node-config, which a
     # deployed node's operator writes): only then may a run name a data file for the node to load.
     simulated: bool = False
+    # User model factories (package.module:function, or a package whose factories all are) this node may
+    # import: a coordinator names the code a node runs, so only the operator's list may widen it.
+    allow_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -81,6 +84,24 @@ class NodePolicy:
             allow_non_private=values["allow_non_private"],
             seed_noise=values["seed_noise"],
             debug_poison=tuple(p.strip() for p in values["debug_poison"].split(",") if p.strip()),
+            allow_models=tuple(m.strip() for m in values["allow_models"].split(",") if m.strip()),
+        )
+
+    def check_model(self, model: str) -> None:
+        """PolicyError unless this node may build `model`: built-in families and those installed
+        packages register (entry points, installed by the operator) always; a ``module:function``
+        reference only where node-config allow-models lists it or a package above it."""
+        from fedsafe.models.registry import is_user_model_ref
+
+        if not is_user_model_ref(model):
+            return
+        module = model.partition(":")[0]
+        if any(model == allowed or module == allowed or module.startswith(allowed + ".")
+               for allowed in self.allow_models):
+            return
+        raise PolicyError(
+            f"the run asks this node to import model code {model!r}; node-config allow-models does not list it "
+            f"(add '{model}' or its package there if the operator has installed and reviewed that code)"
         )
 
     def with_overrides(self, **changes: Any) -> NodePolicy:

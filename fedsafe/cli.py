@@ -212,7 +212,8 @@ def _default_out(args: argparse.Namespace, kind: str) -> str:
     import time
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return args.out or f"results/{kind}{args.model.replace(',', '+')}-{Path(args.dataset).stem}-{stamp}"
+    model = args.model.replace(",", "+").replace(":", ".")  # a factory package.module:function
+    return args.out or f"results/{kind}{model}-{Path(args.dataset).stem}-{stamp}"
 
 
 def _simulate(args: argparse.Namespace) -> int:
