@@ -1,4 +1,5 @@
-"""The coordinator's round loop: send, collect, validate, aggregate, evaluate, record, checkpoint.
+"""The coordinator's round loop: sample → send and collect → validate → aggregate → evaluate → record
+and checkpoint, one named function per phase (`run_rounds` reads as that sequence).
 
 Flower's `Strategy.start` has no checkpoints, resume, or per-node view of replies; this loop drives the
 same strategy methods (`configure_train`, `aggregate_train`) and adds them.
@@ -18,6 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.strategies import (
+    StrikesStrategy,
     UpdateRejected,
     complete_update,
     conform_arrays,
@@ -28,7 +30,7 @@ from fedsafe.strategies import (
     strategy_state_dict,
     validate_update,
 )
-from fedsafe.strategies.state import chain
+from fedsafe.strategies.state import excluded_nodes, find_link, hides_updates
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -108,47 +110,91 @@ def exchange(grid, messages: list[Message], timeout: float, poll_interval: float
     return replies, sorted(destination[m] for m in pending) + unpushed
 
 
-def _split_replies(
-    replies: list[tuple[int, Message]], global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False, frozen=()
-):
-    valid, failures, budget_refusals, rejected = [], [], [], []
-    for node, reply in replies:
+@dataclass
+class Collected:
+    """What came back for one round's messages."""
+
+    replies: list[tuple[int, Message]]  # (the node a message went to, its reply)
+    silent: list[int]  # nodes that did not reply within the round timeout
+    wait_seconds: float  # pushing the messages until the last reply (or the timeout)
+
+
+@dataclass
+class Checked:
+    """One round's replies after validation: the updates to aggregate and every problem, per node."""
+
+    valid: list[Message] = field(default_factory=list)  # in node order
+    failures: list[dict[str, Any]] = field(default_factory=list)  # error replies and silent nodes
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # nodes that refused the round for budget
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # updates that failed validation
+
+    @property
+    def problems(self) -> list[dict[str, Any]]:
+        return self.failures + self.refusals + self.rejected
+
+
+class RunStopped(RuntimeError):
+    """The run ends cleanly before a round (a privacy budget, every node excluded); the message says why."""
+
+
+def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> None:
+    """Raise UpdateRejected unless `reply` is an update fit to aggregate (completes frozen arrays in place)."""
+    content = reply.content
+    if "metrics" not in content or (not masked and "arrays" not in content):
+        raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
+    # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)
+    if not masked and (len(content.metric_records) != 1 or len(content.array_records) != 1):
+        raise UpdateRejected("reply must hold exactly one ArrayRecord and one MetricRecord")
+    examples = content["metrics"].get("num-examples")
+    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
+        raise UpdateRejected(f"metrics lack a positive 'num-examples' (got {examples!r})")
+    if not masked:  # under secure aggregation the server never holds an update to check
+        validate_update(global_arrays, content["arrays"], cfg.max_update_norm or None, frozen)
+        # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
+        content["arrays"] = complete_update(global_arrays, content["arrays"], frozen)
+
+
+def _keep_shared_metrics(valid: list[tuple[int, Message]]) -> None:
+    """Flower's strategies refuse to aggregate replies whose metrics have different keys (the whole round
+    would fail): keep the keys all valid replies share."""
+    if not valid:
+        return
+    common = set.intersection(*(set(r.content["metrics"].keys()) for _, r in valid))
+    for node, reply in valid:
+        extra = sorted(set(reply.content["metrics"].keys()) - common)
+        if extra:
+            log.info("node %s: metrics %s not reported by every node; not aggregated", node, extra)
+            for key in extra:
+                del reply.content["metrics"][key]
+
+
+def validate_replies(
+    collected: Collected, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False, frozen=()
+) -> Checked:
+    """Sort the round's replies into valid updates, failures, budget refusals and rejected updates."""
+    checked = Checked()
+    valid: list[tuple[int, Message]] = []
+    for node, reply in collected.replies:
         if reply.has_error():
             entry = {"node": node, "code": reply.error.code, "reason": reply.error.reason}
-            (budget_refusals if reply.error.code == BUDGET_EXHAUSTED else failures).append(entry)
+            (checked.refusals if reply.error.code == BUDGET_EXHAUSTED else checked.failures).append(entry)
             continue
         try:
-            content = reply.content
-            if "metrics" not in content or (not masked and "arrays" not in content):
-                raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
-            # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)
-            if not masked and (len(content.metric_records) != 1 or len(content.array_records) != 1):
-                raise UpdateRejected("reply must hold exactly one ArrayRecord and one MetricRecord")
-            examples = content["metrics"].get("num-examples")
-            if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
-                raise UpdateRejected(f"metrics lack a positive 'num-examples' (got {examples!r})")
-            if not masked:  # under secure aggregation the server never holds an update to check
-                validate_update(global_arrays, content["arrays"], cfg.max_update_norm or None, frozen)
-                # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
-                content["arrays"] = complete_update(global_arrays, content["arrays"], frozen)
+            _check_reply(reply, global_arrays, cfg, masked, frozen)
         except UpdateRejected as err:
-            rejected.append({"node": node, "reason": str(err)})
+            checked.rejected.append({"node": node, "reason": str(err)})
             continue
         valid.append((node, reply))
-    # Flower's strategies refuse to aggregate replies whose metrics have different keys (the whole round
-    # would fail): keep the keys all valid replies share.
-    if valid:
-        common = set.intersection(*(set(r.content["metrics"].keys()) for _, r in valid))
-        for node, reply in valid:
-            extra = sorted(set(reply.content["metrics"].keys()) - common)
-            if extra:
-                log.info("node %s: metrics %s not reported by every node; not aggregated", node, extra)
-                for key in extra:
-                    del reply.content["metrics"][key]
+    checked.failures += [
+        {"node": node, "code": None, "reason": f"no reply within round-timeout={cfg.round_timeout:g}s"}
+        for node in collected.silent
+    ]
+    _keep_shared_metrics(valid)
     # Aggregate in node order: float sums then do not depend on which reply arrived first, so a resumed
     # run reproduces an uninterrupted one bit for bit.
     valid.sort(key=lambda pair: pair[0])
-    return [reply for _, reply in valid], failures, budget_refusals, rejected
+    checked.valid = [reply for _, reply in valid]
+    return checked
 
 
 def check_out_dir(cfg: RunConfig) -> None:
@@ -183,6 +229,180 @@ def _resume_state(cfg: RunConfig, initial_arrays: ArrayRecord, strategy) -> RunS
     return state
 
 
+@dataclass
+class _Run:
+    """What the loop carries from round to round."""
+
+    cfg: RunConfig
+    strategy: Any
+    sampler: NodeSampler
+    arrays: ArrayRecord
+    history: list[dict[str, Any]]
+    run_key: str
+    first_round: int
+    results: ResultsWriter
+    frozen: list[str]
+    stopper: EarlyStopping | None
+    train_config: ConfigRecord
+    masked: bool  # the server never sees an update in the clear (SecAgg+)
+    node_epsilon: dict[int, float] = field(default_factory=dict)  # every node's latest reported ε
+
+
+def start_run(cfg: RunConfig, strategy, initial_arrays: ArrayRecord, model_config: dict[str, Any],
+              evaluator: Evaluator | None) -> _Run:
+    """A new run (round 0 evaluated), or the checkpointed run resumed when `cfg.resume`."""
+    sampler = NodeSampler(cfg.seed, cfg.fraction_train, cfg.min_nodes, min_sample=cfg.min_train_nodes())
+    if cfg.resume:
+        state = _resume_state(cfg, initial_arrays, strategy)
+        arrays = ArrayRecord(state.model_state)
+        history, run_key, first_round = state.history, state.run_key, state.completed_round + 1
+        if state.sampler_state:
+            sampler.load_state_dict(state.sampler_state)
+        log.warning("resuming run %s after round %d of %d (checkpoint %s)", run_key, state.completed_round,
+                    cfg.num_rounds, cfg.out_path / CHECKPOINT_NAME)
+    else:
+        check_out_dir(cfg)
+        arrays, history, run_key, first_round = initial_arrays, [], uuid.uuid4().hex, 1
+        if evaluator is not None:
+            history.append({"round": 0, "eval": evaluator(arrays)})
+    run = _Run(
+        cfg=cfg, strategy=strategy, sampler=sampler, arrays=arrays, history=history, run_key=run_key,
+        first_round=first_round, results=ResultsWriter(cfg.out_path, cfg.to_mapping()),
+        frozen=_frozen_keys(arrays, cfg), stopper=_early_stopping(cfg, history, arrays, evaluator),
+        train_config=ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key}),
+        masked=hides_updates(strategy),
+    )
+    for entry in history:
+        run.node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
+    return run
+
+
+def sample_round(run: _Run, grid, rnd: int) -> list[Message]:
+    """The round's train messages to the sampled nodes; RunStopped when no round can start."""
+    excluded = excluded_nodes(run.strategy)
+    eligible = [n for n in run.sampler.wait_for_nodes(grid, run.cfg.round_timeout) if n not in excluded]
+    if not eligible:
+        raise RunStopped(f"every connected node is excluded for rejected updates: {sorted(excluded)}")
+    sampled = run.sampler.sample(eligible)  # excluded nodes take no sampling slot
+    try:
+        return list(run.strategy.configure_train(rnd, run.arrays, run.train_config, SampledGrid(grid, sampled)))
+    except _stop_exceptions() as err:
+        raise RunStopped(str(err)) from None
+
+
+def send_and_collect(grid, messages: list[Message], cfg: RunConfig) -> Collected:
+    sent_at = time.perf_counter()
+    replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
+    return Collected(replies, silent, time.perf_counter() - sent_at)
+
+
+def report_problems(strategy, rnd: int, checked: Checked) -> None:
+    """Log every node's problem and tell the strikes wrapper (if any) which updates it rejected or took."""
+    for entry in checked.failures:
+        log.warning("round %d: node %s failed: %s", rnd, entry["node"], entry["reason"])
+    for entry in checked.refusals:
+        log.warning("round %d: node %s refused: %s", rnd, entry["node"], entry["reason"])
+    strikes = find_link(strategy, StrikesStrategy)
+    for entry in checked.rejected:
+        if strikes is not None:
+            strikes.record_rejection(entry["node"], entry["reason"], rnd)
+        else:
+            log.warning("round %d: node %s update rejected: %s", rnd, entry["node"], entry["reason"])
+    if strikes is not None:
+        for reply in checked.valid:
+            strikes.record_accepted(reply.metadata.src_node_id)
+
+
+def aggregate_round(run: _Run, rnd: int, checked: Checked) -> tuple[bool, float | None]:
+    """Aggregate the valid updates into the global model (when there are min-replies of them):
+    (aggregated, the mean train loss the strategy reports)."""
+    if len(checked.valid) < run.cfg.min_replies:
+        log.warning(
+            "round %d skipped: %d valid replies, %d needed (min-replies); the global model is unchanged",
+            rnd, len(checked.valid), run.cfg.min_replies,
+        )
+        return False, None
+    aggregated = False
+    new_arrays, agg_metrics = run.strategy.aggregate_train(rnd, checked.valid)
+    if new_arrays is not None:
+        run.arrays = keep_frozen(run.arrays, conform_arrays(run.arrays, new_arrays), run.frozen)
+        aggregated = True
+    train_loss = float(agg_metrics["train-loss"]) if agg_metrics is not None and "train-loss" in agg_metrics else None
+    return aggregated, train_loss
+
+
+def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collected, checked: Checked,
+                 aggregated: bool, train_loss: float | None) -> dict[str, Any]:
+    """The round's entry in the results: who replied, what failed and why, the nodes' ε."""
+    round_eps, startup = {}, {}
+    for reply in checked.valid:
+        metrics = reply.content["metrics"]
+        if "epsilon" in metrics:
+            round_eps[reply.metadata.src_node_id] = float(metrics["epsilon"])
+        if "startup-seconds" in metrics:
+            startup[str(reply.metadata.src_node_id)] = float(metrics["startup-seconds"])
+    run.node_epsilon.update(round_eps)
+    return {
+        "round": rnd,
+        "aggregated": aggregated,
+        "sent": len(messages),
+        "replies": len(checked.valid),
+        "failures": len(checked.failures),
+        "budget_refusals": len(checked.refusals),
+        "rejected": len(checked.rejected),
+        "train_loss": train_loss,
+        "epsilon_max": max(round_eps.values()) if round_eps else None,
+        "epsilon_mean": mean(round_eps.values()) if round_eps else None,
+        "node_epsilon": {str(k): v for k, v in round_eps.items()},
+        "clientapp_startup_seconds": startup,  # per node: ClientApp process start to first training step
+        "problems": checked.problems,
+        **round_report(run.strategy, rnd),
+        "wait_seconds": collected.wait_seconds,
+    }
+
+
+def evaluate_round(run: _Run, rnd: int, record: dict[str, Any], evaluator: Evaluator | None) -> None:
+    """Central evaluation of the new global model, and early stopping's view of it."""
+    if evaluator is None:
+        return
+    record["eval"] = evaluator(run.arrays)
+    if run.stopper is not None and run.stopper.observe(rnd, record["eval"], run.arrays):
+        record["early_stopped"] = rnd < run.cfg.num_rounds
+
+
+def record_and_checkpoint(run: _Run, rnd: int, record: dict[str, Any]) -> None:
+    """Append the round to the results on disk, then checkpoint: a crash after this resumes at rnd + 1."""
+    run.history.append(record)
+    run.results.write(run.history)
+    run.results.add_round(record)
+    save_checkpoint(
+        run.cfg.out_path,
+        RunState(run_key=run.run_key, completed_round=rnd, model_state=run.arrays.to_torch_state_dict(),
+                 history=run.history, config=run.cfg.to_mapping(), sampler_state=run.sampler.state_dict(),
+                 strategy_state=strategy_state_dict(run.strategy)),
+    )
+
+
+def finish_run(run: _Run, stop_reason: str | None) -> dict[str, Any]:
+    """The run's summary, written with the results, the per-node ε table and the plots."""
+    history = run.history
+    summary = {
+        "final": history[-1].get("eval", {}) if history else {},
+        "epsilon_max_all_nodes": max(run.node_epsilon.values()) if run.node_epsilon else None,
+        "nodes_seen": len(run.node_epsilon),
+        "stop_reason": stop_reason,
+    }
+    if history and history[-1].get("client_level_epsilon") is not None:
+        summary["client_level_epsilon"] = history[-1]["client_level_epsilon"]
+    if run.stopper is not None:
+        summary["best"] = run.stopper.summary()
+        summary["best"]["stopped_early"] = any(h.get("early_stopped") for h in history)
+    run.results.write(history, summary)
+    run.results.write_node_epsilon(history)
+    run.results.plot(history)
+    return summary
+
+
 def run_rounds(
     grid,
     cfg: RunConfig,
@@ -194,143 +414,31 @@ def run_rounds(
 ) -> RunOutcome:
     """Run `cfg.num_rounds` rounds (from the checkpoint's next round when `cfg.resume`)."""
     started_at = time.perf_counter()
-    out = cfg.out_path
-    sampler = NodeSampler(cfg.seed, cfg.fraction_train, cfg.min_nodes, min_sample=cfg.min_train_nodes())
-    if cfg.resume:
-        state = _resume_state(cfg, initial_arrays, strategy)
-        arrays = ArrayRecord(state.model_state)
-        history, run_key, first_round = state.history, state.run_key, state.completed_round + 1
-        if state.sampler_state:
-            sampler.load_state_dict(state.sampler_state)
-        log.warning("resuming run %s after round %d of %d (checkpoint %s)", run_key, state.completed_round,
-                    cfg.num_rounds, out / CHECKPOINT_NAME)
-    else:
-        check_out_dir(cfg)
-        arrays, history, run_key, first_round = initial_arrays, [], uuid.uuid4().hex, 1
-        if evaluator is not None:
-            history.append({"round": 0, "eval": evaluator(arrays)})
-    results = ResultsWriter(out, cfg.to_mapping())
-    node_epsilon: dict[int, float] = {}
-    for entry in history:
-        node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
-    frozen = _frozen_keys(arrays, cfg)
-    stopper = _early_stopping(cfg, history, arrays, evaluator)
-
-    train_config = ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key})
-    masked = any(getattr(link, "hides_updates", False) for link in chain(strategy))
+    run = start_run(cfg, strategy, initial_arrays, model_config, evaluator)
     stop_reason = None
-    for rnd in range(first_round, cfg.num_rounds + 1):
-        if stopper is not None and stopper.should_stop:
+    for rnd in range(run.first_round, cfg.num_rounds + 1):
+        if run.stopper is not None and run.stopper.should_stop:
             break
         started = time.perf_counter()
-        strikes = next((link for link in chain(strategy) if hasattr(link, "record_rejection")), None)
-        excluded = set(strikes.excluded) if strikes is not None else set()
-        eligible = [n for n in sampler.wait_for_nodes(grid, cfg.round_timeout) if n not in excluded]
-        if not eligible:
-            stop_reason = f"every connected node is excluded for rejected updates: {sorted(excluded)}"
-            log.warning("run stopped before round %d: %s", rnd, stop_reason)
-            break
-        sampled = sampler.sample(eligible)  # excluded nodes take no sampling slot
         try:
-            messages = list(strategy.configure_train(rnd, arrays, train_config, SampledGrid(grid, sampled)))
-        except _stop_exceptions() as err:
+            messages = sample_round(run, grid, rnd)
+        except RunStopped as err:
             stop_reason = str(err)
             log.warning("run stopped before round %d: %s", rnd, stop_reason)
             break
-        sent_at = time.perf_counter()
-        replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
-        wait_seconds = time.perf_counter() - sent_at
-        observe_replies(strategy, rnd, [reply for _, reply in replies])
-        valid, failures, refusals, rejected = _split_replies(replies, arrays, cfg, masked, frozen)
-        failures += [{"node": node, "code": None, "reason": f"no reply within round-timeout={cfg.round_timeout:g}s"}
-                     for node in silent]
-        for entry in failures:
-            log.warning("round %d: node %s failed: %s", rnd, entry["node"], entry["reason"])
-        for entry in refusals:
-            log.warning("round %d: node %s refused: %s", rnd, entry["node"], entry["reason"])
-        for entry in rejected:
-            if strikes is not None:
-                strikes.record_rejection(entry["node"], entry["reason"], rnd)
-            else:
-                log.warning("round %d: node %s update rejected: %s", rnd, entry["node"], entry["reason"])
-        if strikes is not None:
-            for reply in valid:
-                strikes.record_accepted(reply.metadata.src_node_id)
-
-        round_eps, startup = {}, {}
-        for reply in valid:
-            metrics = reply.content["metrics"]
-            if "epsilon" in metrics:
-                round_eps[reply.metadata.src_node_id] = float(metrics["epsilon"])
-            if "startup-seconds" in metrics:
-                startup[str(reply.metadata.src_node_id)] = float(metrics["startup-seconds"])
-        node_epsilon.update(round_eps)
-
-        aggregated = False
-        train_loss = None
-        if len(valid) >= cfg.min_replies:
-            new_arrays, agg_metrics = strategy.aggregate_train(rnd, valid)
-            if new_arrays is not None:
-                arrays, aggregated = keep_frozen(arrays, conform_arrays(arrays, new_arrays), frozen), True
-            if agg_metrics is not None and "train-loss" in agg_metrics:
-                train_loss = float(agg_metrics["train-loss"])
-        else:
-            log.warning(
-                "round %d skipped: %d valid replies, %d needed (min-replies); the global model is unchanged",
-                rnd, len(valid), cfg.min_replies,
-            )
-
-        record: dict[str, Any] = {
-            "round": rnd,
-            "aggregated": aggregated,
-            "sent": len(messages),
-            "replies": len(valid),
-            "failures": len(failures),
-            "budget_refusals": len(refusals),
-            "rejected": len(rejected),
-            "train_loss": train_loss,
-            "epsilon_max": max(round_eps.values()) if round_eps else None,
-            "epsilon_mean": mean(round_eps.values()) if round_eps else None,
-            "node_epsilon": {str(k): v for k, v in round_eps.items()},
-            "clientapp_startup_seconds": startup,  # per node: ClientApp process start to first training step
-            "problems": failures + refusals + rejected,
-            **round_report(strategy, rnd),
-        }
-        if getattr(strategy, "excluded", None):
-            record["excluded"] = sorted(strategy.excluded)
-        if evaluator is not None:
-            record["eval"] = evaluator(arrays)
-        if stopper is not None and stopper.observe(rnd, record["eval"], arrays):
-            record["early_stopped"] = rnd < cfg.num_rounds
-        record["wait_seconds"] = wait_seconds  # pushing the messages until the last reply (or the timeout)
+        collected = send_and_collect(grid, messages, cfg)
+        observe_replies(strategy, rnd, [reply for _, reply in collected.replies])
+        checked = validate_replies(collected, run.arrays, cfg, run.masked, run.frozen)
+        report_problems(strategy, rnd, checked)
+        aggregated, train_loss = aggregate_round(run, rnd, checked)
+        record = round_record(run, rnd, messages, collected, checked, aggregated, train_loss)
+        evaluate_round(run, rnd, record, evaluator)
         record["seconds"] = time.perf_counter() - started
-        history.append(record)
-        results.write(history)
-        results.add_round(record)
-        save_checkpoint(
-            out,
-            RunState(run_key=run_key, completed_round=rnd, model_state=arrays.to_torch_state_dict(),
-                     history=history, config=cfg.to_mapping(), sampler_state=sampler.state_dict(),
-                     strategy_state=strategy_state_dict(strategy)),
-        )
+        record_and_checkpoint(run, rnd, record)
         if progress is not None:
             progress(record, cfg)
-
-    summary = {
-        "final": history[-1].get("eval", {}) if history else {},
-        "epsilon_max_all_nodes": max(node_epsilon.values()) if node_epsilon else None,
-        "nodes_seen": len(node_epsilon),
-        "stop_reason": stop_reason,
-    }
-    if history and history[-1].get("client_level_epsilon") is not None:
-        summary["client_level_epsilon"] = history[-1]["client_level_epsilon"]
-    if stopper is not None:
-        summary["best"] = stopper.summary()
-        summary["best"]["stopped_early"] = any(h.get("early_stopped") for h in history)
-    results.write(history, summary)
-    results.write_node_epsilon(history)
-    results.plot(history)
-    return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon, started_at=started_at,
+    summary = finish_run(run, stop_reason)
+    return RunOutcome(arrays=run.arrays, history=run.history, node_epsilon=run.node_epsilon, started_at=started_at,
                       stop_reason=stop_reason, best=summary.get("best"))
 
 
