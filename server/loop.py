@@ -28,6 +28,7 @@ from fedsafe.strategies import (
     observe_replies,
     round_report,
     strategy_state_dict,
+    validate_dp_metrics,
     validate_update,
 )
 from fedsafe.strategies.state import excluded_nodes, find_link, hides_updates
@@ -124,9 +125,14 @@ class Checked:
     """One round's replies after validation: the updates to aggregate and every problem, per node."""
 
     valid: list[Message] = field(default_factory=list)  # in node order
+    valid_nodes: list[int] = field(default_factory=list)  # the nodes they were sent to, in the same order
     failures: list[dict[str, Any]] = field(default_factory=list)  # error replies and silent nodes
     refusals: list[dict[str, Any]] = field(default_factory=list)  # nodes that refused the round for budget
     rejected: list[dict[str, Any]] = field(default_factory=list)  # updates that failed validation
+    # Each valid reply's own figures, read before the metrics are cut down to the keys every reply shares,
+    # so what one node reports never depends on what the others sent.
+    epsilon: dict[int, float] = field(default_factory=dict)
+    startup_seconds: dict[int, float] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[dict[str, Any]]:
@@ -148,6 +154,8 @@ def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, mas
     examples = content["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
         raise UpdateRejected(f"metrics lack a positive 'num-examples' (got {examples!r})")
+    if cfg.dp:
+        validate_dp_metrics(content["metrics"])
     if not masked:  # under secure aggregation the server never holds an update to check
         validate_update(global_arrays, content["arrays"], cfg.max_update_norm or None, frozen)
         # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
@@ -185,6 +193,11 @@ def validate_replies(
             checked.rejected.append({"node": node, "reason": str(err)})
             continue
         valid.append((node, reply))
+        metrics = reply.content["metrics"]
+        if "epsilon" in metrics:
+            checked.epsilon[node] = float(metrics["epsilon"])
+        if "startup-seconds" in metrics:
+            checked.startup_seconds[node] = float(metrics["startup-seconds"])
     checked.failures += [
         {"node": node, "code": None, "reason": f"no reply within round-timeout={cfg.round_timeout:g}s"}
         for node in collected.silent
@@ -194,6 +207,7 @@ def validate_replies(
     # run reproduces an uninterrupted one bit for bit.
     valid.sort(key=lambda pair: pair[0])
     checked.valid = [reply for _, reply in valid]
+    checked.valid_nodes = [node for node, _ in valid]
     return checked
 
 
@@ -309,8 +323,8 @@ def report_problems(strategy, rnd: int, checked: Checked) -> None:
         else:
             log.warning("round %d: node %s update rejected: %s", rnd, entry["node"], entry["reason"])
     if strikes is not None:
-        for reply in checked.valid:
-            strikes.record_accepted(reply.metadata.src_node_id)
+        for node in checked.valid_nodes:
+            strikes.record_accepted(node)
 
 
 def aggregate_round(run: _Run, rnd: int, checked: Checked) -> tuple[bool, float | None]:
@@ -334,13 +348,7 @@ def aggregate_round(run: _Run, rnd: int, checked: Checked) -> tuple[bool, float 
 def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collected, checked: Checked,
                  aggregated: bool, train_loss: float | None) -> dict[str, Any]:
     """The round's entry in the results: who replied, what failed and why, the nodes' ε."""
-    round_eps, startup = {}, {}
-    for reply in checked.valid:
-        metrics = reply.content["metrics"]
-        if "epsilon" in metrics:
-            round_eps[reply.metadata.src_node_id] = float(metrics["epsilon"])
-        if "startup-seconds" in metrics:
-            startup[str(reply.metadata.src_node_id)] = float(metrics["startup-seconds"])
+    round_eps = checked.epsilon
     run.node_epsilon.update(round_eps)
     return {
         "round": rnd,
@@ -353,8 +361,8 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "train_loss": train_loss,
         "epsilon_max": max(round_eps.values()) if round_eps else None,
         "epsilon_mean": mean(round_eps.values()) if round_eps else None,
-        "node_epsilon": {str(k): v for k, v in round_eps.items()},
-        "clientapp_startup_seconds": startup,  # per node: ClientApp process start to first training step
+        "node_epsilon": {str(k): v for k, v in sorted(round_eps.items())},
+        "clientapp_startup_seconds": {str(k): v for k, v in sorted(checked.startup_seconds.items())},  # per node: ClientApp process start to first training step
         "problems": checked.problems,
         **round_report(run.strategy, rnd),
         "wait_seconds": collected.wait_seconds,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -39,6 +41,46 @@ def validate_update(
             squared += float(np.sum((values.astype(np.float64) - reference.numpy().astype(np.float64)) ** 2))
     if max_update_norm is not None and np.sqrt(squared) > max_update_norm:
         raise UpdateRejected(f"update norm {np.sqrt(squared):.3g} exceeds the bound {max_update_norm:g}")
+
+
+# What a node that trained with DP-SGD reports beside its update (client/app.py): its ledger's ε after
+# the round, the δ it is stated for, the DP-SGD steps it has counted on this data, and the noise
+# multiplier σ of the steps (the accountant is the one the run asked for). Each is a float, and must lie
+# in its range; a reply in a DP run without them did not train privately as far as the server can tell.
+DP_REPLY_FIELDS: dict[str, str] = {
+    "epsilon": "finite and >= 0",
+    "delta": "in (0, 1)",
+    "dp-steps": "a whole number >= 1",
+    "noise-multiplier": "finite and > 0",
+}
+
+
+def _in_range(name: str, value: float) -> bool:
+    if name == "epsilon":
+        return value >= 0
+    if name == "delta":
+        return 0 < value < 1
+    if name == "dp-steps":
+        return value >= 1 and float(value).is_integer()
+    return value > 0  # noise-multiplier
+
+
+def validate_dp_metrics(metrics: Mapping[str, Any]) -> None:
+    """Raise UpdateRejected unless `metrics` carry every DP field of a private update, each in range.
+
+    In a DP run this is what keeps a node that trained without DP (a stock Flower client, a modified app)
+    out of the aggregate: its reply has no ε to account for it."""
+    missing = [name for name in DP_REPLY_FIELDS if name not in metrics]
+    if missing:
+        raise UpdateRejected(
+            f"a DP run's update must carry {', '.join(DP_REPLY_FIELDS)}; missing {', '.join(missing)} "
+            "(did the node train without DP?)"
+        )
+    for name, allowed in DP_REPLY_FIELDS.items():
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not _in_range(name, float(value)):
+            raise UpdateRejected(f"DP field {name}={value!r} is not {allowed}")
 
 
 def complete_update(global_arrays: ArrayRecord, update: ArrayRecord, frozen: Iterable[str]) -> ArrayRecord:

@@ -20,6 +20,12 @@ from fedsafe.strategies import StrikesStrategy
 Reply = Callable[[Message, int], "Message | None"]
 
 
+def dp_metrics(rnd: int, examples: int = 10) -> MetricRecord:
+    """What a node that trained with DP-SGD reports beside its update (client/app.py)."""
+    return MetricRecord({"num-examples": examples, "epsilon": 0.5 * rnd, "delta": 1e-5, "dp-steps": 20 * rnd,
+                         "noise-multiplier": 1.1})
+
+
 def _arrays(message: Message) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in message.content["arrays"].items()}
 
@@ -30,7 +36,7 @@ def good(scale: float = 0.01) -> Reply:
         node = message.metadata.dst_node_id
         arrays = {k: (v * 0.9 + scale * node / rnd).astype(v.dtype) for k, v in _arrays(message).items()}
         content = RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord({"num-examples": 10 + node, "epsilon": 0.5 * rnd})})
+                              "metrics": dp_metrics(rnd, 10 + node)})
         return Message(content, reply_to=message)
     return reply
 
@@ -39,7 +45,7 @@ def nan() -> Reply:
     def reply(message: Message, rnd: int) -> Message:
         arrays = {k: np.full_like(v, np.nan) for k, v in _arrays(message).items()}
         content = RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord({"num-examples": 10, "epsilon": 0.5 * rnd})})
+                              "metrics": dp_metrics(rnd)})
         return Message(content, reply_to=message)
     return reply
 
@@ -259,3 +265,71 @@ def test_nodes_that_stay_silent_past_the_round_timeout_are_reported():
     messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (1, 2)]
     replies, silent = exchange(QuietGrid(), messages, timeout=0.1, poll_interval=0.01)
     assert [node for node, _ in replies] == [1] and silent == [2]
+
+
+def stock_flower_node(message: Message, context) -> Message:
+    """A stock Flower quickstart ClientApp with the same architecture: it trains without DP (here, a small
+    step of its own) and replies with its arrays, `train_loss` and `num-examples` — no ε, no δ, no σ."""
+    rng = np.random.default_rng(int(context.node_id))
+    arrays = {k: (v + rng.normal(0, 1e-3, v.shape)).astype(v.dtype) for k, v in _arrays(message).items()}
+    content = RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"train_loss": 0.4, "num-examples": 120})})
+    return Message(content, reply_to=message)
+
+
+def test_a_non_private_node_in_a_dp_run_is_rejected_and_cannot_wipe_the_others_epsilon(tmp_path):
+    """Issue 16.1: a node that trains without DP and sends no ε was averaged in silently, and its reply
+    made the loop drop every honest node's ε (only the metric keys all replies share were kept)."""
+    from fed_harness import federation, run
+
+    cfg, grid, strategy = federation(tmp_path, nodes=3, num_rounds=3, max_strikes=2)
+    stock = min(grid.get_node_ids())
+    fedsafe_app = grid.client_app
+    grid.client_app = lambda message, context: (
+        stock_flower_node(message, context) if context.node_id == stock else fedsafe_app(message, context))
+    outcome = run(cfg, grid, strategy)
+
+    rounds = outcome.history[1:]
+    honest = sorted(str(n) for n in grid.get_node_ids() if n != stock)
+    for record in rounds[:2]:
+        assert record["rejected"] == 1 and record["replies"] == 2
+        (problem,) = record["problems"]
+        assert problem["node"] == stock
+        assert "missing epsilon, delta, dp-steps, noise-multiplier" in problem["reason"]
+    assert sorted(rounds[0]["node_epsilon"]) == honest and rounds[0]["epsilon_max"] > 0
+    assert rounds[-1]["excluded"] == [stock] and rounds[-1]["sent"] == 2  # two strikes: not asked again
+    summary = json.loads((cfg.out_path / "metrics.json").read_text())["summary"]
+    assert summary["nodes_seen"] == 2 and summary["epsilon_max_all_nodes"] == max(outcome.node_epsilon.values())
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("epsilon", float("nan"), "epsilon=nan is not finite"),
+    ("epsilon", -0.1, "epsilon=-0.1 is not finite and >= 0"),
+    ("epsilon", float("inf"), "epsilon=inf"),
+    ("delta", 0.0, "delta=0.0 is not in (0, 1)"),
+    ("dp-steps", 0, "dp-steps=0 is not a whole number"),
+    ("dp-steps", 2.5, "dp-steps=2.5"),
+    ("noise-multiplier", 0.0, "noise-multiplier=0.0 is not finite and > 0"),
+    ("noise-multiplier", None, "missing noise-multiplier"),
+])
+def test_dp_fields_out_of_range_are_rejected_and_struck(tmp_path, field, value, why):
+    def lying(message, rnd):
+        reply = good()(message, rnd)
+        if value is None:
+            del reply.content["metrics"][field]
+        else:
+            reply.content["metrics"][field] = value
+        return reply
+
+    outcome = _run(_config(tmp_path, num_rounds=2), FakeGrid({1: good(), 2: lying}))
+    first = outcome.history[0]
+    assert first["rejected"] == 1 and first["problems"][0]["node"] == 2
+    assert why in first["problems"][0]["reason"]
+    assert outcome.history[-1]["excluded"] == [2]  # max-strikes 2
+    assert first["node_epsilon"] == {"1": 0.5}
+
+
+def test_a_run_without_dp_takes_replies_without_dp_fields(tmp_path):
+    outcome = _run(_config(tmp_path, num_rounds=1, dp=False),
+                   FakeGrid({1: lambda m, rnd: stock_flower_node(m, type("C", (), {"node_id": 1})), 2: good()}))
+    assert outcome.history[0]["replies"] == 2 and outcome.history[0]["rejected"] == 0
