@@ -19,6 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.strategies import (
+    NormBound,
     StrikesStrategy,
     UpdateRejected,
     complete_update,
@@ -28,6 +29,7 @@ from fedsafe.strategies import (
     observe_replies,
     round_report,
     strategy_state_dict,
+    update_norm_bound,
     validate_dp_metrics,
     validate_update,
 )
@@ -133,6 +135,8 @@ class Checked:
     # so what one node reports never depends on what the others sent.
     epsilon: dict[int, float] = field(default_factory=dict)
     startup_seconds: dict[int, float] = field(default_factory=dict)
+    norm_bound: NormBound | None = None  # the bound the round's updates were held to (None: SecAgg+)
+    update_norms: dict[int, float] = field(default_factory=dict)  # each checked update's distance from the model
 
     @property
     def problems(self) -> list[dict[str, Any]]:
@@ -143,8 +147,9 @@ class RunStopped(RuntimeError):
     """The run ends cleanly before a round (a privacy budget, every node excluded); the message says why."""
 
 
-def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> None:
-    """Raise UpdateRejected unless `reply` is an update fit to aggregate (completes frozen arrays in place)."""
+def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> float | None:
+    """Raise UpdateRejected unless `reply` is an update fit to aggregate (completes frozen arrays in place);
+    returns its norm (None under secure aggregation), which the round's bound is checked against later."""
     content = reply.content
     if "metrics" not in content or (not masked and "arrays" not in content):
         raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
@@ -156,10 +161,32 @@ def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, mas
         raise UpdateRejected(f"metrics lack a positive 'num-examples' (got {examples!r})")
     if cfg.dp:
         validate_dp_metrics(content["metrics"])
-    if not masked:  # under secure aggregation the server never holds an update to check
-        validate_update(global_arrays, content["arrays"], cfg.max_update_norm or None, frozen)
-        # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
-        content["arrays"] = complete_update(global_arrays, content["arrays"], frozen)
+    if masked:  # under secure aggregation the server never holds an update to check
+        return None
+    norm = validate_update(global_arrays, content["arrays"], None, frozen)
+    # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
+    content["arrays"] = complete_update(global_arrays, content["arrays"], frozen)
+    return norm
+
+
+def _enforce_norm_bound(candidates: list[tuple[int, Message, float | None]], cfg: RunConfig,
+                        checked: Checked) -> list[tuple[int, Message]]:
+    """The candidates within the round's update-norm bound (recorded in `checked`); the others rejected."""
+    examples = {node: float(reply.content["metrics"]["num-examples"]) for node, reply, _ in candidates}
+    norms = {node: norm for node, _, norm in candidates if norm is not None}
+    if not norms:  # no update, or SecAgg+: nothing the server can bound
+        return [(node, reply) for node, reply, _ in candidates]
+    bound = update_norm_bound([(norms[n], examples[n]) for n in norms], cfg.batch_size, cfg.max_update_norm)
+    checked.norm_bound, checked.update_norms = bound, dict(sorted(norms.items()))
+    kept = []
+    for node, reply, norm in candidates:
+        limit = bound.for_node(examples[node])
+        if norm > limit:
+            checked.rejected.append({"node": node, "reason": f"update norm {norm:.4g} exceeds the bound {limit:.4g} "
+                                                             f"({bound.source})"})
+        else:
+            kept.append((node, reply))
+    return kept
 
 
 def _keep_shared_metrics(valid: list[tuple[int, Message]]) -> None:
@@ -181,18 +208,18 @@ def validate_replies(
 ) -> Checked:
     """Sort the round's replies into valid updates, failures, budget refusals and rejected updates."""
     checked = Checked()
-    valid: list[tuple[int, Message]] = []
+    candidates: list[tuple[int, Message, float | None]] = []
     for node, reply in collected.replies:
         if reply.has_error():
             entry = {"node": node, "code": reply.error.code, "reason": reply.error.reason}
             (checked.refusals if reply.error.code == BUDGET_EXHAUSTED else checked.failures).append(entry)
             continue
         try:
-            _check_reply(reply, global_arrays, cfg, masked, frozen)
+            candidates.append((node, reply, _check_reply(reply, global_arrays, cfg, masked, frozen)))
         except UpdateRejected as err:
             checked.rejected.append({"node": node, "reason": str(err)})
-            continue
-        valid.append((node, reply))
+    valid = _enforce_norm_bound(candidates, cfg, checked)
+    for node, reply in valid:
         metrics = reply.content["metrics"]
         if "epsilon" in metrics:
             checked.epsilon[node] = float(metrics["epsilon"])
@@ -312,6 +339,8 @@ def send_and_collect(grid, messages: list[Message], cfg: RunConfig) -> Collected
 
 def report_problems(strategy, rnd: int, checked: Checked) -> None:
     """Log every node's problem and tell the strikes wrapper (if any) which updates it rejected or took."""
+    if checked.norm_bound is not None:
+        log.info("round %d: update-norm bound: %s", rnd, checked.norm_bound.source)
     for entry in checked.failures:
         log.warning("round %d: node %s failed: %s", rnd, entry["node"], entry["reason"])
     for entry in checked.refusals:
@@ -364,6 +393,8 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "node_epsilon": {str(k): v for k, v in sorted(round_eps.items())},
         "clientapp_startup_seconds": {str(k): v for k, v in sorted(checked.startup_seconds.items())},  # per node: ClientApp process start to first training step
         "problems": checked.problems,
+        "update_norm_bound": checked.norm_bound.record() if checked.norm_bound is not None else None,
+        "update_norms": {str(k): v for k, v in checked.update_norms.items()},
         **round_report(run.strategy, rnd),
         "wait_seconds": collected.wait_seconds,
     }

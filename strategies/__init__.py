@@ -10,10 +10,20 @@ from .state import (
     strategy_state_dict,
 )
 from .strikes import StrikesStrategy
-from .validation import DP_REPLY_FIELDS, UpdateRejected, complete_update, keep_frozen, validate_dp_metrics, validate_update
+from .validation import (
+    DP_REPLY_FIELDS,
+    NormBound,
+    UpdateRejected,
+    complete_update,
+    keep_frozen,
+    update_norm_bound,
+    validate_dp_metrics,
+    validate_update,
+)
 
 __all__ = [
     "DP_REPLY_FIELDS", "PARAM_DEFAULTS", "StrategyError", "StrikesStrategy", "UpdateRejected", "build_strategy", "check_strategy", "complete_update",
     "conform_arrays", "keep_frozen", "load_strategy_state_dict", "observe_replies", "round_report",
-    "strategy_names", "strategy_spec", "strategy_state_dict", "validate_dp_metrics", "validate_update",
+    "strategy_names", "strategy_spec", "strategy_state_dict", "update_norm_bound", "validate_dp_metrics",
+    "validate_update", "NormBound",
 ]

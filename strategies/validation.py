@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,10 +18,10 @@ class UpdateRejected(ValueError):
 
 def validate_update(
     global_arrays: ArrayRecord, update: ArrayRecord, max_update_norm: float | None = None, frozen: Iterable[str] = ()
-) -> None:
+) -> float:
     """Raise UpdateRejected unless `update` has the global model's keys (less the `frozen` ones,
     which nodes do not upload), shapes and dtypes, holds only finite values, and (if a bound is
-    set) moves the model by at most `max_update_norm` (L2)."""
+    set) moves the model by at most `max_update_norm` (L2). Returns that distance, the update's norm."""
     frozen = set(frozen)
     expected, got = set(global_arrays.keys()) - frozen, set(update.keys())
     if expected != got:
@@ -39,8 +41,60 @@ def validate_update(
             raise UpdateRejected(f"{key}: holds NaN or infinite values")
         if np.issubdtype(values.dtype, np.floating):
             squared += float(np.sum((values.astype(np.float64) - reference.numpy().astype(np.float64)) ** 2))
-    if max_update_norm is not None and np.sqrt(squared) > max_update_norm:
-        raise UpdateRejected(f"update norm {np.sqrt(squared):.3g} exceeds the bound {max_update_norm:g}")
+    norm = float(np.sqrt(squared))
+    if max_update_norm is not None and norm > max_update_norm:
+        raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {max_update_norm:.3g}")
+    return norm
+
+
+# The default bound on an update's norm (max-update-norm = 0). DP-SGD averages each step's noised sum
+# of clipped gradients over the node's expected Poisson batch b = n / ceil(n / B) (n records, batch size
+# B; b = n when n < B), so a node's update grows like 1/b: on the built-in runs a node with 2 records
+# moved the model 8× as far as one with 300. Scaled by b / B, the honest updates of a round are alike
+# (within 1.9× of the round's lower median on every built-in run measured, docs/deployment.md); the bound
+# is NORM_BOUND_FACTOR × that lower median, scaled back by B / b for each node. A node that claims fewer
+# records to widen its bound shrinks its FedAvg weight (n) alike, so its pull on the model stays bounded.
+# The lower median is an honest node's figure as long as fewer than half of the round's updates are not;
+# with two nodes it is the smaller one.
+NORM_BOUND_FACTOR = 10.0
+
+
+def expected_batch(num_examples: float, batch_size: int) -> float:
+    """The expected Poisson batch of a node with `num_examples` records (client/training.py::poisson_schedule)."""
+    return num_examples / math.ceil(num_examples / min(batch_size, num_examples))
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """The bound a round's updates were held to and where it came from (for the round record): either
+    `max-update-norm` for every node, or NORM_BOUND_FACTOR × `reference` × B / b per node."""
+
+    source: str
+    fixed: float | None = None  # max-update-norm
+    reference: float | None = None  # the round's lower-median batch-scaled norm
+    batch_size: int = 1
+
+    def for_node(self, num_examples: float) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        return NORM_BOUND_FACTOR * self.reference * self.batch_size / expected_batch(num_examples, self.batch_size)
+
+    def record(self) -> dict[str, Any]:
+        if self.fixed is not None:
+            return {"source": self.source, "value": self.fixed}
+        return {"source": self.source, "factor": NORM_BOUND_FACTOR, "reference": self.reference,
+                "value_at_full_batch": NORM_BOUND_FACTOR * self.reference}
+
+
+def update_norm_bound(updates: Iterable[tuple[float, float]], batch_size: int, max_update_norm: float = 0.0) -> NormBound:
+    """The round's bound for `updates` = (norm, num-examples) pairs: `max-update-norm` when set (> 0), else
+    the batch-scaled lower-median rule above."""
+    if max_update_norm > 0:
+        return NormBound("max-update-norm", fixed=float(max_update_norm))
+    scaled = [norm * expected_batch(n, batch_size) / batch_size for norm, n in updates]
+    reference = statistics.median_low(sorted(scaled))
+    return NormBound(f"{NORM_BOUND_FACTOR:g} × the round's lower-median update norm {reference:.4g}, scaled by B/b "
+                     f"(B={batch_size}, b: each node's expected batch)", reference=reference, batch_size=batch_size)
 
 
 # What a node that trained with DP-SGD reports beside its update (client/app.py): its ledger's ε after
