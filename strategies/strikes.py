@@ -1,11 +1,13 @@
 """Exclude nodes whose updates keep failing validation: a wrapper around any Flower Message-API strategy.
 
 The coordinator's loop validates every reply (strategies/validation.py) and tells this wrapper about
-each rejected and each accepted update. A node that had `max_strikes` updates in a row rejected (NaN, wrong shapes, an update norm over the bound, missing DP fields, …) gets no more train
+each rejected and each accepted update. A node that had `max_strikes` of its last `window` updates
+rejected (NaN, wrong shapes, an update norm over the bound, missing DP fields, …) gets no more train
 messages in this run: the loop samples among the other connected nodes (server/loop.py), and the
 wrapper drops any message the inner strategy's `configure_train` still addresses to it.
 
-An accepted update resets the count. Error replies and missing
+Strikes are counted in a sliding window, not only in a row: a node that alternates good and bad updates
+(a good one now and then to wipe its record) is excluded all the same. Error replies and missing
 replies (a refused budget, a crash, a timeout) are no updates: they neither count nor move the window.
 The window and the excluded set are part of the coordinator's checkpoint. When every connected node is
 excluded the run stops, with that reason.
@@ -59,7 +61,7 @@ class StrikesStrategy(StrategyWrapper):
                         "rejected (last: %s)", node_id, count, len(self.recent[node_id]), reason)
 
     def record_accepted(self, node_id: int) -> None:
-        self.recent[int(node_id)] = []  # an accepted update resets the count
+        self._remember(int(node_id), False)
 
     def _remember(self, node_id: int, rejected: bool) -> None:
         self.recent[node_id] = (self.recent.get(node_id, []) + [rejected])[-self.window:]
