@@ -145,17 +145,32 @@ def test_the_run_stops_when_every_node_is_excluded(tmp_path):
     assert "every connected node is excluded" in outcome.stop_reason
 
 
-def test_an_accepted_update_resets_the_strikes():
-    strategy = StrikesStrategy(inner=object(), max_strikes=2)
+def test_strikes_count_in_a_window_so_good_updates_between_bad_ones_do_not_wipe_them():
+    """Issue 16.2: an accepted update used to reset the count, so a node alternating good and bad updates
+    was never excluded."""
+    strategy = StrikesStrategy(inner=object(), max_strikes=2, window=4)
     strategy.record_rejection(7, "NaN", 1)
     strategy.record_accepted(7)
     strategy.record_rejection(7, "NaN", 3)
-    assert not strategy.excluded
-    strategy.record_rejection(7, "shape", 4)
-    assert strategy.excluded == {7: "shape"}
-    restored = StrikesStrategy(inner=object(), max_strikes=2)
+    assert strategy.excluded == {7: "NaN"}  # two of its last three updates rejected
+    strategy.record_rejection(8, "NaN", 1)
+    for rnd in range(2, 6):
+        strategy.record_accepted(8)  # the bad update slides out of the window
+    strategy.record_rejection(8, "shape", 6)
+    assert 8 not in strategy.excluded and strategy.strikes(8) == 1
+    restored = StrikesStrategy(inner=object(), max_strikes=2, window=4)
     restored.fedsafe_load_state_dict(json.loads(json.dumps(strategy.fedsafe_state_dict())))
-    assert restored.excluded == {7: "shape"} and restored.strikes(7) == 2
+    assert restored.excluded == {7: "NaN"} and restored.strikes(7) == 2 and restored.strikes(8) == 1
+
+
+def test_a_node_alternating_good_and_bad_updates_is_excluded(tmp_path):
+    def alternating(message, rnd):
+        return good()(message, rnd) if rnd % 2 == 0 else nan()(message, rnd)
+
+    grid = FakeGrid({1: good(), 2: good(), 3: alternating})
+    outcome = _run(_config(tmp_path, num_rounds=6, max_strikes=3), grid)
+    assert [r["rejected"] for r in outcome.history][:5] == [1, 0, 1, 0, 1]
+    assert 3 not in {n for rnd, n in grid.sent if rnd == 6} and outcome.history[-1]["excluded"] == [3]
 
 
 def test_a_crashed_coordinator_resumes_to_the_same_model_and_keeps_exclusions(tmp_path):
@@ -333,3 +348,60 @@ def test_a_run_without_dp_takes_replies_without_dp_fields(tmp_path):
     outcome = _run(_config(tmp_path, num_rounds=1, dp=False),
                    FakeGrid({1: lambda m, rnd: stock_flower_node(m, type("C", (), {"node_id": 1})), 2: good()}))
     assert outcome.history[0]["replies"] == 2 and outcome.history[0]["rejected"] == 0
+
+
+def plus(amount: float) -> Reply:
+    """A node whose update is the honest one plus `amount` in every weight."""
+    def reply(message: Message, rnd: int) -> Message:
+        honest = good()(message, rnd)
+        arrays = {k: (v + amount).astype(v.dtype) for k, v in _arrays(honest).items()}
+        honest.content["arrays"] = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
+        return honest
+    return reply
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_a_huge_update_is_rejected_by_the_default_bound_and_its_node_excluded(tmp_path, nodes):
+    """Issue 16.2: with max-update-norm = 0 (the default) a +1e6 update went through (the model's largest
+    weight became 5e5) and, accepted, reset its node's strikes."""
+    honest = {n: good(0.01 * n) for n in range(1, nodes)}
+    cfg = _config(tmp_path, num_rounds=4, max_strikes=3)
+    assert cfg.max_update_norm == 0  # the default
+    grid = FakeGrid({**honest, 9: plus(1e6)})
+    outcome = _run(cfg, grid)
+    assert [r["rejected"] for r in outcome.history] == [1, 1, 1, 0]
+    reason = outcome.history[0]["problems"][0]["reason"]
+    assert outcome.history[0]["problems"][0]["node"] == 9 and "exceeds the bound" in reason
+    assert "lower-median update norm" in outcome.history[0]["update_norm_bound"]["source"]
+    assert outcome.history[-1]["excluded"] == [9] and (4, 9) not in grid.sent
+    assert max(float(np.abs(v.numpy()).max()) for v in outcome.arrays.values()) < 10
+
+
+def test_an_operator_set_max_update_norm_is_the_bound_and_is_recorded(tmp_path):
+    outcome = _run(_config(tmp_path, num_rounds=1, max_update_norm=1e-9), FakeGrid({1: good(), 2: good()}))
+    first = outcome.history[0]
+    assert first["rejected"] == 2 and first["update_norm_bound"] == {"source": "max-update-norm", "value": 1e-9}
+
+
+def test_the_default_bound_scales_with_each_nodes_expected_batch():
+    from fedsafe.strategies.validation import NORM_BOUND_FACTOR, expected_batch, update_norm_bound
+
+    assert expected_batch(100, 32) == 25 and expected_batch(2, 32) == 2 and expected_batch(64, 32) == 32
+    # a 2-record node's DP noise is averaged over 2, not 32: its honest norm is ~16× larger
+    bound = update_norm_bound([(1.0, 300), (1.1, 400), (16.0, 2)], batch_size=32)
+    assert bound.for_node(2) > 16.0 * 5 and bound.for_node(320) == pytest.approx(NORM_BOUND_FACTOR * bound.reference)
+    assert update_norm_bound([(1.0, 300)], 32, max_update_norm=5.0).for_node(2) == 5.0
+
+
+def test_honest_dp_nodes_are_never_rejected_by_the_default_bound(tmp_path):
+    """The default bound must not trip on honest DP-SGD updates, however uneven the data: here a Dirichlet
+    α=0.1 split gives one node 2 records, whose noise is averaged over 2 instead of 32 (its update is ~8×
+    as long as the others')."""
+    from fed_harness import federation, run
+
+    cfg, grid, strategy = federation(tmp_path, nodes=3, num_rounds=2, partitioner="dirichlet", alpha=0.1)
+    outcome = run(cfg, grid, strategy)
+    rounds = outcome.history[1:]
+    assert all(r["rejected"] == 0 and r["replies"] == 3 for r in rounds)
+    norms = rounds[0]["update_norms"]
+    assert max(norms.values()) > 5 * min(norms.values())  # the uneven case the bound must absorb
