@@ -29,11 +29,13 @@ from fedsafe.strategies import (
     observe_replies,
     round_report,
     strategy_state_dict,
+    num_examples_cap,
     update_norm_bound,
     validate_dp_metrics,
     validate_update,
 )
 from fedsafe.strategies.state import excluded_nodes, find_link, hides_updates
+from fedsafe.strategies.validation import NUM_EXAMPLES_FACTOR
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -137,6 +139,7 @@ class Checked:
     startup_seconds: dict[int, float] = field(default_factory=dict)
     norm_bound: NormBound | None = None  # the bound the round's updates were held to (None: SecAgg+)
     update_norms: dict[int, float] = field(default_factory=dict)  # each checked update's distance from the model
+    examples_cap: dict[str, Any] | None = None  # the num-examples cap and whom it capped (None: SecAgg+)
 
     @property
     def problems(self) -> list[dict[str, Any]]:
@@ -189,6 +192,23 @@ def _enforce_norm_bound(candidates: list[tuple[int, Message, float | None]], cfg
     return kept
 
 
+def _cap_num_examples(valid: list[tuple[int, Message]], checked: Checked) -> None:
+    """Cap each valid update's FedAvg weight (`num-examples`) at the round's cap, in place; record it.
+    (Under SecAgg+ the nodes weight their masked updates themselves, with Flower's own weight cap.)"""
+    if not valid:
+        return
+    cap = num_examples_cap(float(reply.content["metrics"]["num-examples"]) for _, reply in valid)
+    capped = {}
+    for node, reply in valid:
+        claimed = float(reply.content["metrics"]["num-examples"])
+        if claimed > cap:
+            capped[str(node)] = claimed
+            reply.content["metrics"]["num-examples"] = cap
+            log.warning("node %s claims num-examples=%g; its update is weighted as %g (the round's cap: "
+                        "%g × the lower-median claim)", node, claimed, cap, NUM_EXAMPLES_FACTOR)
+    checked.examples_cap = {"value": cap, "factor": NUM_EXAMPLES_FACTOR, "capped": capped}
+
+
 def _keep_shared_metrics(valid: list[tuple[int, Message]]) -> None:
     """Flower's strategies refuse to aggregate replies whose metrics have different keys (the whole round
     would fail): keep the keys all valid replies share."""
@@ -229,6 +249,8 @@ def validate_replies(
         {"node": node, "code": None, "reason": f"no reply within round-timeout={cfg.round_timeout:g}s"}
         for node in collected.silent
     ]
+    if not masked:
+        _cap_num_examples(valid, checked)
     _keep_shared_metrics(valid)
     # Aggregate in node order: float sums then do not depend on which reply arrived first, so a resumed
     # run reproduces an uninterrupted one bit for bit.
@@ -395,6 +417,7 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "problems": checked.problems,
         "update_norm_bound": checked.norm_bound.record() if checked.norm_bound is not None else None,
         "update_norms": {str(k): v for k, v in checked.update_norms.items()},
+        "num_examples_cap": checked.examples_cap,
         **round_report(run.strategy, rnd),
         "wait_seconds": collected.wait_seconds,
     }
@@ -525,6 +548,8 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
         parts.append(f"{record['skipped']} skipped (budget)")
     if record["budget_refusals"]:
         parts.append(f"{record['budget_refusals']} out of budget")
+    if record.get("num_examples_cap") and record["num_examples_cap"]["capped"]:
+        parts.append(f"{len(record['num_examples_cap']['capped'])} weight(s) capped")
     if record["failures"] or record["rejected"]:
         parts.append(f"{record['failures']} failed, {record['rejected']} rejected")
     parts.append(f"{record['seconds']:.1f}s")

@@ -16,6 +16,7 @@ from .validation import (
     UpdateRejected,
     complete_update,
     keep_frozen,
+    num_examples_cap,
     update_norm_bound,
     validate_dp_metrics,
     validate_update,
@@ -24,6 +25,6 @@ from .validation import (
 __all__ = [
     "DP_REPLY_FIELDS", "PARAM_DEFAULTS", "StrategyError", "StrikesStrategy", "UpdateRejected", "build_strategy", "check_strategy", "complete_update",
     "conform_arrays", "keep_frozen", "load_strategy_state_dict", "observe_replies", "round_report",
-    "strategy_names", "strategy_spec", "strategy_state_dict", "update_norm_bound", "validate_dp_metrics",
+    "strategy_names", "strategy_spec", "strategy_state_dict", "num_examples_cap", "update_norm_bound", "validate_dp_metrics",
     "validate_update", "NormBound",
 ]

@@ -97,6 +97,19 @@ def update_norm_bound(updates: Iterable[tuple[float, float]], batch_size: int, m
                      f"(B={batch_size}, b: each node's expected batch)", reference=reference, batch_size=batch_size)
 
 
+# `num-examples` is the node's word, and FedAvg weights its update by it: one node claiming 10^9 records
+# would be the whole average. A round's weights are capped at this many times the lower median of the
+# round's claims: a node may hold more data than the others (up to 10× the typical node counts in full),
+# never outweigh the rest of the round by its say-so. The lower median is an honest figure while fewer
+# than half of the round's updates are not.
+NUM_EXAMPLES_FACTOR = 10.0
+
+
+def num_examples_cap(claims: Iterable[float]) -> float:
+    """The largest `num-examples` a round's update is weighted by, for the round's `claims`."""
+    return NUM_EXAMPLES_FACTOR * statistics.median_low(sorted(claims))
+
+
 # What a node that trained with DP-SGD reports beside its update (client/app.py): its ledger's ε after
 # the round, the δ it is stated for, the DP-SGD steps it has counted on this data, and the noise
 # multiplier σ of the steps (the accountant is the one the run asked for). Each is a float, and must lie

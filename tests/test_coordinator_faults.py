@@ -405,3 +405,26 @@ def test_honest_dp_nodes_are_never_rejected_by_the_default_bound(tmp_path):
     assert all(r["rejected"] == 0 and r["replies"] == 3 for r in rounds)
     norms = rounds[0]["update_norms"]
     assert max(norms.values()) > 5 * min(norms.values())  # the uneven case the bound must absorb
+
+
+def claiming(examples: float, shift: float = 0.01) -> Reply:
+    """A node whose update is shifted by `shift` and that claims `examples` records."""
+    def reply(message: Message, rnd: int) -> Message:
+        out = plus(shift)(message, rnd)
+        out.content["metrics"]["num-examples"] = examples
+        return out
+    return reply
+
+
+def test_one_node_cannot_dominate_fedavg_by_claiming_num_examples(tmp_path):
+    """Issue 10.8: `num-examples` was only checked > 0, so one node claiming 10^9 records was the average.
+    Now the claim is capped at 10 × the round's lower-median claim (here 12 → 120), and the record says so."""
+    honest = {1: good(), 2: good()}  # they claim 11 and 12 records
+    liar = _run(_config(tmp_path / "liar", num_rounds=1), FakeGrid({**honest, 3: claiming(1e9)}))
+    at_cap = _run(_config(tmp_path / "cap", num_rounds=1), FakeGrid({**honest, 3: claiming(120.0)}))
+    record = liar.history[0]
+    assert record["replies"] == 3 and record["num_examples_cap"] == {"value": 120.0, "factor": 10.0,
+                                                                      "capped": {"3": 1e9}}
+    assert at_cap.history[0]["num_examples_cap"]["capped"] == {}
+    for key in liar.arrays.keys():  # weighted as if it had claimed the cap
+        np.testing.assert_allclose(liar.arrays[key].numpy(), at_cap.arrays[key].numpy(), rtol=1e-6)
