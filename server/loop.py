@@ -57,6 +57,7 @@ class RunOutcome:
     history: list[dict[str, Any]]
     node_epsilon: dict[int, float] = field(default_factory=dict)
     started_at: float = 0.0  # time.perf_counter() when the round loop began
+    finished_at: float = 0.0  # time.perf_counter() when the last round (and the results) were written
     stop_reason: str | None = None  # why the run ended before its last round (a privacy budget), if it did
     best: dict[str, Any] | None = None  # early stopping: the best round, its metrics, best_model.pt
 
@@ -135,7 +136,8 @@ class Checked:
     rejected: list[dict[str, Any]] = field(default_factory=list)  # updates that failed validation
     # Each valid reply's own figures, read before the metrics are cut down to the keys every reply shares,
     # so what one node reports never depends on what the others sent.
-    epsilon: dict[int, float] = field(default_factory=dict)
+    epsilon: dict[int, float] = field(default_factory=dict)  # lifetime ε: the node's ledger, all runs on its data
+    run_grant: dict[int, float] = field(default_factory=dict)  # the ε each node granted this run
     startup_seconds: dict[int, float] = field(default_factory=dict)
     norm_bound: NormBound | None = None  # the bound the round's updates were held to (None: SecAgg+)
     update_norms: dict[int, float] = field(default_factory=dict)  # each checked update's distance from the model
@@ -243,6 +245,8 @@ def validate_replies(
         metrics = reply.content["metrics"]
         if "epsilon" in metrics:
             checked.epsilon[node] = float(metrics["epsilon"])
+        if "run-epsilon" in metrics:
+            checked.run_grant[node] = float(metrics["run-epsilon"])
         if "startup-seconds" in metrics:
             checked.startup_seconds[node] = float(metrics["startup-seconds"])
     checked.failures += [
@@ -413,6 +417,9 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "epsilon_max": max(round_eps.values()) if round_eps else None,
         "epsilon_mean": mean(round_eps.values()) if round_eps else None,
         "node_epsilon": {str(k): v for k, v in sorted(round_eps.items())},
+        # the ε the nodes granted this run (their lifetime ε above also counts earlier runs on their data)
+        "run_epsilon_grant": ({"min": min(checked.run_grant.values()), "max": max(checked.run_grant.values())}
+                              if checked.run_grant else None),
         "clientapp_startup_seconds": {str(k): v for k, v in sorted(checked.startup_seconds.items())},  # per node: ClientApp process start to first training step
         "problems": checked.problems,
         "update_norm_bound": checked.norm_bound.record() if checked.norm_bound is not None else None,
@@ -501,7 +508,7 @@ def run_rounds(
             progress(record, cfg)
     summary = finish_run(run, stop_reason)
     return RunOutcome(arrays=run.arrays, history=run.history, node_epsilon=run.node_epsilon, started_at=started_at,
-                      stop_reason=stop_reason, best=summary.get("best"))
+                      finished_at=time.perf_counter(), stop_reason=stop_reason, best=summary.get("best"))
 
 
 def _frozen_keys(arrays: ArrayRecord, cfg: RunConfig) -> list[str]:
@@ -529,10 +536,13 @@ def _early_stopping(cfg: RunConfig, history, arrays: ArrayRecord, evaluator) -> 
 
 def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
     ev = record.get("eval", {})
-    eps = record.get("epsilon_max")
+    eps, grant = record.get("epsilon_max"), record.get("run_epsilon_grant")
     eps_text = "ε off" if not cfg.dp else (
-        f"ε max {eps:.2f} mean {record['epsilon_mean']:.2f}" if eps is not None else "ε n/a"
+        f"lifetime ε max {eps:.2f} mean {record['epsilon_mean']:.2f}" if eps is not None else "lifetime ε n/a"
     )
+    if cfg.dp and grant is not None:
+        eps_text += " | run grant ε " + (f"{grant['max']:g}" if grant["min"] == grant["max"]
+                                          else f"{grant['min']:g}–{grant['max']:g}")
     parts = [
         f"round {record['round']:>3}/{cfg.num_rounds}",
         headline_text(ev),

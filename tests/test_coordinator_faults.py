@@ -405,6 +405,12 @@ def test_honest_dp_nodes_are_never_rejected_by_the_default_bound(tmp_path):
     assert all(r["rejected"] == 0 and r["replies"] == 3 for r in rounds)
     norms = rounds[0]["update_norms"]
     assert max(norms.values()) > 5 * min(norms.values())  # the uneven case the bound must absorb
+    # issue 16.4: the progress line labels the nodes' lifetime ε and the ε they granted this run
+    from fedsafe.server.loop import progress_line
+
+    assert rounds[0]["run_epsilon_grant"] == {"min": cfg.epsilon, "max": cfg.epsilon}
+    line = progress_line(rounds[-1], cfg)
+    assert f"lifetime ε max {rounds[-1]['epsilon_max']:.2f}" in line and f"run grant ε {cfg.epsilon:g}" in line
 
 
 def claiming(examples: float, shift: float = 0.01) -> Reply:
@@ -428,3 +434,14 @@ def test_one_node_cannot_dominate_fedavg_by_claiming_num_examples(tmp_path):
     assert at_cap.history[0]["num_examples_cap"]["capped"] == {}
     for key in liar.arrays.keys():  # weighted as if it had claimed the cap
         np.testing.assert_allclose(liar.arrays[key].numpy(), at_cap.arrays[key].numpy(), rtol=1e-6)
+
+
+def test_the_simulate_summary_counts_the_whole_command_and_its_parts():
+    """Issue 16.4: the summary's "wall" time left out start-up and shut-down (16 s printed for 28 s)."""
+    from fedsafe.server.loop import RunOutcome
+    from fedsafe.simulations.report import wall_time_text
+
+    outcome = RunOutcome(arrays=ArrayRecord(), history=[], started_at=108.0, finished_at=124.0)
+    assert wall_time_text(outcome, 100.0, 128.5) == (
+        "28.5s in all: start-up 8.0s (imports, Ray, the federation's data), rounds 16.0s, "
+        "shut-down 4.5s (results, plots, Ray)")
