@@ -18,6 +18,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedsafe.protocol import BUDGET_EXHAUSTED, RUN_KEY
 from fedsafe.strategies import (
     NormBound,
     StrikesStrategy,
@@ -45,7 +46,6 @@ from .sampling import NodeSampler, SampledGrid
 
 log = logging.getLogger("fedsafe.server")
 
-BUDGET_EXHAUSTED = 4001  # the node's error code for a refused round (fedsafe.client.app.BUDGET_EXHAUSTED)
 
 Evaluator = Callable[[ArrayRecord], dict[str, float]]
 ProgressSink = Callable[[dict[str, Any], RunConfig], None]
@@ -336,7 +336,7 @@ def start_run(cfg: RunConfig, strategy, initial_arrays: ArrayRecord, model_confi
         cfg=cfg, strategy=strategy, sampler=sampler, arrays=arrays, history=history, run_key=run_key,
         first_round=first_round, results=ResultsWriter(cfg.out_path, cfg.to_mapping()),
         frozen=_frozen_keys(arrays, cfg), stopper=_early_stopping(cfg, history, arrays, evaluator),
-        train_config=ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key}),
+        train_config=ConfigRecord({**cfg.train_config(), **model_config, RUN_KEY: run_key}),
         masked=hides_updates(strategy),
     )
     for entry in history:
