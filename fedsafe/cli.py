@@ -31,6 +31,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     for setting in RUN_SETTINGS:
         if setting.flag is None or (sweep and setting.key == "dp"):  # a sweep's non-private baseline: ε = inf
             continue
+        if sweep and not setting.in_sweep:  # e.g. resume: each point of a sweep is a run of its own
+            continue
         if setting.group not in groups:
             groups[setting.group] = p.add_argument_group(setting.group)
         _add_setting_flag(groups[setting.group], setting, listed=sweep and setting.listable)
@@ -198,14 +200,20 @@ def _default_out(args: argparse.Namespace, kind: str) -> str:
 def _simulate(args: argparse.Namespace) -> int:
     from fedsafe.simulations.engine import start_local_ray
 
+    from fedsafe.server.run_dir import reused_out_dir
+
     nodes = _number(args.nodes, int, "nodes")
+    args.out = _default_out(args, "")
+    reused = reused_out_dir(Path(args.out), args.resume, f"--out {args.out} --resume")
+    if reused:  # before Ray starts: refusing costs nothing
+        raise CliError(f"fedsafe simulate: {reused}")
     # Ray boots (about 4 s) while this process imports PyTorch and Flower and checks the run.
     local_ray = start_local_ray(args.ray_address, args.verbose)
     try:
         from fedsafe.simulations.report import print_summary
         from fedsafe.simulations.run import simulate, validate_against_data
 
-        cfg = _run_config(args, out_dir=_default_out(args, ""))
+        cfg = _run_config(args, out_dir=args.out)
         options = _simulation_options(args, nodes)
         validate_against_data(cfg, options)
     except BaseException:

@@ -12,7 +12,7 @@ import torch
 
 from fedsafe.client.files import atomic_write
 
-CHECKPOINT_NAME = "checkpoint.pt"
+from .run_dir import CHECKPOINT_NAME  # noqa: F401 - where the checkpoint lives in a run's out-dir
 
 
 class CheckpointError(RuntimeError):

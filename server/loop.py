@@ -18,7 +18,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedsafe.protocol import BUDGET_EXHAUSTED, RUN_KEY
+from fedsafe.protocol import (
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NUM_EXAMPLES, RUN_EPSILON, RUN_KEY, STARTUP_SECONDS, TRAIN_LOSS,
+)
 from fedsafe.strategies import (
     NormBound,
     StrikesStrategy,
@@ -42,6 +44,7 @@ from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpo
 from .config import RunConfig
 from .early_stopping import EarlyStopping
 from .results import ResultsWriter, headline_text
+from .run_dir import reused_out_dir
 from .sampling import NodeSampler, SampledGrid
 
 log = logging.getLogger("fedsafe.server")
@@ -156,28 +159,28 @@ def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, mas
     """Raise UpdateRejected unless `reply` is an update fit to aggregate (completes frozen arrays in place);
     returns its norm (None under secure aggregation), which the round's bound is checked against later."""
     content = reply.content
-    if "metrics" not in content or (not masked and "arrays" not in content):
-        raise UpdateRejected("reply lacks 'arrays' or 'metrics'")
+    if METRICS not in content or (not masked and ARRAYS not in content):
+        raise UpdateRejected(f"reply lacks '{ARRAYS}' or '{METRICS}'")
     # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)
     if not masked and (len(content.metric_records) != 1 or len(content.array_records) != 1):
         raise UpdateRejected("reply must hold exactly one ArrayRecord and one MetricRecord")
-    examples = content["metrics"].get("num-examples")
+    examples = content[METRICS].get(NUM_EXAMPLES)
     if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
-        raise UpdateRejected(f"metrics lack a positive 'num-examples' (got {examples!r})")
+        raise UpdateRejected(f"metrics lack a positive '{NUM_EXAMPLES}' (got {examples!r})")
     if cfg.dp:
-        validate_dp_metrics(content["metrics"])
+        validate_dp_metrics(content[METRICS])
     if masked:  # under secure aggregation the server never holds an update to check
         return None
-    norm = validate_update(global_arrays, content["arrays"], None, frozen)
+    norm = validate_update(global_arrays, content[ARRAYS], None, frozen)
     # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
-    content["arrays"] = complete_update(global_arrays, content["arrays"], frozen)
+    content[ARRAYS] = complete_update(global_arrays, content[ARRAYS], frozen)
     return norm
 
 
 def _enforce_norm_bound(candidates: list[tuple[int, Message, float | None]], cfg: RunConfig,
                         checked: Checked) -> list[tuple[int, Message]]:
     """The candidates within the round's update-norm bound (recorded in `checked`); the others rejected."""
-    examples = {node: float(reply.content["metrics"]["num-examples"]) for node, reply, _ in candidates}
+    examples = {node: float(reply.content[METRICS][NUM_EXAMPLES]) for node, reply, _ in candidates}
     norms = {node: norm for node, _, norm in candidates if norm is not None}
     if not norms:  # no update, or SecAgg+: nothing the server can bound
         return [(node, reply) for node, reply, _ in candidates]
@@ -199,13 +202,13 @@ def _cap_num_examples(valid: list[tuple[int, Message]], checked: Checked) -> Non
     (Under SecAgg+ the nodes weight their masked updates themselves, with Flower's own weight cap.)"""
     if not valid:
         return
-    cap = num_examples_cap(float(reply.content["metrics"]["num-examples"]) for _, reply in valid)
+    cap = num_examples_cap(float(reply.content[METRICS][NUM_EXAMPLES]) for _, reply in valid)
     capped = {}
     for node, reply in valid:
-        claimed = float(reply.content["metrics"]["num-examples"])
+        claimed = float(reply.content[METRICS][NUM_EXAMPLES])
         if claimed > cap:
             capped[str(node)] = claimed
-            reply.content["metrics"]["num-examples"] = cap
+            reply.content[METRICS][NUM_EXAMPLES] = cap
             log.warning("node %s claims num-examples=%g; its update is weighted as %g (the round's cap: "
                         "%g × the lower-median claim)", node, claimed, cap, NUM_EXAMPLES_FACTOR)
     checked.examples_cap = {"value": cap, "factor": NUM_EXAMPLES_FACTOR, "capped": capped}
@@ -216,13 +219,13 @@ def _keep_shared_metrics(valid: list[tuple[int, Message]]) -> None:
     would fail): keep the keys all valid replies share."""
     if not valid:
         return
-    common = set.intersection(*(set(r.content["metrics"].keys()) for _, r in valid))
+    common = set.intersection(*(set(r.content[METRICS].keys()) for _, r in valid))
     for node, reply in valid:
-        extra = sorted(set(reply.content["metrics"].keys()) - common)
+        extra = sorted(set(reply.content[METRICS].keys()) - common)
         if extra:
             log.info("node %s: metrics %s not reported by every node; not aggregated", node, extra)
             for key in extra:
-                del reply.content["metrics"][key]
+                del reply.content[METRICS][key]
 
 
 def validate_replies(
@@ -242,13 +245,13 @@ def validate_replies(
             checked.rejected.append({"node": node, "reason": str(err)})
     valid = _enforce_norm_bound(candidates, cfg, checked)
     for node, reply in valid:
-        metrics = reply.content["metrics"]
-        if "epsilon" in metrics:
-            checked.epsilon[node] = float(metrics["epsilon"])
-        if "run-epsilon" in metrics:
-            checked.run_grant[node] = float(metrics["run-epsilon"])
-        if "startup-seconds" in metrics:
-            checked.startup_seconds[node] = float(metrics["startup-seconds"])
+        metrics = reply.content[METRICS]
+        if EPSILON in metrics:
+            checked.epsilon[node] = float(metrics[EPSILON])
+        if RUN_EPSILON in metrics:
+            checked.run_grant[node] = float(metrics[RUN_EPSILON])
+        if STARTUP_SECONDS in metrics:
+            checked.startup_seconds[node] = float(metrics[STARTUP_SECONDS])
     checked.failures += [
         {"node": node, "code": None, "reason": f"no reply within round-timeout={cfg.round_timeout:g}s"}
         for node in collected.silent
@@ -264,14 +267,11 @@ def validate_replies(
     return checked
 
 
-def check_out_dir(cfg: RunConfig) -> None:
+def check_out_dir(cfg: RunConfig, how_to_resume: str = "resume=true") -> None:
     """A new run must not overwrite an earlier run's checkpoint (that would lose the way to resume it)."""
-    path = cfg.out_path / CHECKPOINT_NAME
-    if not cfg.resume and path.exists():
-        raise CheckpointError(
-            f"{path} holds the checkpoint of an earlier run; continue that run with resume=true, "
-            "or give this run another out-dir"
-        )
+    reason = reused_out_dir(cfg.out_path, cfg.resume, how_to_resume)
+    if reason:
+        raise CheckpointError(reason)
 
 
 def _resume_state(cfg: RunConfig, initial_arrays: ArrayRecord, strategy) -> RunState:
@@ -396,7 +396,7 @@ def aggregate_round(run: _Run, rnd: int, checked: Checked) -> tuple[bool, float 
     if new_arrays is not None:
         run.arrays = keep_frozen(run.arrays, conform_arrays(run.arrays, new_arrays), run.frozen)
         aggregated = True
-    train_loss = float(agg_metrics["train-loss"]) if agg_metrics is not None and "train-loss" in agg_metrics else None
+    train_loss = float(agg_metrics[TRAIN_LOSS]) if agg_metrics is not None and TRAIN_LOSS in agg_metrics else None
     return aggregated, train_loss
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedsafe.protocol import DELTA, DP_STEPS, EPSILON, NOISE_MULTIPLIER
+
 
 class UpdateRejected(ValueError):
     """An update that must not be aggregated; the message says why."""
@@ -115,19 +117,19 @@ def num_examples_cap(claims: Iterable[float]) -> float:
 # multiplier σ of the steps (the accountant is the one the run asked for). Each is a float, and must lie
 # in its range; a reply in a DP run without them did not train privately as far as the server can tell.
 DP_REPLY_FIELDS: dict[str, str] = {
-    "epsilon": "finite and >= 0",
-    "delta": "in (0, 1)",
-    "dp-steps": "a whole number >= 1",
-    "noise-multiplier": "finite and > 0",
+    EPSILON: "finite and >= 0",
+    DELTA: "in (0, 1)",
+    DP_STEPS: "a whole number >= 1",
+    NOISE_MULTIPLIER: "finite and > 0",
 }
 
 
 def _in_range(name: str, value: float) -> bool:
-    if name == "epsilon":
+    if name == EPSILON:
         return value >= 0
-    if name == "delta":
+    if name == DELTA:
         return 0 < value < 1
-    if name == "dp-steps":
+    if name == DP_STEPS:
         return value >= 1 and float(value).is_integer()
     return value > 0  # noise-multiplier
 
