@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NUM_EXAMPLES, RUN_EPSILON, RUN_KEY, STARTUP_SECONDS, TRAIN_LOSS,
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NUM_EXAMPLES, RUN_EPSILON, RUN_KEY, STARTUP_SECONDS,
 )
 from fedsafe.strategies import (
     NormBound,
@@ -382,26 +382,24 @@ def report_problems(strategy, rnd: int, checked: Checked) -> None:
             strikes.record_accepted(node)
 
 
-def aggregate_round(run: _Run, rnd: int, checked: Checked) -> tuple[bool, float | None]:
-    """Aggregate the valid updates into the global model (when there are min-replies of them):
-    (aggregated, the mean train loss the strategy reports)."""
+def aggregate_round(run: _Run, rnd: int, checked: Checked) -> bool:
+    """Aggregate the valid updates into the global model (when there are min-replies of them); whether it did.
+    (Nodes send no training loss: un-noised, it is outside the DP guarantee.)"""
     if len(checked.valid) < run.cfg.min_replies:
         log.warning(
             "round %d skipped: %d valid replies, %d needed (min-replies); the global model is unchanged",
             rnd, len(checked.valid), run.cfg.min_replies,
         )
-        return False, None
-    aggregated = False
-    new_arrays, agg_metrics = run.strategy.aggregate_train(rnd, checked.valid)
-    if new_arrays is not None:
-        run.arrays = keep_frozen(run.arrays, conform_arrays(run.arrays, new_arrays), run.frozen)
-        aggregated = True
-    train_loss = float(agg_metrics[TRAIN_LOSS]) if agg_metrics is not None and TRAIN_LOSS in agg_metrics else None
-    return aggregated, train_loss
+        return False
+    new_arrays, _ = run.strategy.aggregate_train(rnd, checked.valid)
+    if new_arrays is None:
+        return False
+    run.arrays = keep_frozen(run.arrays, conform_arrays(run.arrays, new_arrays), run.frozen)
+    return True
 
 
 def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collected, checked: Checked,
-                 aggregated: bool, train_loss: float | None) -> dict[str, Any]:
+                 aggregated: bool) -> dict[str, Any]:
     """The round's entry in the results: who replied, what failed and why, the nodes' ε."""
     round_eps = checked.epsilon
     run.node_epsilon.update(round_eps)
@@ -413,14 +411,13 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "failures": len(checked.failures),
         "budget_refusals": len(checked.refusals),
         "rejected": len(checked.rejected),
-        "train_loss": train_loss,
         "epsilon_max": max(round_eps.values()) if round_eps else None,
         "epsilon_mean": mean(round_eps.values()) if round_eps else None,
         "node_epsilon": {str(k): v for k, v in sorted(round_eps.items())},
         # the ε the nodes granted this run (their lifetime ε above also counts earlier runs on their data)
         "run_epsilon_grant": ({"min": min(checked.run_grant.values()), "max": max(checked.run_grant.values())}
                               if checked.run_grant else None),
-        "clientapp_startup_seconds": {str(k): v for k, v in sorted(checked.startup_seconds.items())},  # per node: ClientApp process start to first training step
+        "clientapp_startup_seconds": {str(k): v for k, v in sorted(checked.startup_seconds.items())},  # per node: ClientApp process start to its libraries loaded
         "problems": checked.problems,
         "update_norm_bound": checked.norm_bound.record() if checked.norm_bound is not None else None,
         "update_norms": {str(k): v for k, v in checked.update_norms.items()},
@@ -499,8 +496,8 @@ def run_rounds(
         observe_replies(strategy, rnd, [reply for _, reply in collected.replies])
         checked = validate_replies(collected, run.arrays, cfg, run.masked, run.frozen)
         report_problems(strategy, rnd, checked)
-        aggregated, train_loss = aggregate_round(run, rnd, checked)
-        record = round_record(run, rnd, messages, collected, checked, aggregated, train_loss)
+        aggregated = aggregate_round(run, rnd, checked)
+        record = round_record(run, rnd, messages, collected, checked, aggregated)
         evaluate_round(run, rnd, record, evaluator)
         record["seconds"] = time.perf_counter() - started
         record_and_checkpoint(run, rnd, record)
