@@ -55,11 +55,14 @@ def simulated_partition(context: Context, request: TrainRequest) -> tuple[int, i
 
 
 def load_local_data(policy: NodePolicy, request: TrainRequest, partition: tuple[int, int] | None):
-    from .data import PartitionScheme, load_file, load_partition, load_stored_partition
+    from .data import PartitionScheme, is_builtin, load_file, load_partition, load_stored_partition
 
     if policy.data_path:
         return load_file(policy.data_path)
     if partition is not None:
+        if not (policy.simulated or is_builtin(request.dataset)):
+            raise PolicyError("the run names a data file for this node to load; only a simulated node loads the "
+                              "file a run names (a deployed node trains on its own data-path)")
         scheme = PartitionScheme(
             kind=request.partitioner, num_partitions=partition[1], alpha=request.alpha,
             classes_per_node=request.classes_per_node, partition_by=request.partition_by or None,
@@ -100,16 +103,31 @@ def train_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
         return refuse(msg, err)
 
 
+def refuse_audit_canaries(config) -> None:
+    """A node never trains with privacy-audit canaries on a coordinator's request: audits run in simulation
+    only, where fedsafe.simulations.audit inserts them itself. A request naming canaries is refused (a
+    RequestError: its text names only keys the coordinator sent)."""
+    from .policy import RequestError
+
+    asked = sorted(key for key in config.keys() if "canar" in key.lower() or "audit" in key.lower())
+    if asked:
+        raise RequestError(f"this node takes no privacy-audit canaries (asked for {', '.join(asked)}); "
+                           f"audits run in simulation only (fedsafe audit)")
+
+
 def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     """policy → data → (replay) → reserve → train → settle → reply; only `gate` writes the ledger or a reply."""
+    refuse_audit_canaries(msg.content["config"])
     request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
     terms = resolve_terms(policy, request)
+    policy.check_model(request.model)  # the model code the run names: only what the operator allows
     partition = simulated_partition(context, request)
     device = node_device(policy)
     startup = _startup_seconds()
     data = load_local_data(policy, request, partition)
     spec, data = _spec_from_request(request, data)
-    gate = PrivacyGate(msg, policy, request, terms, policy.data_key(request, partition))
+    gate = PrivacyGate(msg, policy, request, terms, policy.data_key(request, partition, data),
+                       records=_own_records(policy, data))
 
     digest = _request_digest(msg)
     if (replayed := gate.replay(digest)) is not None:
@@ -122,6 +140,14 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     figures = gate.settle(plan, outcome)
     update = _update(model, frozen, policy, request)
     return gate.release(digest, update, {protocol.NUM_EXAMPLES: len(data), **startup, **figures})
+
+
+def _own_records(policy: NodePolicy, data):
+    """The record hashes of a node's own data file (None for simulated partitions): the ledger keeps them,
+    so that data sharing records with another ledger's is refused (fedsafe.client.ledger)."""
+    from .data import record_hashes
+
+    return record_hashes(data) if policy.data_path else None
 
 
 def node_device(policy: NodePolicy):
@@ -159,9 +185,12 @@ def _global_model(msg: Message, request: TrainRequest, spec):
     from fedsafe.models import build_model, parse_model_options, task_for
     from fedsafe.models.transfer import freeze
 
+    from .dp_modes import check_no_batchnorm
     from .regularize import can_augment
 
     model = build_model(request.model, spec, parse_model_options(request.model_options))
+    if request.dp:
+        check_no_batchnorm(model)  # before any ε is reserved: Opacus would fail on it mid-round
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     # Frozen parameters (transfer learning) are neither trained, noised nor uploaded.
     frozen = set(freeze(model, request.freeze, request.model)) if request.freeze else set()

@@ -7,6 +7,7 @@ pulling in node logic. Built-in sets come from scikit-learn's bundled files, so 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -79,6 +80,43 @@ def records_of(dataset: str) -> str:
     return SAME_RECORDS.get(dataset, dataset)
 
 
+def _record_rows(data: ArrayDataset) -> np.ndarray:
+    """Each record as bytes, one row per record: its features (float32) and target (float64), flattened —
+    the same whatever file or view they came from (CSV spacing and number formatting, .csv or .npz)."""
+    n = len(data)
+    features = np.asarray(data.x, dtype="<f4").reshape(n, -1)
+    targets = np.asarray(data.y, dtype="<f8").reshape(n, -1)
+    return np.ascontiguousarray(np.concatenate([features.view(np.uint8).reshape(n, -1),
+                                                targets.view(np.uint8).reshape(n, -1)], axis=1))
+
+
+def records_digest(data: ArrayDataset) -> str:
+    """SHA-256 of the set of records as loaded (`_record_rows`, sorted: row order does not count), so a
+    copied, renamed or re-saved file has the digest of its records. What the privacy ledger of a node's own
+    data is keyed on. One sort of the rows: milliseconds for thousands of records."""
+    rows = _record_rows(data)
+    ordered = np.sort(rows.view(np.dtype((np.void, rows.shape[1]))).ravel())
+    return hashlib.sha256(f"{len(rows)}x{rows.shape[1]}:".encode() + ordered.tobytes()).hexdigest()
+
+
+def record_hashes(data: ArrayDataset) -> np.ndarray:
+    """A 64-bit hash of each distinct record (sorted, unique): what the node keeps of the data each ledger
+    protects, to notice a dataset that shares records with another ledger's (rows added to a copy, or
+    dropped). Not cryptographic — the operator who would craft collisions could as well alter every record."""
+    rows = _record_rows(data)
+    words = np.pad(rows, ((0, 0), (0, -rows.shape[1] % 8))).view("<u8")
+    digest = np.full(len(rows), 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in words.T:  # FNV-1a over 8-byte words, then splitmix64's finaliser to mix the bits
+            digest = (digest ^ column) * np.uint64(0x100000001B3)
+        digest ^= digest >> np.uint64(30)
+        digest *= np.uint64(0xBF58476D1CE4E5B9)
+        digest ^= digest >> np.uint64(27)
+        digest *= np.uint64(0x94D049BB133111EB)
+        digest ^= digest >> np.uint64(31)
+    return np.unique(digest)
+
+
 @functools.cache
 def load_dataset(name_or_path: str, group_column: str | None = None) -> DataSplit:
     """A built-in dataset by name, or a data file (.csv/.npz) split 75/25 into train and held-out test."""
@@ -86,7 +124,7 @@ def load_dataset(name_or_path: str, group_column: str | None = None) -> DataSpli
         if group_column:
             raise DataError(f"built-in dataset {name_or_path!r} has no group column {group_column!r}")
         return load_builtin(name_or_path)
-    if Path(name_or_path).suffix in (".csv", ".npz") or Path(name_or_path).exists():
+    if Path(name_or_path).suffix in (".npz", *TABLE_SUFFIXES) or Path(name_or_path).exists():
         data = load_file(name_or_path, group_column=group_column)
         if len(data) < 8:
             raise DataError(f"{name_or_path}: {len(data)} samples are too few to split into train and test")
@@ -169,8 +207,9 @@ def fit_view(data: ArrayDataset, input_shape: tuple[int, ...]) -> ArrayDataset:
 
 
 def load_file(path: str | Path, label_column: str = "label", group_column: str | None = None) -> ArrayDataset:
-    """A node's own data: `.npz` (arrays `x`, `y`, optional group array) or `.csv` (numeric feature
-    columns, a label column of class numbers 0..K-1, and optionally a group column for natural partitions)."""
+    """A node's own data: `.npz` (arrays `x`, `y`, optional group array) or a table, `.csv` or `.parquet`
+    (feature columns, a label column of class numbers 0..K-1, and optionally a group column for natural
+    partitions; categorical or missing values need a schema file, see _load_table)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -182,25 +221,10 @@ def load_file(path: str | Path, label_column: str = "label", group_column: str |
             if group_column is not None and group_column not in arrays:
                 raise DataError(f"{path}: no group array {group_column!r}; found {list(arrays)}")
             groups = arrays[group_column] if group_column else None
-    elif path.suffix == ".csv":
-        import csv
-
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or label_column not in reader.fieldnames:
-                raise DataError(f"{path}: no label column {label_column!r} in the CSV header")
-            if group_column is not None and group_column not in reader.fieldnames:
-                raise DataError(f"{path}: no group column {group_column!r} in the CSV header")
-            features = [name for name in reader.fieldnames if name not in (label_column, group_column)]
-            rows = list(reader)
-        groups = np.array([row[group_column] for row in rows]) if group_column else None
-        try:
-            x = np.array([[float(row[f]) for f in features] for row in rows], dtype=np.float32)
-            y = np.array([row[label_column] for row in rows])
-        except ValueError as err:
-            raise DataError(f"{path}: non-numeric feature value ({err})") from None
+    elif path.suffix in TABLE_SUFFIXES or is_hf_dataset_dir(path):
+        x, y, groups = _load_table(path, label_column, group_column)
     else:
-        raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .npz or .csv")
+        raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .npz, .csv or .parquet")
     if len(x) == 0:
         raise DataError(f"{path}: the file holds no samples")
     try:
@@ -213,6 +237,118 @@ def load_file(path: str | Path, label_column: str = "label", group_column: str |
     # coordinator's model says the true K and the node checks its labels fit.
     spec = DataSpec(input_shape=tuple(x.shape[1:]), num_classes=int(labels.max()) + 1)
     return ArrayDataset(x, labels.astype(np.int64), spec, groups)
+
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+SCHEMA_SUFFIX = ".schema.json"  # beside a table: data.csv -> data.csv.schema.json
+
+
+def schema_path(table: Path) -> Path:
+    return table.with_name(table.name + SCHEMA_SUFFIX)
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    """A Hugging Face `datasets` Dataset saved with save_to_disk (a DatasetDict: save one split)."""
+    return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _read_hf_dataset(path: Path):
+    """A saved Hugging Face Dataset as a pandas table (its Arrow files, memory-mapped, then copied)."""
+    from datasets import Dataset, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"{path}: a DatasetDict; save one split (dataset['train'].save_to_disk(...))")
+    unusable = [name for name, feature in dataset.features.items()
+                if type(feature).__name__ in ("Image", "Audio", "Sequence", "List", "LargeList")]
+    if unusable:
+        raise DataError(f"{path}: column(s) {unusable} are not table values (images, audio, lists)")
+    return dataset.to_pandas()
+
+
+def _load_table(path: Path, label_column: str, group_column: str | None):
+    """A .csv or .parquet table, or a saved Hugging Face Dataset of table columns, as (x, y, groups).
+
+    Without a schema file every feature column must be numeric and complete. With one
+    (``<table>.schema.json``: ``{"numeric": {"age": {"fill": 40}, "income": {}}, "categorical":
+    {"region": ["north", "south"]}}``) the features are exactly the declared columns, in the schema's
+    order: a numeric column's missing values take its `fill` (default 0) and add a 0/1 column
+    ``<name>_missing``; a categorical column becomes one 0/1 column per declared category plus one for
+    a missing or undeclared value. The layout so depends on the schema alone, never on a node's own
+    rows, so every node's model has the same inputs and their updates aggregate."""
+    import pandas as pd
+
+    try:
+        if is_hf_dataset_dir(path):
+            table = _read_hf_dataset(path)
+        else:
+            table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged or unreadable table
+        raise DataError(f"{path}: cannot read the table: {type(err).__name__}") from None
+    for what, column in (("label", label_column), ("group", group_column)):
+        if column is not None and column not in table.columns:
+            raise DataError(f"{path}: no {what} column {column!r} in the CSV header" if path.suffix == ".csv"
+                            else f"{path}: no {what} column {column!r} in the table")
+    groups = table[group_column].astype(str).to_numpy() if group_column else None
+    y = table[label_column].to_numpy()
+    features = table.drop(columns=[c for c in (label_column, group_column) if c])
+    schema_file = schema_path(path)
+    if schema_file.exists():
+        x = _encode(features, _read_schema(schema_file), path)
+    else:
+        bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+        if bad:
+            raise DataError(f"{path}: non-numeric feature value in column(s) {bad}; declare them as categorical "
+                            f"in {schema_file.name}")
+        missing = [c for c in features.columns if features[c].isna().any()]
+        if missing:
+            raise DataError(f"{path}: missing values in column(s) {missing}; declare them (with a fill) in "
+                            f"{schema_file.name}")
+        x = features.to_numpy(dtype=np.float32)
+    if pd.isna(y).any():
+        raise DataError(f"{path}: the label column {label_column!r} has missing values")
+    return x, y, groups
+
+
+def _read_schema(path: Path) -> dict:
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable JSON schema ({type(err).__name__})") from None
+    numeric, categorical = schema.get("numeric", {}), schema.get("categorical", {})
+    if (set(schema) - {"numeric", "categorical"} or not isinstance(numeric, dict) or not isinstance(categorical, dict)
+            or any(not isinstance(v, dict) or set(v) - {"fill"} for v in numeric.values())
+            or any(not isinstance(v, list) or len(set(map(str, v))) != len(v) for v in categorical.values())):
+        raise DataError(f"{path}: a schema is {{\"numeric\": {{column: {{\"fill\": number}}}}, "
+                        f"\"categorical\": {{column: [distinct categories]}}}}")
+    if set(numeric) & set(categorical):
+        raise DataError(f"{path}: column(s) {sorted(set(numeric) & set(categorical))} declared twice")
+    return {"numeric": numeric, "categorical": {k: [str(c) for c in v] for k, v in categorical.items()}}
+
+
+def _encode(features, schema: dict, path: Path) -> np.ndarray:
+    """The schema's columns, encoded as _load_table says."""
+    import pandas as pd
+
+    declared = [*schema["numeric"], *schema["categorical"]]
+    undeclared = sorted(set(features.columns) - set(declared))
+    absent = sorted(set(declared) - set(features.columns))
+    if undeclared or absent:
+        raise DataError(f"{path}: the table's columns differ from its schema: undeclared {undeclared}, absent {absent}")
+    encoded = []
+    for name, rule in schema["numeric"].items():
+        values = pd.to_numeric(features[name], errors="coerce")
+        if (values.isna() & features[name].notna()).any():
+            raise DataError(f"{path}: non-numeric feature value in numeric column {name!r}")
+        encoded += [values.fillna(float(rule.get("fill", 0.0))).to_numpy(np.float32),
+                    values.isna().to_numpy(np.float32)]
+    for name, categories in schema["categorical"].items():
+        values = features[name].astype("string")
+        encoded += [(values == c).fillna(False).to_numpy(np.float32) for c in categories]
+        encoded.append((~values.isin(categories)).fillna(True).to_numpy(np.float32))  # missing or undeclared
+    return np.stack(encoded, axis=1) if encoded else np.zeros((len(features), 0), np.float32)
 
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")

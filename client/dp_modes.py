@@ -135,6 +135,21 @@ class NotPrivatisable(ValueError):
     """A model that DP-SGD cannot train as built (a layer Opacus cannot privatise)."""
 
 
+def check_no_batchnorm(model: nn.Module) -> None:
+    """Raise NotPrivatisable, naming each BatchNorm layer: it mixes the samples of a batch, so no
+    per-sample gradient (and no DP-SGD guarantee) exists for it. Cheap: nodes check before reserving ε."""
+    from fedsafe.models.registry import FIX_BATCHNORM_OPTION
+
+    batchnorms = [f"{name or '(the model)'} ({type(layer).__name__})" for name, layer in model.named_modules()
+                  if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+    if batchnorms:
+        raise NotPrivatisable(
+            f"DP-SGD cannot train this model: BatchNorm layer(s) {', '.join(batchnorms)} mix the samples of a "
+            f"batch; use GroupNorm or LayerNorm, or add model option {FIX_BATCHNORM_OPTION}=true to replace them "
+            f"with GroupNorm"
+        )
+
+
 def check_privatisable(
     model: nn.Module, per_sample_loss: PerSampleLoss, mode: str, input_shape: tuple[int, ...],
     targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -150,6 +165,7 @@ def check_privatisable(
 
     from opacus.validators import ModuleValidator
 
+    check_no_batchnorm(model)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         listed = "; ".join(str(e) for e in errors[:5])

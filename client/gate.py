@@ -5,7 +5,7 @@ A round passes it in a straight line (client/app.py):
     replay  = gate.replay(digest)            # a re-sent round: the reply already paid for, or None
     plan    = gate.reserve(num_examples)      # σ, q, steps; written to the ledger before training
     outcome = train(..., plan.noise_multiplier)
-    figures = gate.settle(plan, outcome)      # the ledger charged with the steps really taken
+    figures = gate.settle(plan, outcome)      # settled from what the optimizer did; withheld if it differs
     reply   = gate.release(plan, state, figures)
 
 What leaves the node is decided here and nowhere else:
@@ -36,6 +36,7 @@ from fedsafe.protocol import (
     DATA_UNUSABLE,
     INTERNAL_ERROR,
     LEDGER_DAMAGED,
+    MODEL_UNAVAILABLE,
     REFUSALS,
     REQUEST_REFUSED,
 )
@@ -67,9 +68,10 @@ def say(text: str) -> None:
 
 def refusal_code(err: BaseException) -> int:
     """The fixed code for an exception raised while serving a round."""
-    from fedsafe.models.registry import ModelConfigError
+    from fedsafe.models.registry import ModelConfigError, UnknownModelError
 
     from .data import DataError
+    from .dp_modes import NotPrivatisable
     from .ledger import BudgetExhausted, LedgerError
     from .policy import PolicyError
 
@@ -79,7 +81,9 @@ def refusal_code(err: BaseException) -> int:
         return LEDGER_DAMAGED
     if isinstance(err, DataError):
         return DATA_UNUSABLE
-    if isinstance(err, (PolicyError, ModelConfigError)):
+    if isinstance(err, UnknownModelError):  # a user's model module this node lacks (its name is the run's)
+        return MODEL_UNAVAILABLE
+    if isinstance(err, (PolicyError, ModelConfigError, NotPrivatisable)):
         return REQUEST_REFUSED
     return INTERNAL_ERROR
 
@@ -134,11 +138,12 @@ class Plan:
 class PrivacyGate:
     """One round on one protected dataset: its ledger, its replay cache and its reply."""
 
-    def __init__(self, msg: Message, policy, request, terms, data_key: str) -> None:
+    def __init__(self, msg: Message, policy, request, terms, data_key: str, records=None) -> None:
         from .replay import ReplayCache
 
         self.msg, self.policy, self.request, self.terms = msg, policy, request, terms
         self.data_key = data_key
+        self.records = records  # a node's own data: its record hashes (fedsafe.client.data.record_hashes)
         self._replay = ReplayCache(policy.state_dir, data_key)
         self._ledger = None
 
@@ -173,7 +178,7 @@ class PrivacyGate:
 
         # A fresh process every round: keep the RDP math of this node's runs on its disk (pure functions).
         accounting.use_disk_cache(Path(self.policy.state_dir).expanduser() / "cache" / "accounting.json")
-        self._ledger = ledger = PrivacyLedger.open(self.policy.state_dir, self.data_key)
+        self._ledger = ledger = PrivacyLedger.open(self.policy.state_dir, self.data_key, records=self.records)
         run_plan = ledger.plan_run(
             request.run_id, sample_rate=sample_rate, steps_per_round=steps,
             planned_rounds=request.num_rounds, run_epsilon=terms.run_epsilon,
@@ -194,12 +199,13 @@ class PrivacyGate:
         return plan
 
     def settle(self, plan: Plan, outcome) -> dict[str, float]:
-        """Charge the ledger with the steps training really took; the ledger's figures for the reply
-        (policy and accounting values, not data: the coordinator sees who can afford the next round)."""
+        """Settle the ledger from what the DP optimizer did (SettlementMismatch, and no reply, if it is not
+        what was reserved); the ledger's figures for the reply (policy and accounting values, not data:
+        the coordinator sees who can afford the next round)."""
         if not plan.private:
             return {}
         request, terms, ledger = self.request, self.terms, self._ledger
-        ledger.settle(request.run_id, request.server_round, outcome.steps)
+        ledger.settle(request.run_id, request.server_round, outcome.dp_spend)
         lifetime_next, run_next = ledger.project(
             request.run_id, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta, request.accountant)
         return {

@@ -44,6 +44,12 @@ class NodePolicy:
     # Simulations only: the driver's pre-partitioned training split (fedsafe.client.data.save_partitions).
     partition_store: str | None = None
     debug_poison: tuple[str, ...] = ()  # TEST ONLY: send deliberately bad updates (nan, shape, norm), by round
+    # A virtual node of a simulation (set by the simulation driver in code, never from node-config, which a
+    # deployed node's operator writes): only then may a run name a data file for the node to load.
+    simulated: bool = False
+    # User model factories (package.module:function, or a package whose factories all are) this node may
+    # import: a coordinator names the code a node runs, so only the operator's list may widen it.
+    allow_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -74,28 +80,48 @@ class NodePolicy:
             allow_non_private=values["allow_non_private"],
             seed_noise=values["seed_noise"],
             debug_poison=tuple(p.strip() for p in values["debug_poison"].split(",") if p.strip()),
+            allow_models=tuple(m.strip() for m in values["allow_models"].split(",") if m.strip()),
+        )
+
+    def check_model(self, model: str) -> None:
+        """PolicyError unless this node may build `model`: built-in families and those installed
+        packages register (entry points, installed by the operator) always; a ``module:function``
+        reference only where node-config allow-models lists it or a package above it."""
+        from fedsafe.models.registry import is_user_model_ref
+
+        if not is_user_model_ref(model):
+            return
+        module = model.partition(":")[0]
+        if any(model == allowed or module == allowed or module.startswith(allowed + ".")
+               for allowed in self.allow_models):
+            return
+        raise PolicyError(
+            f"the run asks this node to import model code {model!r}; node-config allow-models does not list it "
+            f"(add '{model}' or its package there if the operator has installed and reviewed that code)"
         )
 
     def with_overrides(self, **changes: Any) -> NodePolicy:
         return replace(self, **changes)
 
-    def data_key(self, request: TrainRequest, partition: tuple[int, int] | None = None) -> str:
-        """Which data the ledger protects: the operator's dataset id, the data file, or — for a
-        simulated node, `partition` = (id, count) — exactly the records of its partition."""
+    def data_key(self, request: TrainRequest | None, partition: tuple[int, int] | None = None, data=None) -> str:
+        """Which data the ledger protects: the operator's dataset id, else the records of the node's data
+        file (`data`, as loaded; fedsafe.client.data.records_digest: a copy of the file is the same data), or
+        — for a simulated node, `partition` = (id, count) — the dataset's records and the node's partition
+        number. Not the seed, partitioner or node count: a new split of the same records charges the same
+        virtual nodes' ledgers."""
+        from .data import is_builtin, load_dataset, load_file, records_digest, records_of
+
         if self.dataset_id:
             return self.dataset_id
         if self.data_path:
-            return "file:" + str(Path(self.data_path).expanduser().resolve())
-        if partition is None:
+            return "records:" + records_digest(data if data is not None else load_file(self.data_path))
+        if partition is None or request is None:
             raise PolicyError("this node has no data: set node-config data-path=<file>")
-        partition_id, num_partitions = partition
-        scheme = {
-            "iid": "iid", "dirichlet": f"dirichlet-a{request.alpha:g}",
-            "pathological": f"pathological-k{request.classes_per_node}", "natural": f"natural-{request.partition_by}",
-        }.get(request.partitioner, request.partitioner)
-        from .data import records_of
-
-        return f"sim:{records_of(request.dataset)}:{scheme}:n{num_partitions}:s{request.seed}:p{partition_id}"
+        if is_builtin(request.dataset):
+            source = records_of(request.dataset)  # bundled, public records: the name says which
+        else:
+            source = "records-" + records_digest(load_dataset(request.dataset, request.partition_by or None).train)
+        return f"sim:{source}:p{partition[0]}"
 
 
 @dataclass(frozen=True)

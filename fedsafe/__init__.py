@@ -12,3 +12,15 @@ _source_root = _Path(__file__).resolve().parent.parent
 if (_source_root / "pyproject.toml").is_file() and (_source_root / "client" / "__init__.py").is_file():
     __path__.append(str(_source_root))  # noqa: F821 - a package's __path__
 del _Path, _source_root
+
+
+# The public library API (fedsafe/api.py), loaded on first use so `import fedsafe` (the CLI) stays light.
+_PUBLIC = ("simulate", "SimulationResult", "PrivateTrainer", "NodePolicy", "DataSpec")
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fedsafe' has no attribute {name!r}")

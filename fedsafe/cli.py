@@ -10,7 +10,10 @@ COMMAND_STARTED = time.perf_counter()  # the summary's wall time counts from her
 from collections.abc import Sequence
 from pathlib import Path
 
+from .after import commands as after_training
+
 EXIT_USAGE = 2
+EXIT_CONTRADICTION = 3  # fedsafe audit: an empirical lower bound above the reported ε
 
 
 class CliError(Exception):
@@ -91,9 +94,14 @@ def _add_partitions(sub) -> None:
 
 
 def _add_ledger(sub) -> None:
-    p = sub.add_parser("ledger", help="show what a node's privacy ledgers say it has spent")
+    p = sub.add_parser("ledger", help="show what a node's privacy ledgers say it has spent; verify them; forget one")
+    p.add_argument("action", nargs="?", choices=("show", "verify", "forget"), default="show",
+                   help="show (default): the table, and any problem; verify: check every ledger and the node "
+                        "identity file, one line per problem, exit 1 on any; forget: knowingly restart a lost "
+                        "ledger's budget at zero (recorded in the identity file)")
     p.add_argument("--state-dir", default="~/.fedsafe/ledgers")
     p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--data-key", default=None, help="forget: the data key the node's refusal names")
 
 
 # `fedsafe certs …` and `fedsafe node-keys …` are fedsafe.credentials' own command lines.
@@ -133,7 +141,8 @@ def _add_node(sub) -> None:
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dataset-id", default=None,
-                   help="name the ledger keys on (default: the data file's path); keep it if the file moves")
+                   help="name the ledger keys on (default: the digest of the data file's records, so a moved or "
+                        "copied file keeps its ledger); e.g. for data that grows, whose records change")
     p.add_argument("--port", type=int, default=9094,
                    help="local Runtime API port; every node on one machine needs its own")
     p.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
@@ -150,16 +159,28 @@ def _add_node(sub) -> None:
     p.add_argument("--test-poison", default=None, help=argparse.SUPPRESS)
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="simulation only: an empirical lower bound on ε from one run with canaries")
+    _add_run_arguments(p)
+    g = p.add_argument_group("privacy audit (Steinke, Nasr, Jagielski 2023: one training run)")
+    g.add_argument("--canaries", type=int, default=1000, help="m: gradient canaries for the white-box audit")
+    g.add_argument("--record-canaries", type=int, default=200, help="record canaries for the black-box audit")
+    g.add_argument("--guess-fraction", type=float, default=0.05,
+                   help="k = this fraction of the canaries: guesses on each side (most and least confident)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
     _add_sweep(sub)
+    _add_audit(sub)
     _add_partitions(sub)
     _add_ledger(sub)
     _add_credentials(sub)
     _add_superlink(sub)
     _add_node(sub)
+    after_training.add_parsers(sub)  # export, predict, card, explain, compress (fedsafe.after)
     return parser
 
 
@@ -194,7 +215,8 @@ def _default_out(args: argparse.Namespace, kind: str) -> str:
     import time
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return args.out or f"results/{kind}{args.model.replace(',', '+')}-{Path(args.dataset).stem}-{stamp}"
+    model = args.model.replace(",", "+").replace(":", ".")  # a factory package.module:function
+    return args.out or f"results/{kind}{model}-{Path(args.dataset).stem}-{stamp}"
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -247,6 +269,33 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from fedsafe.simulations.audit import AuditError, AuditOptions, PrivacyContradiction, audit
+
+    if args.attackers or args.ray_address or args.client_gpus:
+        raise CliError("fedsafe audit: runs in this process on this machine, with honest nodes: "
+                       "--attackers, --ray-address and --client-gpus do not apply")
+    cfg = _run_config(args, out_dir=_default_out(args, "audit-"))
+    options = AuditOptions(num_nodes=_number(args.nodes, int, "nodes"), canaries=args.canaries,
+                           record_canaries=args.record_canaries, guess_fraction=args.guess_fraction,
+                           verbose=args.verbose)
+    print(f"fedsafe audit (simulation only): {options.num_nodes} nodes × {cfg.num_rounds} rounds, {args.model} on "
+          f"{args.dataset}, " + (f"DP-SGD ε≤{cfg.epsilon:g} δ={cfg.delta:g}" if cfg.dp else "no DP")
+          + f"; node 0 trains with {options.canaries} gradient and {options.record_canaries} record canaries",
+          flush=True)
+    try:
+        report = audit(cfg, options)
+    except PrivacyContradiction as err:
+        print("\n".join(err.report.lines()))
+        print(f"fedsafe audit: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONTRADICTION
+    except AuditError as err:
+        print(f"fedsafe audit: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    print("\n".join(report.lines()))
+    return 0
+
+
 def _partitions(args: argparse.Namespace) -> int:
     from fedsafe.client.data import PartitionScheme, load_dataset
     from fedsafe.simulations.partition_report import print_partition_table, write_partition_report
@@ -270,10 +319,33 @@ def _model_options(args: argparse.Namespace) -> str:
 
 
 def _ledger(args: argparse.Namespace) -> int:
+    from fedsafe.client.ledger import audit_state_dir, forget
     from fedsafe.simulations.report import print_ledgers
 
-    print_ledgers(args.state_dir, args.delta)
-    return 0
+    directory = Path(args.state_dir).expanduser()
+    if args.action == "forget":
+        if not args.data_key:
+            raise CliError("fedsafe ledger forget: --data-key is required (the key the node's refusal names)")
+        import getpass
+        import socket
+
+        recorded = forget(directory, args.data_key, by=f"{getpass.getuser()}@{socket.gethostname()}")
+        print(f"fedsafe: WARNING: data {args.data_key!r} now starts a new privacy budget at zero; its past spend is "
+              f"no longer enforced. Recorded in {recorded}", file=sys.stderr)
+        return 0
+    if not 0 < args.delta < 1:
+        raise CliError(f"fedsafe ledger: --delta must be in (0, 1); got {args.delta:g}")
+    if not directory.is_dir():
+        raise CliError(f"fedsafe ledger: no state directory {directory}")
+    audit = audit_state_dir(directory)
+    if args.action == "show":
+        print_ledgers(audit.ledgers, directory, args.delta)
+    for problem in audit.problems:
+        print(f"fedsafe: ledger problem: {problem}", file=sys.stderr)
+    if args.action == "verify" and not audit.problems:
+        print(f"fedsafe: {len(audit.ledgers)} privacy ledger(s) in {directory} verified: hash chains, entries, "
+              "accountants and the node identity file agree")
+    return 1 if audit.problems else 0
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -327,6 +399,9 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [after_training.PREDICT]:  # onnxruntime and numpy only: before the imports below pull in torch
+        return after_training.run_predict(argv[1:])
     from fedsafe.client.data import DataError
     from fedsafe.client.ledger import LedgerError
     from fedsafe.client.policy import PolicyError
@@ -335,17 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .deploy import DeployError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         from . import credentials
 
         return getattr(credentials, DELEGATED[argv[0]])(argv[1:], prog=f"fedsafe {argv[0]}")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger,
-                   "superlink": _superlink, "node": _node}[args.command]
+        handler = {"simulate": _simulate, "sweep": _sweep, "audit": _audit, "partitions": _partitions,
+                   "ledger": _ledger, "superlink": _superlink, "node": _node, **after_training.HANDLERS}[args.command]
         return handler(args)
-    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError) as err:
+    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError,
+            *after_training.errors()) as err:
         message = str(err)
         print(message if message.startswith("fedsafe") else f"fedsafe: error: {message}", file=sys.stderr)
         return EXIT_USAGE

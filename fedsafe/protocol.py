@@ -13,6 +13,7 @@ REQUEST_REFUSED = 4002  # the request or the node's policy does not allow the ro
 DATA_UNUSABLE = 4003  # the node's data does not fit the request (file, shape, labels)
 LEDGER_DAMAGED = 4004  # the node's privacy ledger cannot be trusted: it refuses rather than forget spend
 INTERNAL_ERROR = 4005  # anything else that went wrong on the node
+MODEL_UNAVAILABLE = 4006  # the node cannot import the run's model code (a user's module it lacks)
 # The whole reason an error reply carries, per code: a fixed category, never the exception's text
 # (which can quote a cell of the node's data, a label or a file path). The detail stays on the node.
 REFUSALS = {
@@ -21,6 +22,7 @@ REFUSALS = {
     DATA_UNUSABLE: "the node's data does not fit this request",
     LEDGER_DAMAGED: "the node's privacy ledger is damaged",
     INTERNAL_ERROR: "internal error on the node",
+    MODEL_UNAVAILABLE: "the node does not have the run's model code installed",
 }
 
 # ---- records of a train message and of its reply ---------------------------------------------

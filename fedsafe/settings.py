@@ -111,11 +111,12 @@ def within(bounds: str, value: float) -> bool:
 # The coordinator's defaults. `side`: who reads it (a NODE or BOTH setting travels in every train message).
 RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("num-rounds", 5, "federated rounds", BOTH, ">= 1", flag="rounds"),
-    Setting("model", "mlp", "model family: mlp, cnn, lstm, gru, transformer, autoencoder, gan", BOTH,
+    Setting("model", "mlp", "model family: mlp, cnn, lstm, gru, transformer, autoencoder, gan, one an "
+            "installed package registers (entry points fedsafe.models), or a factory package.module:function", BOTH,
             listable=True),
     Setting("dataset", "breast-cancer",
             "built-in dataset (breast-cancer, digits, digits-seq, digits-anomaly, diabetes, synthetic) "
-            "or a .csv/.npz file with a 'label' column", BOTH),
+            "or a data file: .npz, .csv/.parquet with a 'label' column, a saved Hugging Face dataset", BOTH),
     Setting("model-options", "", "the family's options, e.g. 'hidden=128,dropout=0.2'", BOTH),
     Setting("partitioner", "iid", "iid, dirichlet, pathological or natural", BOTH),
     Setting("alpha", 0.5, "Dirichlet concentration, smaller is more skewed", BOTH, "> 0", listable=True),
@@ -224,13 +225,16 @@ SentSettings = make_dataclass(
 
 # ---- a node's policy: Flower's node-config keys, the node operator's own -------------------------
 NODE_SETTINGS: tuple[Setting, ...] = (
-    Setting("data-path", "", "this node's data: .npz (x, y) or .csv with a 'label' column", NODE),
-    Setting("dataset-id", "", "the name the ledger keys on (default: the data file's path)", NODE),
+    Setting("data-path", "", "this node's data: .npz (x, y), .csv/.parquet with a 'label' column "
+            "(categorical or missing values: a <file>.schema.json beside it), or a saved Hugging Face dataset", NODE),
+    Setting("dataset-id", "", "the name the ledger keys on (default: the digest of the data file's records)", NODE),
     Setting("state-dir", "~/.fedsafe/ledgers", "where the privacy ledgers live", NODE),
     Setting("max-epsilon", 10.0, "lifetime ε cap on this data, over all runs", NODE, "> 0"),
     Setting("delta", 1e-5, "δ of the (ε, δ) guarantee; a run asking a larger δ gets this one", NODE, "(0, 1)"),
     Setting("device", "auto", "auto, cpu, cuda or cuda:N", NODE),
     Setting("allow-non-private", False, "a run may turn DP off only where the operator allows it", NODE),
+    Setting("allow-models", "", "user model factories this node may import: comma list of "
+            "package.module:function or package names (built-in and entry-point models need none)", NODE),
     # Simulations: set by the driver for each virtual node.
     Setting("partition-id", -1, "simulated node: which partition of the run's dataset it holds", NODE),
     Setting("num-partitions", 0, "simulated node: how many partitions the dataset is split into", NODE),

@@ -5,13 +5,25 @@ Opacus ``grad_sample_mode`` that computes its per-sample gradients fastest, as m
 ``benchmarks/dp_overhead.py`` (CPU, 1 thread, batch 64, digits-sized data; three runs agreed):
 mlp, cnn, autoencoder, transformer: ew; lstm, gru: hooks; gan: ghost. fedsafe.client.dp_modes.make_private
 sets up any of the four modes. This module stays plain PyTorch: it names Opacus modes as strings
-and never imports Opacus.
+and never imports Opacus (model option ``fix_batchnorm=true`` replaces BatchNorm as Opacus' fixer does).
+
+Beyond the built-in families, a model name may be
+* ``package.module:factory`` — a user's factory ``factory(spec, options) -> nn.Module`` (or
+  ``factory(spec)``), imported on first use; optional attributes on it (``grad_sample_mode``,
+  ``tasks``, ``inputs``) say what register_model's arguments say;
+* a name an installed package registers in the ``fedsafe.models`` entry-point group (its target is
+  such a factory, or a module that calls register_model when imported).
+The same code must be installed on every node: a node that cannot import it refuses the round.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
@@ -67,6 +79,24 @@ class ModelConfigError(ValueError):
     """Options or a data spec that a model family cannot be built from."""
 
 
+class UserModelError(UnknownModelError):
+    """A user's model (``module:factory`` or a ``fedsafe.models`` entry point) that cannot be loaded here."""
+
+
+# The entry-point group through which an installed package registers model families by name.
+ENTRY_POINT_GROUP = "fedsafe.models"
+# A model option every family takes: replace the layers Opacus can fix (BatchNorm → GroupNorm) after
+# building. Nodes and the coordinator apply it alike, so their state dicts keep the same keys.
+FIX_BATCHNORM_OPTION = "fix_batchnorm"
+# The tasks a user's factory serves unless it says otherwise (attribute `tasks`).
+USER_MODEL_TASKS = ("classification", "regression")
+
+
+def is_user_model_ref(name: str) -> bool:
+    """Whether `name` points at a user's factory (``package.module:factory``), not a registered family."""
+    return ":" in name
+
+
 def register_model(
     name: str,
     *,
@@ -101,16 +131,90 @@ def register_model(
 
 
 def model_names() -> list[str]:
-    return sorted(_FAMILIES)
+    """The registered families and those installed packages offer through the entry-point group."""
+    return sorted(set(_FAMILIES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def model_family(name: str) -> ModelFamily:
-    try:
+    """The family `name` names: built in, a ``module:factory`` reference, or an installed entry point.
+
+    Raises UnknownModelError (a ValueError) for a name nothing provides, and UserModelError, naming
+    the module, for a user's model whose code is not importable here."""
+    if name in _FAMILIES:
         return _FAMILIES[name]
-    except KeyError:
+    if is_user_model_ref(name):  # imported each time (Python caches the module): never stale, never kept
+        return _user_family(name, _import_factory(name))
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
         raise UnknownModelError(
-            f"unknown model {name!r}; choose one of: {', '.join(model_names())}"
+            f"unknown model {name!r}; choose one of: {', '.join(model_names())}, "
+            f"or a factory as package.module:function"
+        )
+    try:
+        target = found[0].load()
+    except Exception as err:  # noqa: BLE001 - whatever the package raises, the model is unusable here
+        raise UserModelError(f"model {name!r} (entry point {found[0].value}): cannot load it: "
+                             f"{type(err).__name__}: {err}") from None
+    if name not in _FAMILIES:  # a module that registered itself on import needs nothing more
+        if not callable(target) or inspect.ismodule(target):
+            raise UserModelError(f"model {name!r}: entry point {found[0].value} is neither a factory nor "
+                                 f"a module that registers {name!r}")
+        _FAMILIES[name] = _user_family(name, target)
+    return _FAMILIES[name]
+
+
+def _import_factory(ref: str) -> Callable[..., Any]:
+    """The callable ``package.module:attr`` names; UserModelError, naming what is missing."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise UserModelError(f"model {ref!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise UserModelError(
+            f"model {ref!r}: module {err.name or module_name!r} is not installed here; the model's code must "
+            f"be importable on the coordinator and on every node (pip install it, or put it on PYTHONPATH)"
         ) from None
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+        raise UserModelError(f"model {ref!r}: importing {module_name!r} failed: {type(err).__name__}: {err}") from None
+    factory: Any = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise UserModelError(f"model {ref!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise UserModelError(f"model {ref!r}: {attr!r} is not callable")
+    return factory
+
+
+def _user_family(name: str, factory: Callable[..., Any]) -> ModelFamily:
+    """A family around a user's factory; its optional attributes describe it as register_model's
+    arguments do (checked the same way)."""
+    takes_options = _takes_two_arguments(factory)
+
+    def builder(spec: DataSpec, options: Mapping[str, Any]) -> nn.Module:
+        model = factory(spec, options) if takes_options else factory(spec)
+        if not isinstance(model, nn.Module):
+            raise ModelConfigError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    tasks = tuple(getattr(factory, "tasks", USER_MODEL_TASKS))
+    mode = getattr(factory, "grad_sample_mode", "hooks")
+    inputs = getattr(factory, "inputs", "any")
+    if mode not in GRAD_SAMPLE_MODES or inputs not in INPUT_KINDS or not tasks:
+        raise UserModelError(f"model {name!r}: grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+                             f"inputs one of {', '.join(INPUT_KINDS)}, tasks non-empty; got {mode!r}, {inputs!r}, {tasks!r}")
+    return ModelFamily(name, builder, tasks, mode, inputs)
+
+
+def _takes_two_arguments(factory: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(factory).bind(None, None)
+        return True
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): call it as documented
+        return True
 
 
 def preferred_grad_sample_mode(name: str) -> str:
@@ -175,7 +279,8 @@ def build_model(name: str, spec: DataSpec, options: Mapping[str, Any] | None = N
 
     Raises UnknownModelError for an unregistered family and ModelConfigError (both ValueErrors) for
     a spec or options the family cannot use: a task it does not serve, a shape it does not take, an
-    option of the wrong type or out of range, or an option it does not know (a typo).
+    option of the wrong type or out of range, or an option it does not know (a typo). Every family
+    also takes ``fix_batchnorm`` (default false): replace BatchNorm layers with GroupNorm.
     """
     family = model_family(name)
     if spec.task not in family.tasks:
@@ -185,7 +290,11 @@ def build_model(name: str, spec: DataSpec, options: Mapping[str, Any] | None = N
         )
     if not spec.input_shape or any(not isinstance(d, int) or d < 1 for d in spec.input_shape):
         raise ModelConfigError(f"model {name!r}: input shape must be positive integers; got {spec.input_shape}")
-    read = _ReadOptions(options or {})
+    options = dict(options or {})
+    fix_batchnorm = options.pop(FIX_BATCHNORM_OPTION, False)
+    if not isinstance(fix_batchnorm, bool):
+        raise ModelConfigError(f"model {name!r}: option {FIX_BATCHNORM_OPTION!r} must be true or false; got {fix_batchnorm!r}")
+    read = _ReadOptions(options)
     try:
         model = family.builder(spec, read)
     except ModelConfigError as err:
@@ -197,6 +306,21 @@ def build_model(name: str, spec: DataSpec, options: Mapping[str, Any] | None = N
         raise ModelConfigError(
             f"model {name!r}: unknown option(s) {', '.join(map(repr, unknown))}; it takes: {known}"
         )
+    return replace_batchnorm(model) if fix_batchnorm else model
+
+
+def replace_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with each BatchNorm layer replaced, in place, by GroupNorm over gcd(32, channels) groups
+    (Opacus' own fixer's rule, without importing Opacus): DP-SGD needs each sample's gradient alone,
+    and BatchNorm mixes a batch. Parameter names stay (weight, bias); the running statistics go."""
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):  # the whole model one BatchNorm: nothing to keep
+        raise ModelConfigError("the model is a single BatchNorm layer")
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, nn.GroupNorm(math.gcd(32, layer.num_features), layer.num_features,
+                                                affine=layer.affine))
     return model
 
 

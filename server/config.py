@@ -27,13 +27,17 @@ class RunConfig(RunSettings):
         from fedsafe.client.accounting import ACCOUNTANTS
         from fedsafe.client.data import PARTITIONERS
         from fedsafe.client.training import OPTIMIZERS
-        from fedsafe.models import model_names
+        from fedsafe.models import UnknownModelError
+        from fedsafe.models.registry import model_family
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
-        need(self.model in model_names(), f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+        try:
+            model_family(self.model)  # a user's factory is imported here: its module must be installed
+        except UnknownModelError as err:
+            raise ConfigError(str(err)) from None
         try:
             check_settings(RUN_SETTINGS, self.to_mapping())  # each value within its declared bounds
         except SettingError as err:

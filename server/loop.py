@@ -466,6 +466,9 @@ def finish_run(run: _Run, stop_reason: str | None) -> dict[str, Any]:
     run.results.write(history, summary)
     run.results.write_node_epsilon(history)
     run.results.plot(history)
+    from fedsafe.after.card import write_card_at_end_of_run
+
+    write_card_at_end_of_run(run.cfg.out_path)  # MODEL_CARD.md + model_card.json: the run's privacy record and metrics
     return summary
 
 

@@ -143,7 +143,7 @@ def test_a_poisoned_csv_never_reaches_the_coordinator_as_text(tmp_path, capsys):
     assert audit(reply) == DATA_UNUSABLE
     sent = wire(reply)
     assert SECRET.encode() not in sent and SECRET_DIR.encode() not in sent and b"patients" not in sent
-    assert SECRET in capsys.readouterr().err  # "could not convert string to float: 'Jane Roe'", locally
+    assert "non-numeric feature value in column(s) ['f5']" in capsys.readouterr().err  # the operator's line
 
     # A missing file: its path stays on the node too.
     missing = NodePolicy(state_dir=str(tmp_path / "ledgers"), data_path=str(tmp_path / SECRET_DIR / "gone.csv"))
@@ -209,8 +209,11 @@ def test_the_gate_steps_one_by_one_reserve_before_training_settle_what_was_done_
     assert plan.private and plan.noise_multiplier > 0 and plan.steps > 1
     assert PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps == plan.steps  # on disk before training
 
-    figures = gate.settle(plan, SimpleNamespace(steps=plan.steps - 1))  # training took one step fewer
-    assert figures["dp-steps"] == plan.steps - 1 == PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps
+    # What the DP optimizer recorded (training.DPSpendRecorder); anything else withholds the update
+    # (tests/test_ledger_integrity.py).
+    done = SimpleNamespace(dp_spend=((plan.noise_multiplier, plan.sample_rate, plan.steps),))
+    figures = gate.settle(plan, done)
+    assert figures["dp-steps"] == plan.steps == PrivacyLedger.open(policy.state_dir, "hospital-a").total_steps
 
     state = {"w": torch.ones(2)}
     reply = gate.release("digest-1", state, {**figures, "num-examples": 100, "train-loss": 0.25})
