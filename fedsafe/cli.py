@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+COMMAND_STARTED = time.perf_counter()  # the summary's wall time counts from here: imports and Ray included
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +33,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     groups = {"": p}
     for setting in RUN_SETTINGS:
         if setting.flag is None or (sweep and setting.key == "dp"):  # a sweep's non-private baseline: ε = inf
+            continue
+        if sweep and not setting.in_sweep:  # e.g. resume: each point of a sweep is a run of its own
             continue
         if setting.group not in groups:
             groups[setting.group] = p.add_argument_group(setting.group)
@@ -215,32 +220,35 @@ def _default_out(args: argparse.Namespace, kind: str) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import time
-
     from fedsafe.simulations.engine import start_local_ray
 
+    from fedsafe.server.run_dir import reused_out_dir
+
     nodes = _number(args.nodes, int, "nodes")
+    args.out = _default_out(args, "")
+    reused = reused_out_dir(Path(args.out), args.resume, f"--out {args.out} --resume")
+    if reused:  # before Ray starts: refusing costs nothing
+        raise CliError(f"fedsafe simulate: {reused}")
     # Ray boots (about 4 s) while this process imports PyTorch and Flower and checks the run.
     local_ray = start_local_ray(args.ray_address, args.verbose)
     try:
         from fedsafe.simulations.report import print_summary
         from fedsafe.simulations.run import simulate, validate_against_data
 
-        cfg = _run_config(args, out_dir=_default_out(args, ""))
+        cfg = _run_config(args, out_dir=args.out)
         options = _simulation_options(args, nodes)
         validate_against_data(cfg, options)
     except BaseException:
         if local_ray is not None:
             local_ray.release()
         raise
-    started = time.perf_counter()
     print(f"fedsafe: {nodes} nodes × {cfg.num_rounds} rounds, {args.model} on {args.dataset}, "
           + (f"DP-SGD ε≤{cfg.epsilon:g} δ={cfg.delta:g}" if cfg.dp else "no DP")
           + f", {args.strategy}" + (" over SecAgg+" if args.secagg else "")
           + (f", client-level DP ({args.client_dp})" if args.client_dp != "off" else "")
           + (f"; {args.attackers} simulated attacker(s): {args.attack}" if args.attackers else ""), flush=True)
     outcome = simulate(cfg, options, local_ray=local_ray)
-    print_summary(outcome, cfg, time.perf_counter() - started)
+    print_summary(outcome, cfg, COMMAND_STARTED)
     return 0
 
 
