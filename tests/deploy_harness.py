@@ -177,6 +177,18 @@ def run_config_string(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
+_APP_HASHES: dict[Path, str] = {}
+
+
+def repo_app_hash(project: Path = REPO) -> str:
+    """The SHA-256 of the app package `flwr run PROJECT` ships (`fedsafe app-hash`), once per test session."""
+    if project not in _APP_HASHES:
+        from fedsafe.deploy import app_hash
+
+        _APP_HASHES[project] = app_hash(project)
+    return _APP_HASHES[project]
+
+
 # ------------------------------------------------------------------------------ the federation
 class Federation:
     """A SuperLink with TLS + node authentication and the SuperNodes attached to it, on 127.0.0.1."""
@@ -187,8 +199,10 @@ class Federation:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.ca, ca_key = cr.make_ca(root / "certs")
+        # The CA's private key stays out of the SuperLink's directory (fedsafe superlink refuses it there).
+        self.ca, ca_key = cr.make_ca(root / "ca")
         cr.make_server_certificate(root / "certs", self.ca, ca_key, ["127.0.0.1", "localhost"])
+        (root / "certs" / "ca.pem").write_bytes(self.ca.read_bytes())
         self.flwr_home = root / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
@@ -261,8 +275,11 @@ class Federation:
 
     def start_node(self, name: str, data_path: Path, *, max_epsilon: float = 1000.0, root_cert: Path | None = None,
                    extra: list[str] = ()) -> subprocess.Popen:
-        """`fedsafe node` for `name` (its keys made if needed), with its own ledger directory and port."""
+        """`fedsafe node` for `name` (its keys made if needed), with its own ledger directory and port; it runs
+        only this repository's app (as `flwr run` ships it) unless `extra` names the apps it may run."""
         private, _ = self.keys.get(name) or self.make_keys(name)
+        if not {"--allow-app", "--allow-any-app"} & set(extra):
+            extra = ["--allow-app", repo_app_hash(), *extra]
         return self.start(name, self.fedsafe(
             "node", "--superlink", f"127.0.0.1:{self.port}", "--root-cert", str(root_cert or self.ca),
             "--key", str(private), "--data-path", str(data_path), "--state-dir", str(self.root / "ledgers" / name),
