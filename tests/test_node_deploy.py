@@ -122,6 +122,21 @@ def test_superlink_refuses_bad_certificates(site, tmp_path, capsys):
     assert "was not signed by the CA" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["ca.key", "backup.pem"])
+def test_superlink_refuses_a_certificate_directory_holding_the_ca_key(site, tmp_path, capsys, name):
+    """`fedsafe certs` keeps the CA's key out of the SuperLink's directory; one copied there by hand, under
+    any name, stops the SuperLink before Flower starts."""
+    db = str(tmp_path / "state" / "s.db")
+    assert main(["certs", "--host", "fl.example.org", "--out-dir", str(tmp_path / "fresh")]) == 0
+    capsys.readouterr()
+    superlink_command(SuperLinkOptions(certs=tmp_path / "fresh", database=tmp_path / "s.db"))  # accepted
+    (tmp_path / "fresh" / name).write_bytes((tmp_path / "fresh-ca" / "ca.key").read_bytes())
+    assert main(["superlink", "--certs", str(tmp_path / "fresh"), "--database", db]) == 2
+    err = capsys.readouterr().err
+    assert f"holds the CA's private key ({name})" in err and "Move it offline" in err and err.count("\n") == 1
+    assert not (tmp_path / "state").exists()  # refused before anything was created
+
+
 def test_credentials_subcommands_are_fedsafe_subcommands(tmp_path, capsys):
     assert main(["certs", "--host", "fl.example.org", "--out-dir", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "server.pem").exists()
