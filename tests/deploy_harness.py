@@ -302,16 +302,17 @@ class Federation:
         proc.wait(timeout=10)
 
     # ---- runs -------------------------------------------------------------------------------------
-    def run_command(self, run_config: Mapping[str, Any]) -> list[str]:
-        return [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--run-config", run_config_string(run_config),
+    def run_command(self, run_config: Mapping[str, Any], app: Path = REPO) -> list[str]:
+        return [str(BIN / "flwr"), "run", str(app), CONNECTION, "--run-config", run_config_string(run_config),
                 "--stream"]
 
-    def start_run(self, run_config: Mapping[str, Any], name: str = "run") -> subprocess.Popen:
-        return self.start(name, self.run_command(run_config))
+    def start_run(self, run_config: Mapping[str, Any], name: str = "run", app: Path = REPO) -> subprocess.Popen:
+        return self.start(name, self.run_command(run_config, app))
 
-    def run(self, run_config: Mapping[str, Any], timeout: float, name: str = "run") -> tuple[int, str]:
-        """`flwr run` to the end (bounded); returns (exit status, its output)."""
-        proc = self.start_run(run_config, name)
+    def run(self, run_config: Mapping[str, Any], timeout: float, name: str = "run",
+            app: Path = REPO) -> tuple[int, str]:
+        """`flwr run` of `app` (default: this repository) to the end (bounded); returns (exit status, its output)."""
+        proc = self.start_run(run_config, name, app)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

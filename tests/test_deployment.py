@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,7 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.deploy_harness import CONNECTION, Federation, flower_available, read, wait_for_text, write_node_data
+from tests.deploy_harness import (
+    CONNECTION,
+    REPO,
+    Federation,
+    flower_available,
+    read,
+    repo_app_hash,
+    wait_for_text,
+    write_node_data,
+)
 
 pytestmark = [
     pytest.mark.deploy,
@@ -85,6 +95,42 @@ def test_two_node_run_completes_over_tls_with_node_auth(fed: Federation, referen
     for name in ("a", "b"):
         ledgers = list((fed.root / "ledgers" / name).glob("*.json"))
         assert len(ledgers) == 1 and len(json.loads(ledgers[0].read_text())["rounds"]) >= 3
+
+
+def test_an_app_package_one_byte_off_the_pinned_one_is_refused_by_every_node(fed: Federation) -> None:
+    """The coordinator ships an app that differs from the one the nodes pinned (`--allow-app`) in one byte:
+    no node installs or runs it, each says so on its console, and the coordinator gets their refusals at
+    once (not a round timeout). The approved app runs: the `reference` run."""
+    tampered = fed.root / "tampered-app"
+    shutil.copytree(REPO, tampered, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "results"))
+    source = bytearray((tampered / "client" / "app.py").read_bytes())
+    at = source.index(b'"""') + 3  # the first letter of the module docstring: still valid Python
+    source[at] ^= 0x20  # its case flipped: one byte
+    (tampered / "client" / "app.py").write_bytes(bytes(source))
+    from fedsafe.deploy import app_hash
+
+    tampered_hash = app_hash(tampered)
+    assert tampered_hash != repo_app_hash()
+    ledgers = {n: {p: p.read_bytes() for p in (fed.root / "ledgers" / n).rglob("*") if p.is_file()} for n in ("a", "b")}
+    starts = {n: len(read(fed.logs[n])) for n in ("a", "b")}
+    out = fed.root / "tampered-run"
+    began = time.monotonic()
+    status, output = fed.run({**RUN, "num-rounds": 1, "round-timeout": 120.0, "out-dir": str(out)},
+                             timeout=RUN_TIMEOUT, name="tampered", app=tampered)
+    assert status == 0 and "fedsafe: run finished" in output, output[-4000:]
+    assert time.monotonic() - began < 100  # the refusals came back at once, not after the 120 s round timeout
+    (round1,) = _rounds(out)[1:]
+    assert round1["replies"] == 0 and not round1["aggregated"]
+    refusals = {p["node"]: p["reason"] for p in round1["problems"]}
+    assert set(refusals) == {fed.node_ids["a"], fed.node_ids["b"]}, round1
+    assert all("not approved by this node" in reason and tampered_hash in reason for reason in refusals.values())
+    for name in ("a", "b"):
+        log = read(fed.logs[name])[starts[name]:]
+        assert f"REFUSED run" in log and f"(sha256 {tampered_hash}) is not one this node may run" in log, log[-3000:]
+        assert "will spend" not in log  # nothing of the tampered app ran: no round was planned or trained
+        after = {p: p.read_bytes() for p in (fed.root / "ledgers" / name).rglob("*") if p.is_file()}
+        assert after == ledgers[name]  # not a byte of any ledger changed
 
 
 def test_unregistered_node_is_refused_with_a_clear_error(fed: Federation) -> None:
