@@ -232,3 +232,111 @@ def test_node_killed_mid_round_does_not_stop_the_run(fed: Federation) -> None:
     assert [r["replies"] for r in rounds] == [3, 2] and all(r["aggregated"] for r in rounds)
     assert [p["node"] for p in rounds[1]["problems"]] == [node]
     assert _finite(_model(out)) and not math.isnan(rounds[-1]["eval"]["loss"])
+
+
+def test_a_node_restarted_seconds_after_a_crash_gets_back_in_and_trains_the_next_round(fed: Federation) -> None:
+    """SIGKILL a node while it trains, start it again at once. The SuperLink still counts its old session as
+    online (until two heartbeats are missed, up to 60 s) and refuses it; `fedsafe node` says so with a
+    countdown and tries again, instead of calling its key unregistered and exiting 3."""
+    fed.register("phoenix")
+    fed.start_node("phoenix", fed.data[2], extra=["--test-seed-noise"])
+    node = fed.wait_connected("phoenix")
+    fed.wait_warm("phoenix")
+    out = fed.root / "phoenix-run"
+    try:
+        run = fed.start_run({**RUN, "num-rounds": 3, "min-nodes": 3, "round-timeout": 60.0, "out-dir": str(out)},
+                            name="phoenix-run")
+        wait_for_text(fed.logs["phoenix"], r"fedsafe node: round 1: .*will spend", run, time.monotonic() + RUN_TIMEOUT)
+        fed.kill("phoenix", signal.SIGKILL)  # mid-round: its ClientApp is training round 1
+        killed = time.monotonic()
+        restarted = fed.start_node("phoenix", fed.data[2], extra=["--test-seed-noise"])
+        assert fed.wait_connected("phoenix", timeout=150) == node  # same key, same node id
+        back_in = time.monotonic() - killed
+        run.wait(timeout=RUN_TIMEOUT + 120)
+        log = read(fed.logs["phoenix"])  # the restarted node's console
+        assert restarted.poll() is None, log[-3000:]  # still running: it was not sent away with exit 3
+    finally:
+        fed.kill("phoenix")
+        fed.flwr("supernode", "unregister", str(node), CONNECTION)
+    print(f"node back in {back_in:.1f} s after SIGKILL")
+    assert "did not admit this node (yet)" in log and "s left before giving up" in log, log[-3000:]
+    assert "not registered" not in log
+    assert re.search(r"fedsafe node: round [23]: .*will spend", log), log[-3000:]
+    output = read(fed.logs["phoenix-run"])
+    assert run.returncode == 0 and "fedsafe: run finished after round 3 of 3" in output, output[-4000:]
+    rounds = _rounds(out)[1:]
+    assert str(node) not in rounds[0]["node_epsilon"]  # round 1: killed while training it
+    assert any(str(node) in r["node_epsilon"] for r in rounds[1:]), rounds  # trained a later round after restart
+    assert all(r["aggregated"] for r in rounds)
+
+
+def _ledger_rounds(state_dir: Path) -> list[tuple[str, int]]:
+    """(run, round) of every entry in a node's ledgers, as written on its disk."""
+    return [(r["run"], r["round"]) for path in sorted(state_dir.glob("*.json"))
+            for r in json.loads(path.read_text())["rounds"]]
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a))
+
+
+def test_resume_with_real_noise_charges_each_round_once_and_repeats_the_sampling(tmp_path: Path) -> None:
+    """What `resume=true` promises with real nodes (fresh DP noise, no test seeding): every round is charged
+    once in every node's ledger, the same rounds run with the same sampled nodes as an uninterrupted run,
+    and the final model differs from the uninterrupted one only as much as two uninterrupted runs differ
+    from each other (DP noise and Poisson batches are fresh), never bit for bit."""
+    names = ("p", "q", "r")
+    run_config = {**RUN, "fraction": 0.67, "min-nodes": 3}  # 2 of the 3 nodes per round: sampling matters
+    with Federation(tmp_path / "federation") as fed:
+        data = write_node_data(tmp_path / "data", 3)
+        fed.start_superlink()
+        for name in names:
+            fed.register(name)
+        for name, path in zip(names, data):
+            fed.start_node(name, path)  # real nodes: fresh noise every round
+        for name in names:
+            fed.wait_connected(name)
+            fed.wait_warm(name)
+        # The crashed and resumed run goes first, on empty ledgers: whatever they hold is its spend.
+        out = tmp_path / "crashed"
+        run = fed.start_run({**run_config, "out-dir": str(out)}, name="crashed")
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not any(re.search(r"fedsafe node: round 2: .*will spend", read(fed.logs[n])) for n in names):
+            assert run.poll() is None and time.monotonic() < deadline, read(fed.logs["crashed"])[-3000:]
+            time.sleep(0.2)
+        fed.kill_superlink()  # mid round 2
+        run.wait(timeout=60)
+        fed.start_superlink()
+        status, output = fed.run({**run_config, "out-dir": str(out), "resume": True}, RUN_TIMEOUT, name="resumed")
+        assert status == 0 and "fedsafe: run finished after round 3 of 3" in output, output[-4000:]
+        ledgers = {n: _ledger_rounds(fed.root / "ledgers" / n) for n in names}
+
+        references = []
+        for i in range(2):
+            status, output = fed.run({**run_config, "out-dir": str(tmp_path / f"uninterrupted-{i}")}, RUN_TIMEOUT,
+                                     name=f"uninterrupted-{i}")
+            assert status == 0, output[-4000:]
+            references.append(tmp_path / f"uninterrupted-{i}")
+
+    resumed = _rounds(out)[1:]
+    uninterrupted = _rounds(references[0])[1:]
+    # The same rounds, each with the same sampled nodes (the coordinator's seeded sampling was restored).
+    assert [r["round"] for r in resumed] == [r["round"] for r in uninterrupted] == [1, 2, 3]
+    assert [sorted(r["node_epsilon"]) for r in resumed] == [sorted(r["node_epsilon"]) for r in uninterrupted]
+    assert all(len(r["node_epsilon"]) == 2 and r["aggregated"] for r in resumed)
+    # Every round charged once: a node's ledger holds one entry per round it was sampled for, no more.
+    id_of = {str(fed.node_ids[n]): n for n in names}
+    for name in names:
+        trained = sorted(r["round"] for r in resumed if any(id_of[k] == name for k in r["node_epsilon"]))
+        entries = ledgers[name]
+        assert len({run for run, _ in entries}) <= 1, entries
+        assert sorted(rnd for _, rnd in entries) == trained, (name, entries, trained)
+    # Fresh noise: not the same model; but no further from an uninterrupted run than a second one is.
+    final = _model(out)
+    first, second = _model(references[0]), _model(references[1])
+    assert _distance(final, first) > 0 and _distance(second, first) > 0
+    assert _distance(final, first) < 3 * _distance(second, first), (_distance(final, first), _distance(second, first))
+    for path in (out, *references):
+        assert _rounds(path)[-1]["eval"]["accuracy"] >= 0.8
+    print(f"|resumed − uninterrupted| = {_distance(final, first):.4f}, "
+          f"|uninterrupted − uninterrupted| = {_distance(second, first):.4f}")
