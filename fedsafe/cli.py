@@ -349,10 +349,12 @@ def _superlink(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING.format(what=" and no SuperNode authentication: any process can join as a node"),
               file=sys.stderr, flush=True)
-    print("fedsafe: " + " ".join(command), file=sys.stderr, flush=True)
+    env = flower_environment(flwr_home=opts.database.parent / "flwr")
+    print(f"fedsafe: {' '.join(command)} (apps unpacked under FLWR_HOME={env['FLWR_HOME']})", file=sys.stderr,
+          flush=True)
     if args.cold_start:
-        os.execve(command[0], command, flower_environment())  # the SuperLink takes over this process
-    return supervise(command, flower_environment(), warm_program="flwr-serverapp")
+        os.execve(command[0], command, env)  # the SuperLink takes over this process
+    return supervise(command, env, warm_program="flwr-serverapp")
 
 
 def _node(args: argparse.Namespace) -> int:
@@ -384,13 +386,15 @@ def _node(args: argparse.Namespace) -> int:
         print("fedsafe node: WARNING: TEST-ONLY options are on (seeded, predictable DP noise and/or deliberately "
               "poisoned updates); never use them on real data", file=sys.stderr, flush=True)
     print(f"fedsafe node: {summary}", file=sys.stderr, flush=True)
-    print("fedsafe node: " + " ".join(command), file=sys.stderr, flush=True)
+    env = flower_environment(flwr_home=opts.state_dir / "flwr")
+    print(f"fedsafe node: {' '.join(command)} (apps unpacked under FLWR_HOME={env['FLWR_HOME']})",
+          file=sys.stderr, flush=True)
     # Without --max-retries/--max-wait-time a node waits out the previous session of a crashed run of itself.
     if opts.max_retries is not None or opts.max_wait_time is not None:
         patience = min(ADMISSION_PATIENCE_S, opts.max_wait_time or 0.0)
     else:
         patience = ADMISSION_PATIENCE_S
-    return supervise(command, flower_environment(), warm_program=None if args.cold_start else "flwr-clientapp",
+    return supervise(command, env, warm_program=None if args.cold_start else "flwr-clientapp",
                      key=opts.key, explain=True, admission_patience=patience)
 
 

@@ -68,10 +68,14 @@ class DeployError(RuntimeError):
     """Something an operator must fix before a SuperLink or SuperNode can start; the message says what."""
 
 
-def flower_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+def flower_environment(base: Mapping[str, str] | None = None, flwr_home: Path | None = None) -> dict[str, str]:
+    """The environment of a SuperLink or SuperNode: FLOWER_ENV, and FLWR_HOME (where Flower unpacks every
+    run's app) under the process's own state unless the operator exported one, instead of ~/.flwr."""
     env = dict(os.environ if base is None else base)
     for key, value in FLOWER_ENV.items():
         env.setdefault(key, value)
+    if flwr_home is not None and not env.get("FLWR_HOME"):
+        env["FLWR_HOME"] = str(flwr_home.expanduser().resolve())
     return env
 
 

@@ -286,7 +286,7 @@ def test_resume_with_real_noise_charges_each_round_once_and_repeats_the_sampling
     and the final model differs from the uninterrupted one only as much as two uninterrupted runs differ
     from each other (DP noise and Poisson batches are fresh), never bit for bit."""
     names = ("p", "q", "r")
-    run_config = {**RUN, "fraction": 0.67, "min-nodes": 3}  # 2 of the 3 nodes per round: sampling matters
+    run_config = {**RUN, "fraction-train": 0.67, "min-nodes": 3}  # 2 of the 3 nodes per round: sampling matters
     with Federation(tmp_path / "federation") as fed:
         data = write_node_data(tmp_path / "data", 3)
         fed.start_superlink()

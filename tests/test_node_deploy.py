@@ -411,3 +411,19 @@ def test_app_hash_is_the_hash_flwr_run_ships(capsys):
     assert capsys.readouterr().out.strip() == hashlib.sha256(build_fab_from_disk(repo)).hexdigest()
     assert main(["app-hash", str(repo / "docs")]) == 2
     assert "is not a Flower app: it has no pyproject.toml" in capsys.readouterr().err
+
+
+def test_flower_unpacks_apps_under_the_nodes_state_dir_unless_flwr_home_is_exported(site, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr("fedsafe.deploy.supervise", lambda cmd, env, **kw: seen.update(env=env) or 0)
+    monkeypatch.delenv("FLWR_HOME", raising=False)
+    assert main(_node_args(site)) == 0
+    assert seen["env"]["FLWR_HOME"] == str((site["root"] / "ledgers" / "flwr").resolve())
+    assert f"apps unpacked under FLWR_HOME={seen['env']['FLWR_HOME']}" in capsys.readouterr().err
+    monkeypatch.setenv("FLWR_HOME", str(site["root"] / "mine"))
+    assert main(_node_args(site)) == 0
+    assert seen["env"]["FLWR_HOME"] == str(site["root"] / "mine")
+    monkeypatch.delenv("FLWR_HOME")
+    assert main(["superlink", "--certs", str(site["certs"]), "--database", str(site["root"] / "st" / "s.db"),
+                 "--port", "0"]) == 0
+    assert seen["env"]["FLWR_HOME"] == str((site["root"] / "st" / "flwr").resolve())
