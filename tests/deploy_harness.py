@@ -241,7 +241,7 @@ class Federation:
     def fedsafe(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "fedsafe", *args]
 
-    def start_superlink(self, timeout: float = 40) -> subprocess.Popen:
+    def start_superlink(self, timeout: float = 120) -> subprocess.Popen:
         self.superlink = self.start("superlink", self.fedsafe(
             "superlink", "--certs", str(self.root / "certs"), "--database", str(self.root / "state" / "superlink.db"),
             "--port", str(self.port)))
