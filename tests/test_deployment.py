@@ -24,7 +24,6 @@ from tests.deploy_harness import (
     REPO,
     Federation,
     flower_available,
-    kill_tree,
     read,
     repo_app_hash,
     wait_for_text,
@@ -238,47 +237,45 @@ def test_node_killed_mid_round_does_not_stop_the_run(fed: Federation) -> None:
 
 
 def test_a_node_restarted_seconds_after_a_crash_gets_back_in_and_trains_the_next_round(fed: Federation) -> None:
-    """A node SIGKILLed mid-run and started again at once. The SuperLink still counts its old session as
-    online (until two heartbeats are missed: up to 60 s) and refuses the new one with the answer it gives an
-    unregistered key; `fedsafe node` says what is going on with a countdown and tries again, instead of
-    calling the key unregistered and exiting 3. So that "at once" holds however slow the machine is, the
-    replacement is started first and the old process is SIGKILLed as soon as the replacement has been
-    refused once: from the SuperLink's side, exactly a crash followed by an immediate restart."""
+    """A node SIGKILLed while it trains round 1 and started again at once gets back in under the same node id
+    and trains round 2. Its old session still counts as online on the SuperLink until two heartbeats are
+    missed (up to 60 s); a restart that reaches the SuperLink before that is refused with the answer an
+    unregistered key gets, and `fedsafe node` must then count down and try again rather than call the key
+    unregistered and exit 3. (On a heavily loaded machine the restart may take longer than the old session
+    lives; the countdown itself is also checked deterministically in tests/test_node_deploy.py.)"""
     fed.register("phoenix")
-    crashed = fed.start_node("phoenix", fed.data[2], extra=["--test-seed-noise"])
+    fed.start_node("phoenix", fed.data[2], extra=["--test-seed-noise"])
     node = fed.wait_connected("phoenix")
     fed.wait_warm("phoenix")
-    crashed_log = fed.logs["phoenix"]
     out = fed.root / "phoenix-run"
+    superlink_log_start = len(read(fed.logs["superlink"]))
     try:
-        run = fed.start_run({**RUN, "num-rounds": 4, "min-nodes": 3, "round-timeout": 90.0, "out-dir": str(out)},
+        # round-timeout: round 1 waits for the killed node's reply that long; the restarted node is back by then.
+        run = fed.start_run({**RUN, "num-rounds": 2, "min-nodes": 3, "round-timeout": 150.0, "out-dir": str(out)},
                             name="phoenix-run")
-        wait_for_text(crashed_log, r"fedsafe node: round 1: .*will spend", run, time.monotonic() + RUN_TIMEOUT)
-        restarted = fed.start_node("phoenix", fed.data[2], extra=["--test-seed-noise"])
-        wait_for_text(fed.logs["phoenix"], r"did not admit this node \(yet\)", restarted, time.monotonic() + 150)
-        kill_tree({crashed.pid}, signal.SIGKILL)  # the crash: SuperNode, SuperExec, zygote, ClientApp at once
-        crashed.wait(timeout=10)
+        wait_for_text(fed.logs["phoenix"], r"fedsafe node: round 1: .*will spend", run, time.monotonic() + RUN_TIMEOUT)
+        fed.kill("phoenix", signal.SIGKILL)  # SuperNode, SuperExec, zygote and the training ClientApp at once
         killed = time.monotonic()
-        killed_round = max(int(n) for n in re.findall(r"fedsafe node: round (\d+): .*will spend", read(crashed_log)))
-        assert fed.wait_connected("phoenix", timeout=120) == node  # the same key gets the same node id back
+        restarted = fed.start_node("phoenix", fed.data[2], extra=["--test-seed-noise"])
+        assert fed.wait_connected("phoenix", timeout=180) == node  # the same key gets the same node id back
         back_in = time.monotonic() - killed
-        run.wait(timeout=4 * 90 + RUN_TIMEOUT)
+        run.wait(timeout=150 + RUN_TIMEOUT)
         log = read(fed.logs["phoenix"])  # the restarted node's console
         assert restarted.poll() is None, log[-3000:]  # still running: not sent away with exit 3
     finally:
         fed.kill("phoenix")
         fed.flwr("supernode", "unregister", str(node), CONNECTION)
-    print(f"crashed during round {killed_round}; restarted node admitted {back_in:.1f} s after the SIGKILL")
-    assert back_in < 60 + 30  # Flower's patience (2 heartbeats of 30 s) bounds it; plus retries and start-up
-    assert re.search(r"trying again in 5 s \(\d+ s left before giving up\)", log), log[-3000:]
-    assert "not registered" not in log
+    refused = read(fed.logs["superlink"])[superlink_log_start:].count("could not be activated")
+    print(f"restarted node admitted {back_in:.1f} s after the SIGKILL, after {refused} refusal(s)")
+    if refused:  # it reached the SuperLink while its old session was still online
+        assert re.search(r"did not admit this node \(yet\).*trying again in 5 s \(\d+ s left", log), log[-3000:]
+    assert "not registered" not in log and "error:" not in log
     output = read(fed.logs["phoenix-run"])
-    assert run.returncode == 0 and "fedsafe: run finished after round 4 of 4" in output, output[-4000:]
-    rounds = _rounds(out)[1:]
-    later = [r for r in rounds if r["round"] > killed_round]
-    assert any(str(node) in r["node_epsilon"] for r in later), rounds  # it trained a round after the crash
-    assert re.search(r"fedsafe node: round \d: .*will spend", log)
-    assert all(r["aggregated"] for r in rounds)
+    assert run.returncode == 0 and "fedsafe: run finished after round 2 of 2" in output, output[-4000:]
+    round1, round2 = _rounds(out)[1:]
+    assert str(node) not in round1["node_epsilon"] and round1["aggregated"]  # killed while training it
+    assert str(node) in round2["node_epsilon"] and round2["replies"] == 3, round2  # trained after the restart
+    assert re.search(r"fedsafe node: round 2: .*will spend", log)
 
 
 def _ledger_rounds(state_dir: Path) -> list[tuple[str, int]]:

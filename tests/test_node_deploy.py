@@ -4,6 +4,7 @@ test-only options, and the warm-start zygote — fast, without a SuperLink."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -427,3 +428,41 @@ def test_flower_unpacks_apps_under_the_nodes_state_dir_unless_flwr_home_is_expor
     assert main(["superlink", "--certs", str(site["certs"]), "--database", str(site["root"] / "st" / "s.db"),
                  "--port", "0"]) == 0
     assert seen["env"]["FLWR_HOME"] == str((site["root"] / "st" / "flwr").resolve())
+
+
+FAKE_SUPERNODE = """
+import sys
+from pathlib import Path
+tries = Path(sys.argv[1])
+tries.write_text(tries.read_text() + "x" if tries.exists() else "x")
+if len(tries.read_text()) <= int(sys.argv[2]):
+    print("ERROR: Exit Code: 305\\nFailed to initialize the connection to the SuperLink.\\n"
+          "[code: 2004] Failed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("SuperNode ID: 42", flush=True)
+"""
+
+
+@pytest.mark.parametrize("refusals, patience, status", [(2, 30.0, 0), (1000, 0.6, 3), (1000, 0.0, 3)])
+def test_a_node_not_admitted_is_started_again_with_a_countdown_until_its_patience_runs_out(
+        tmp_path, monkeypatch, capsys, site, refusals, patience, status):
+    """fedsafe.deploy.supervise with a stand-in SuperNode the SuperLink refuses `refusals` times (as after a
+    crash: "Failed to activate SuperNode"): it is started again, with a countdown, while `patience` lasts."""
+    from fedsafe import deploy
+
+    monkeypatch.setattr(deploy, "ADMISSION_RETRY_S", 0.2)
+    (tmp_path / "fake.py").write_text(FAKE_SUPERNODE)
+    tries = tmp_path / "tries"
+    command = [sys.executable, str(tmp_path / "fake.py"), str(tries), str(refusals)]
+    assert deploy.supervise(command, dict(os.environ), warm_program=None, key=site["key"], explain=True,
+                            admission_patience=patience) == status
+    err = capsys.readouterr().err
+    countdowns = err.count("did not admit this node (yet)")
+    if status == 0:
+        assert len(tries.read_text()) == refusals + 1 and countdowns == refusals
+    elif patience:
+        assert countdowns >= 2 and re.search(r"refused this node for \d+ s", err)  # waited: the lasting causes
+        assert "another SuperNode with this key is running" in err and "crashed" not in err.split("error:")[1]
+    else:
+        assert countdowns == 0 and len(tries.read_text()) == 1  # --max-retries: no waiting, both causes named
+        assert "crashed less than a minute ago" in err
