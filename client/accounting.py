@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,24 @@ class CalibrationError(ValueError):
     """No noise multiplier keeps the history within the target ε."""
 
 
+def check_spend(spend, min_steps: int = 0) -> Spend:
+    """`spend` as a (σ, q, steps) tuple, or ValueError saying what is wrong with it.
+
+    Every figure the accountant composes passes here: a NaN σ would send the RDP math into an endless
+    search, and a negative step count would cancel earlier spend (or read as ε = 0)."""
+    if isinstance(spend, (str, bytes)) or not hasattr(spend, "__len__") or len(spend) != 3:
+        raise ValueError(f"a spend is [noise multiplier, sample rate, steps]; got {spend!r}")
+    sigma, rate, steps = spend
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) \
+            or not 0 < sigma <= MAX_NOISE_MULTIPLIER:
+        raise ValueError(f"noise multiplier {sigma!r} is not a number in (0, {MAX_NOISE_MULTIPLIER:g}]")
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or not 0 < rate <= 1:
+        raise ValueError(f"sample rate {rate!r} is not a number in (0, 1]")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < min_steps:
+        raise ValueError(f"step count {steps!r} is not a whole number >= {min_steps}")
+    return float(sigma), float(rate), int(steps)
+
+
 def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:
     """ε after every spend in `history`, at `delta`, composed by an Opacus accountant.
 
@@ -35,7 +54,7 @@ def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> 
     """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}")
-    spends = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    spends = [spend for spend in map(check_spend, history) if spend[2] > 0]
     if not spends:
         return 0.0
     from opacus.accountants import create_accountant

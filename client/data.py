@@ -7,6 +7,7 @@ pulling in node logic. Built-in sets come from scikit-learn's bundled files, so 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -77,6 +78,43 @@ SAME_RECORDS = {"digits-seq": "digits"}
 def records_of(dataset: str) -> str:
     """The name under which a simulated node's ledger accounts for `dataset`'s records."""
     return SAME_RECORDS.get(dataset, dataset)
+
+
+def _record_rows(data: ArrayDataset) -> np.ndarray:
+    """Each record as bytes, one row per record: its features (float32) and target (float64), flattened —
+    the same whatever file or view they came from (CSV spacing and number formatting, .csv or .npz)."""
+    n = len(data)
+    features = np.asarray(data.x, dtype="<f4").reshape(n, -1)
+    targets = np.asarray(data.y, dtype="<f8").reshape(n, -1)
+    return np.ascontiguousarray(np.concatenate([features.view(np.uint8).reshape(n, -1),
+                                                targets.view(np.uint8).reshape(n, -1)], axis=1))
+
+
+def records_digest(data: ArrayDataset) -> str:
+    """SHA-256 of the set of records as loaded (`_record_rows`, sorted: row order does not count), so a
+    copied, renamed or re-saved file has the digest of its records. What the privacy ledger of a node's own
+    data is keyed on. One sort of the rows: milliseconds for thousands of records."""
+    rows = _record_rows(data)
+    ordered = np.sort(rows.view(np.dtype((np.void, rows.shape[1]))).ravel())
+    return hashlib.sha256(f"{len(rows)}x{rows.shape[1]}:".encode() + ordered.tobytes()).hexdigest()
+
+
+def record_hashes(data: ArrayDataset) -> np.ndarray:
+    """A 64-bit hash of each distinct record (sorted, unique): what the node keeps of the data each ledger
+    protects, to notice a dataset that shares records with another ledger's (rows added to a copy, or
+    dropped). Not cryptographic — the operator who would craft collisions could as well alter every record."""
+    rows = _record_rows(data)
+    words = np.pad(rows, ((0, 0), (0, -rows.shape[1] % 8))).view("<u8")
+    digest = np.full(len(rows), 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in words.T:  # FNV-1a over 8-byte words, then splitmix64's finaliser to mix the bits
+            digest = (digest ^ column) * np.uint64(0x100000001B3)
+        digest ^= digest >> np.uint64(30)
+        digest *= np.uint64(0xBF58476D1CE4E5B9)
+        digest ^= digest >> np.uint64(27)
+        digest *= np.uint64(0x94D049BB133111EB)
+        digest ^= digest >> np.uint64(31)
+    return np.unique(digest)
 
 
 @functools.cache

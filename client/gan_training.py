@@ -20,7 +20,7 @@ from fedsafe.models.gan import train_step
 from .data import ArrayDataset
 from .dp_modes import make_private
 from .regularize import l1_proximal_step, l1_weights, random_shifts
-from .training import TrainOutcome, TrainSettings, _tensor_dataset, make_optimizer, poisson_loader
+from .training import DPSpendRecorder, TrainOutcome, TrainSettings, _tensor_dataset, make_optimizer, poisson_loader
 
 
 class _FrozenOptimizer:
@@ -56,7 +56,7 @@ def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: to
     if settings.noise_multiplier is None:
         loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=generator)
         fake_count = None  # as many fakes as real records in the batch
-        discriminator, d_criterion, steps_taken = None, None, None
+        discriminator, d_criterion, recorder = None, None, None
     else:
         loader = poisson_loader(data, settings.batch_size, generator)
         real_expected = max(1, round(len(data) * loader.sample_rate))
@@ -67,8 +67,8 @@ def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: to
             expected_batch_size=real_expected + fake_count, generator=generator,
         )
         d_optimizer, discriminator, d_criterion = private.optimizer, private.module, private.criterion
-        steps_taken = [0]
-        d_optimizer.attach_step_hook(lambda _opt: steps_taken.__setitem__(0, steps_taken[0] + 1))
+        recorder = DPSpendRecorder(loader.sample_rate)
+        d_optimizer.attach_step_hook(recorder)
 
     penalised = l1_weights(gan.parameters()) if settings.l1 > 0 else []
     losses: list[float] = []
@@ -90,4 +90,4 @@ def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: to
     finally:
         if private is not None:
             private.close()
-    return TrainOutcome.of(plain_steps, steps_taken, losses, len(data))
+    return TrainOutcome.of(plain_steps, recorder, losses, len(data))

@@ -1,9 +1,21 @@
 """The node's privacy ledger: every DP-SGD step ever taken on one dataset, on the node's own disk.
 
-One JSON file per protected dataset under the operator's state directory. Its `accountant` entry is an
-Opacus accountant `state_dict` (mechanism and history), so ε can be recomputed by Opacus from the file
-alone; `rounds` says which run and round each history entry belongs to. A round's spend is written
-(reserved) *before* training starts, so a crash at any point can only over-count, never under-count.
+One JSON file per protected dataset under the operator's state directory, holding an append-only log of
+entries — a run's plan (σ, q, steps per round), each round's reservation (written *before* training, so
+a crash can only over-count) and its settlement (what the optimizer really did) — each entry chained to
+the one before by its SHA-256. The file also holds views derived from the log: `accountant`, an Opacus
+accountant `state_dict` (ε can be recomputed by Opacus from the file alone), `rounds` and `runs`.
+
+Nothing in the file is trusted on its own. Opening it re-derives the views from the log and refuses the
+file (LedgerError, naming it and what is wrong) when the chain is broken, an entry is out of range or
+disagrees with its run's plan, or a stored view differs from what the log says. The chain's first link
+binds the file to this state directory's node identity (fedsafe.client.identity), which also remembers
+every data key ever trained: a deleted ledger is noticed, not silently restarted at zero.
+
+What this stops: hand edits (steps set to 0, history emptied, σ raised), corruption, truncation in the
+middle, a ledger copied from another node or key, a deleted ledger. What it cannot stop: someone who
+rewrites the whole chain with this code, or deletes the state directory with its identity file; there is
+no secret on the node that the operator could not read (README, "The node operator's side").
 """
 
 from __future__ import annotations
@@ -12,16 +24,18 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .accounting import Spend, calibrate_noise, epsilon
+from .accounting import Spend, calibrate_noise, check_spend, epsilon
 from .files import atomic_write
+from .identity import NodeIdentity
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 
 
 class BudgetExhausted(RuntimeError):
@@ -29,7 +43,12 @@ class BudgetExhausted(RuntimeError):
 
 
 class LedgerError(RuntimeError):
-    """The ledger file cannot be trusted (corrupt, or written by another version)."""
+    """The ledger cannot be trusted (damaged, edited, missing, written by another version) or refuses
+    an entry that would make it inconsistent."""
+
+
+class SettlementMismatch(LedgerError):
+    """Training did not do what the round reserved (another σ, sample rate or step count)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,19 @@ class RunPlan:
     planned_rounds: int
     target_epsilon: float
 
+    def check(self) -> RunPlan:
+        """This plan, or ValueError naming the figure out of range."""
+        check_spend((self.noise_multiplier, self.sample_rate, self.steps_per_round), min_steps=1)
+        if isinstance(self.planned_rounds, bool) or not isinstance(self.planned_rounds, int) or self.planned_rounds < 1:
+            raise ValueError(f"planned rounds {self.planned_rounds!r} is not a whole number >= 1")
+        if isinstance(self.target_epsilon, bool) or not isinstance(self.target_epsilon, (int, float)) \
+                or not math.isfinite(self.target_epsilon) or not self.target_epsilon > 0:
+            raise ValueError(f"target ε {self.target_epsilon!r} is not a number > 0")
+        return self
+
+    def round_spend(self) -> Spend:
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
 
 def ledger_filename(data_key: str) -> str:
     """A file name safe on every OS, readable, and unique for `data_key`."""
@@ -50,58 +82,288 @@ def ledger_filename(data_key: str) -> str:
     return f"{readable}-{digest}.json"
 
 
+# ---- the entry log --------------------------------------------------------------------------------------
+def _canonical(value: Any) -> bytes:
+    """The bytes an entry's hash covers: key order fixed, floats as Python writes them (round-trip exact)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+def genesis(node_id: str, data_key: str) -> str:
+    """The `prev` of a ledger's first entry: the chain belongs to this node's state directory and this key."""
+    return hashlib.sha256(_canonical(["fedsafe-ledger", LEDGER_VERSION, node_id, data_key])).hexdigest()
+
+
+def _same_spend(a: Spend, b: Spend) -> bool:
+    return a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-12, abs_tol=0.0) and a[2] == b[2]
+
+
+@dataclass
+class _Views:
+    """What the entry log says: the accountant history, the rounds and the run plans."""
+
+    history: list[list]
+    rounds: list[dict[str, Any]]
+    runs: dict[str, dict[str, Any]]
+
+    def as_state(self) -> dict[str, Any]:
+        return {"accountant": {"mechanism": "rdp", "history": self.history}, "rounds": self.rounds, "runs": self.runs}
+
+
+def _derive(entries: list[dict[str, Any]]) -> tuple[_Views, list[str]]:
+    """Replay the log: the views it implies, and one line per entry that is out of range or disagrees
+    with its run's plan or reservation."""
+    views, problems = _Views([], [], {}), []
+    for index, entry in enumerate(entries):
+        try:
+            _apply(views, entry)
+        except (ValueError, TypeError, KeyError) as err:
+            detail = f"lacks field {err}" if isinstance(err, KeyError) else str(err)
+            problems.append(f"entry {index} ({entry.get('kind', '?') if isinstance(entry, dict) else '?'}): {detail}")
+    return views, problems
+
+
+def _apply(views: _Views, entry: dict[str, Any]) -> None:
+    """Add one entry to `views`; ValueError (or KeyError, TypeError) if it is out of range or inconsistent."""
+    run = entry["run"]
+    if not isinstance(run, str):
+        raise ValueError(f"run {run!r} is not a string")
+    apply = {"plan": _apply_plan, "reserve": _apply_reserve, "settle": _apply_settle}.get(entry["kind"])
+    if apply is None:
+        raise ValueError(f"unknown kind {entry['kind']!r}")
+    if entry["kind"] != "plan":
+        server_round = entry["round"]
+        if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+            raise ValueError(f"round {server_round!r} is not a whole number >= 1")
+    apply(views, entry, run)
+
+
+def _apply_plan(views: _Views, entry: dict[str, Any], run: str) -> None:
+    if run in views.runs:
+        raise ValueError(f"run {run} is planned twice")
+    views.runs[run] = asdict(RunPlan(**{f: entry[f] for f in RunPlan.__dataclass_fields__}).check())
+
+
+def _apply_reserve(views: _Views, entry: dict[str, Any], run: str) -> None:
+    spend = check_spend(entry["spend"], min_steps=1)
+    if run in views.runs:
+        planned = RunPlan(**views.runs[run]).round_spend()
+        if not _same_spend(spend, planned):
+            raise ValueError(f"reserves {list(spend)}, not the [σ, q, steps] {list(planned)} of run {run}'s plan")
+    views.history.append(list(spend))
+    views.rounds.append({"run": run, "round": entry["round"], "entry": len(views.history) - 1,
+                         "status": "reserved", "time": entry["time"]})
+
+
+def _apply_settle(views: _Views, entry: dict[str, Any], run: str) -> None:
+    server_round = entry["round"]
+    record = next((r for r in reversed(views.rounds)
+                   if (r["run"], r["round"], r["status"]) == (run, server_round, "reserved")), None)
+    if record is None:
+        raise ValueError(f"settles round {server_round} of run {run}, which has no open reservation")
+    actual = [check_spend(s) for s in entry["actual"]]
+    reserved = tuple(views.history[record["entry"]])
+    if entry["outcome"] == "spent":
+        if not (len(actual) == 1 and _same_spend(actual[0], reserved)):
+            raise ValueError(f"marks as spent a round whose training did {actual}, not the reserved {list(reserved)}")
+        record["status"] = "spent"
+    elif entry["outcome"] == "withheld":
+        record["status"] = "withheld"  # the update never left the node; the reservation stays charged
+    else:
+        raise ValueError(f"unknown outcome {entry['outcome']!r}")
+
+
+def _check_chain(entries: list, first_prev: str) -> list[str]:
+    problems, prev = [], first_prev
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            problems.append(f"entry {index} is not an object")
+            return problems
+        if entry.get("prev") != prev:
+            which = "the node identity and data key" if index == 0 else f"entry {index - 1}"
+            problems.append(f"hash chain broken at entry {index}: it does not follow {which}")
+            return problems
+        try:
+            actual = entry_hash(entry)
+        except ValueError:  # NaN or infinity in the entry: json refuses to hash it
+            actual = None
+        if entry.get("hash") != actual:
+            problems.append(f"hash chain broken at entry {index}: its content does not match its hash (edited)")
+            return problems
+        prev = entry["hash"]
+    return problems
+
+
+def audit_file(path: Path, data_key: str | None, identity: NodeIdentity) -> tuple[dict | None, list[str]]:
+    """(the ledger's verified state, []) or (None, one line per problem found), for the file at `path`.
+    `data_key` None: the key the file names (verify)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        return None, [f"cannot be read ({err.strerror})"]
+    try:
+        state = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as err:
+        return None, [f"is not a ledger (unreadable JSON: {err})"]
+    if not isinstance(state, dict):
+        return None, [f"is not a ledger (its JSON is {type(state).__name__}, not an object)"]
+    if state.get("version") != LEDGER_VERSION:
+        return None, [f"has version {state.get('version')!r}; this fedsafe reads version {LEDGER_VERSION} (keep an "
+                      "older fedsafe's ledger: it records past spend)"]
+    key = state.get("data_key")
+    if not isinstance(key, str) or (data_key is not None and key != data_key):
+        return None, [f"is the ledger of data key {key!r}, not {data_key!r}"]
+    if path.name != ledger_filename(key):
+        return None, [f"holds data key {key!r}, whose ledger is named {ledger_filename(key)}: renamed or copied"]
+    entries = state.get("entries")
+    if not isinstance(entries, list) or not entries:
+        return None, ["has no entry log (emptied or not a ledger): a ledger file always holds its entries"]
+    try:
+        node_id = identity.node_id
+    except (OSError, ValueError) as err:
+        return None, [f"cannot be checked: {err}"]
+    if node_id is None:
+        return None, [f"has no node identity file {identity.path} beside it (deleted?); restore it from backup"]
+    problems = _check_chain(entries, genesis(node_id, key))
+    if problems:
+        return None, problems
+    views, problems = _derive(entries)
+    for name, derived in views.as_state().items():
+        if name not in state:
+            problems.append(f"lacks its {name!r} field")
+        elif state[name] != derived:
+            problems.append(_view_mismatch(name, state[name], derived))
+    return (None, problems) if problems else (state, [])
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number a ledger may hold")
+
+
+def _view_mismatch(name: str, stored: Any, derived: Any) -> str:
+    if name == "accountant":
+        try:
+            stored_steps = sum(int(n) for _, _, n in stored["history"])
+        except (TypeError, ValueError, KeyError):
+            stored_steps = "unreadable"
+        derived_steps = sum(n for _, _, n in derived["history"])
+        return (f"its accountant (steps {stored_steps}) differs from the {len(derived['history'])} reservations "
+                f"in its entry log ({derived_steps} steps): edited")
+    return f"its {name!r} differs from what its entry log records: edited"
+
+
+# ---- the ledger -----------------------------------------------------------------------------------------
 class PrivacyLedger:
-    def __init__(self, path: Path, data_key: str, state: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: Path, data_key: str, identity: NodeIdentity, state: dict[str, Any] | None = None,
+                 records=None) -> None:
         self.path = path
         self.data_key = data_key
-        self._state = state or {
-            "version": LEDGER_VERSION,
-            "data_key": data_key,
-            "accountant": {"mechanism": "rdp", "history": []},
-            "rounds": [],
-            "runs": {},
-        }
+        self.identity = identity
+        self.records = records  # the record hashes of a node's own data file (kept beside the identity file)
+        self._state = state or {"version": LEDGER_VERSION, "data_key": data_key, "entries": [], **_Views([], [], {}).as_state()}
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
-    def open(cls, state_dir: str | Path, data_key: str) -> PrivacyLedger:
-        """Load the ledger of `data_key` from `state_dir`, or start an empty one."""
+    def open(cls, state_dir: str | Path, data_key: str, records=None) -> PrivacyLedger:
+        """The verified ledger of `data_key` in `state_dir`, or an empty one for data never trained here.
+        LedgerError, naming the file and what is wrong, otherwise. `records`, the hashes of a node's own
+        data records (fedsafe.client.data.record_hashes): new data sharing records with another key's is
+        refused, and they are kept with the ledger once it is written."""
         state_dir = Path(state_dir).expanduser()
+        identity = NodeIdentity(state_dir)
         path = state_dir / ledger_filename(data_key)
-        if not path.exists():
-            return cls(path, data_key)
         try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            exists = path.exists()
+            trained_before = not exists and identity.has_trained(data_key)
+        except (OSError, ValueError) as err:
+            raise LedgerError(f"node identity file {err}; refusing to train") from None
+        if trained_before:
             raise LedgerError(
-                f"privacy ledger {path} is unreadable ({err}); refusing to train rather than "
-                "forget past spend — restore it from backup"
-            ) from None
-        if state.get("version") != LEDGER_VERSION or state.get("data_key") != data_key:
-            raise LedgerError(
-                f"privacy ledger {path} has version {state.get('version')!r} and key "
-                f"{state.get('data_key')!r}; expected version {LEDGER_VERSION} and key {data_key!r}"
+                f"privacy ledger {path} is missing, but the node identity file {identity.path} records that this "
+                f"node has trained on data {data_key!r}: refusing to start its budget again at zero. Restore the "
+                f"file from backup; to knowingly start from zero, run `fedsafe ledger forget --state-dir "
+                f"{state_dir} --data-key '{data_key}'` (recorded in the identity file)"
             )
-        return cls(path, data_key, state)
+        if not exists:
+            if records is not None:
+                cls._refuse_shared_records(identity, data_key, records)
+            return cls(path, data_key, identity, records=records)
+        state, problems = audit_file(path, data_key, identity)
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s): `fedsafe ledger verify --state-dir {state_dir}`)" \
+                if len(problems) > 1 else ""
+            raise LedgerError(f"privacy ledger {path} {problems[0]}{more}; refusing to train rather than forget "
+                              "past spend — restore it from backup")
+        return cls(path, data_key, identity, state, records)
+
+    @staticmethod
+    def _refuse_shared_records(identity: NodeIdentity, data_key: str, records) -> None:
+        try:
+            shared = identity.sharing_records(data_key, records)
+        except (OSError, ValueError) as err:
+            raise LedgerError(f"node identity file {err}; refusing to train") from None
+        if shared:
+            key, ledger_file, count = max(shared, key=lambda found: found[2])
+            raise LedgerError(
+                f"{count} of the {len(records)} records of this data were trained on under data key {key!r} "
+                f"(privacy ledger {identity.state_dir / ledger_file}): a copy or edited version of that data "
+                f"spends that budget, not a new one. Set dataset-id={key!r} (fedsafe node --dataset-id) to "
+                "charge that ledger"
+            )
 
     @contextlib.contextmanager
     def _transaction(self):
         """Read-modify-write under an exclusive lock, so two processes on one dataset cannot
         both spend what only one of them may."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
-            yield
-            self._save()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
+                yield
+                self._save()
+        except OSError as err:  # a full disk, a read-only state dir: no spend may go unrecorded
+            raise LedgerError(f"privacy ledger {self.path} cannot be written ({err.strerror or err}); refusing "
+                              "to train without a record of the spend") from None
 
     def state_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._state))
 
+    def _append(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Add one entry to the log, chained to the last, and re-derive the views (LedgerError if the
+        entry would make the ledger inconsistent: nothing is then written)."""
+        entries = self._state["entries"]
+        if entries:
+            prev = entries[-1]["hash"]
+        else:
+            prev = genesis(self.identity.ensure(), self.data_key)
+        entry = {"kind": kind, **fields, "time": time.time(), "prev": prev}
+        try:
+            entry["hash"] = entry_hash(entry)
+        except ValueError as err:
+            raise LedgerError(f"privacy ledger {self.path}: refusing a {kind} entry holding {err}") from None
+        views, problems = _derive([*entries, entry])
+        if problems:
+            raise LedgerError(f"privacy ledger {self.path}: refusing an entry that would make it inconsistent: "
+                              f"{problems[-1]}")
+        self._state = {**self._state, "entries": [*entries, entry], **views.as_state()}
+        return entry
+
     def _save(self) -> None:
-        """Write atomically and durably: a crash leaves the old file or the new one, never half."""
+        """Write atomically and durably (a crash leaves the old file or the new one, never half), then
+        record in the node identity file that this key has been trained on."""
         with atomic_write(self.path) as handle:
-            json.dump(self._state, handle, indent=1)
+            json.dump(self._state, handle, indent=1, allow_nan=False)
+        if self.records is not None:
+            self.identity.record_records(self.path.name, self.records)
+            self.records = None  # kept: once per ledger object is enough
+        try:
+            self.identity.record_trained(self.data_key, self.path.name)
+        except ValueError as err:  # a damaged identity file
+            raise LedgerError(f"node identity file {err}; refusing to train") from None
 
     # ---- reading -----------------------------------------------------------------------------
     @property
@@ -118,6 +380,13 @@ class PrivacyLedger:
     def run_plan(self, run_id: str) -> RunPlan | None:
         plan = self._state["runs"].get(run_id)
         return RunPlan(**plan) if plan else None
+
+    def run_token(self, run_id: str) -> str | None:
+        """A stable identifier of run `run_id` on this ledger: the hash of its plan entry (None before it
+        is planned). Unique per node state directory, data key and run, the same on every round of the
+        run, and unpredictable to the coordinator (the chain starts from the node's random identity):
+        what a simulated node's noise seed must include so that no two runs share a noise stream."""
+        return next((e["hash"] for e in self._state["entries"] if e["kind"] == "plan" and e["run"] == run_id), None)
 
     def rounds_of(self, run_id: str) -> list[dict[str, Any]]:
         return [r for r in self._state["rounds"] if r["run"] == run_id]
@@ -169,7 +438,7 @@ class PrivacyLedger:
                 planned_rounds=planned_rounds,
                 target_epsilon=min(run_epsilon, max_epsilon),
             )
-            self._state["runs"][run_id] = plan.__dict__.copy()
+            self._append("plan", run=run_id, **asdict(plan))
         return plan
 
     def reserve(
@@ -185,10 +454,15 @@ class PrivacyLedger:
     ) -> float:
         """Record a round's spend before it is taken; refuse it if a budget would be exceeded: the
         node's lifetime cap over all spend on this data, and the run's own ε over this run's spend.
+        A planned run's rounds must reserve exactly its plan's (σ, q, steps) (LedgerError otherwise).
 
         A round asked for twice (a coordinator resumed after a crash) is charged twice: it is trained
         twice. Returns ε after the round. Raises BudgetExhausted, leaving the ledger untouched, otherwise.
         """
+        try:
+            spend = check_spend(spend, min_steps=1)
+        except ValueError as err:
+            raise LedgerError(f"privacy ledger {self.path}: refusing to reserve round {server_round}: {err}") from None
         with self._transaction():
             return self._reserve(run_id, server_round, spend, max_epsilon, run_epsilon, delta, accountant)
 
@@ -213,32 +487,88 @@ class PrivacyLedger:
                 f"privacy budget exhausted: this round would raise ε from {spent:.3f} to {after:.3f}, "
                 f"over the node's cap ε={max_epsilon:g} (δ={delta:g}) for data {self.data_key!r}"
             )
-        self._state["accountant"]["history"].append(list(spend))
-        self._state["rounds"].append(
-            {
-                "run": run_id,
-                "round": server_round,
-                "entry": len(self._state["accountant"]["history"]) - 1,
-                "status": "reserved",
-                "time": time.time(),
-            }
-        )
+        self._append("reserve", run=run_id, round=server_round, spend=list(spend))
         return after
 
-    def settle(self, run_id: str, server_round: int, steps_taken: int) -> None:
-        """Replace a reservation by the steps really taken (never more than reserved)."""
-        with self._transaction():
-            self._settle(run_id, server_round, steps_taken)
+    def settle(self, run_id: str, server_round: int, actual: int | list[Spend]) -> None:
+        """Close a round's reservation with what training actually did: `actual` is the DP optimizer's
+        own accountant history (a list of (σ, q, steps)), or a step count at the reserved σ and q.
 
-    def _settle(self, run_id: str, server_round: int, steps_taken: int) -> None:
-        for record in reversed(self.rounds_of(run_id)):
-            if record["round"] == server_round and record["status"] == "reserved":
-                entry = self._state["accountant"]["history"][record["entry"]]
-                if steps_taken > entry[2]:
-                    raise LedgerError(
-                        f"round {server_round} took {steps_taken} steps but reserved only {entry[2]}"
-                    )
-                entry[2] = int(steps_taken)
-                record["status"] = "spent"
-                return
-        raise LedgerError(f"no reservation for round {server_round} of run {run_id}")
+        Anything but exactly the reserved (σ, q, steps) is recorded as withheld (the reservation stays
+        charged) and raises SettlementMismatch: the update must not leave the node, because what it
+        spent is not what the ledger composed."""
+        with self._transaction():
+            record = next((r for r in reversed(self.rounds_of(run_id))
+                           if r["round"] == server_round and r["status"] == "reserved"), None)
+            if record is None:
+                raise LedgerError(f"privacy ledger {self.path}: no open reservation for round {server_round} "
+                                  f"of run {run_id}")
+            reserved = self.history[record["entry"]]
+            if isinstance(actual, int):
+                actual = [(reserved[0], reserved[1], actual)] if actual > 0 else []
+            try:
+                actual = [list(check_spend(s)) for s in actual]
+            except ValueError as err:
+                actual, bad = [], err
+            else:
+                bad = None
+            matches = bad is None and len(actual) == 1 and _same_spend(tuple(actual[0]), reserved)
+            self._append("settle", run=run_id, round=server_round, actual=actual,
+                         outcome="spent" if matches else "withheld")
+        if not matches:
+            did = f"an unreadable spend ({bad})" if bad else (
+                ", then ".join(f"{n} steps at σ={s:.4g}, q={q:.4g}" for s, q, n in actual) or "no DP-SGD step")
+            raise SettlementMismatch(
+                f"round {server_round} reserved {reserved[2]} steps at σ={reserved[0]:.4g}, q={reserved[1]:.4g} "
+                f"but training did {did}: the update is withheld (privacy ledger {self.path})"
+            )
+
+
+# ---- a whole state directory ----------------------------------------------------------------------------
+@dataclass
+class StateDirAudit:
+    ledgers: list[PrivacyLedger]  # the ledgers that verify
+    problems: list[str]  # one line per problem, each naming its file
+
+
+def audit_state_dir(state_dir: str | Path) -> StateDirAudit:
+    """Verify every ledger in `state_dir` and the node identity file: each ledger's chain, entries and
+    views; every data key the identity records as trained has its ledger; no ledger lacks an identity."""
+    directory = Path(state_dir).expanduser()
+    identity = NodeIdentity(directory)
+    ledgers, problems = [], []
+    try:
+        trained = identity.trained_keys()
+    except (OSError, ValueError) as err:
+        trained, problems = {}, [str(err)]
+    for path in sorted(directory.glob("*.json")):
+        state, found = audit_file(path, None, identity)
+        problems += [f"{path}: {line}" for line in found]
+        if state is not None:
+            ledgers.append(PrivacyLedger(path, state["data_key"], identity, state))
+    present = {ledger.data_key for ledger in ledgers} | {p.name for p in directory.glob("*.json")}
+    for key, filename in trained.items():
+        if key not in present and filename not in present:
+            problems.append(f"{directory / filename}: missing, but {identity.path.name} records that this node "
+                            f"trained on data {key!r} (restore it from backup, or `fedsafe ledger forget`)")
+    return StateDirAudit(ledgers, problems)
+
+
+def forget(state_dir: str | Path, data_key: str, by: str) -> Path:
+    """The operator's explicit reset of `data_key`'s budget, after its ledger was lost: recorded (who, when)
+    in the node identity file, so the next round on that data starts a new ledger at zero. Never deletes
+    a ledger: one that still exists must be moved away first. Returns the identity file."""
+    directory = Path(state_dir).expanduser()
+    identity = NodeIdentity(directory)
+    path = directory / ledger_filename(data_key)
+    if path.exists():
+        raise LedgerError(f"privacy ledger {path} exists: `forget` never deletes a ledger (it is the record of "
+                          f"past spend); move it out of {directory} first if you mean to start from zero")
+    try:
+        known = identity.has_trained(data_key)
+    except (OSError, ValueError) as err:
+        raise LedgerError(f"node identity file {err}") from None
+    if not known:
+        raise LedgerError(f"{identity.path} records no training on data {data_key!r}: nothing to forget")
+    identity.record_forgotten(data_key, path.name, by)
+    return identity.path

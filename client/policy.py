@@ -23,6 +23,12 @@ class PolicyError(ValueError):
     """A node-config or run request value that cannot be used; the message names the key."""
 
 
+class RequestError(PolicyError):
+    """A train request that is malformed in itself. Its message is a function of the request alone (the
+    keys and values the coordinator sent, and the public settings schema), never of the node's data or
+    policy: the one refusal whose text the node sends back (fedsafe.client.gate)."""
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     """The node operator's rules (Flower node-config). They cap whatever a run asks for."""
@@ -38,6 +44,9 @@ class NodePolicy:
     # Simulations only: the driver's pre-partitioned training split (fedsafe.client.data.save_partitions).
     partition_store: str | None = None
     debug_poison: tuple[str, ...] = ()  # TEST ONLY: send deliberately bad updates (nan, shape, norm), by round
+    # A virtual node of a simulation (set by the simulation driver in code, never from node-config, which a
+    # deployed node's operator writes): only then may a run name a data file for the node to load.
+    simulated: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -73,23 +82,25 @@ class NodePolicy:
     def with_overrides(self, **changes: Any) -> NodePolicy:
         return replace(self, **changes)
 
-    def data_key(self, request: TrainRequest, partition: tuple[int, int] | None = None) -> str:
-        """Which data the ledger protects: the operator's dataset id, the data file, or — for a
-        simulated node, `partition` = (id, count) — exactly the records of its partition."""
+    def data_key(self, request: TrainRequest | None, partition: tuple[int, int] | None = None, data=None) -> str:
+        """Which data the ledger protects: the operator's dataset id, else the records of the node's data
+        file (`data`, as loaded; fedsafe.client.data.records_digest: a copy of the file is the same data), or
+        — for a simulated node, `partition` = (id, count) — the dataset's records and the node's partition
+        number. Not the seed, partitioner or node count: a new split of the same records charges the same
+        virtual nodes' ledgers."""
+        from .data import is_builtin, load_dataset, load_file, records_digest, records_of
+
         if self.dataset_id:
             return self.dataset_id
         if self.data_path:
-            return "file:" + str(Path(self.data_path).expanduser().resolve())
-        if partition is None:
+            return "records:" + records_digest(data if data is not None else load_file(self.data_path))
+        if partition is None or request is None:
             raise PolicyError("this node has no data: set node-config data-path=<file>")
-        partition_id, num_partitions = partition
-        scheme = {
-            "iid": "iid", "dirichlet": f"dirichlet-a{request.alpha:g}",
-            "pathological": f"pathological-k{request.classes_per_node}", "natural": f"natural-{request.partition_by}",
-        }.get(request.partitioner, request.partitioner)
-        from .data import records_of
-
-        return f"sim:{records_of(request.dataset)}:{scheme}:n{num_partitions}:s{request.seed}:p{partition_id}"
+        if is_builtin(request.dataset):
+            source = records_of(request.dataset)  # bundled, public records: the name says which
+        else:
+            source = "records-" + records_digest(load_dataset(request.dataset, request.partition_by or None).train)
+        return f"sim:{source}:p{partition[0]}"
 
 
 @dataclass(frozen=True)
@@ -111,19 +122,19 @@ class TrainRequest(SentSettings):
         settings = tuple(s for s in RUN_SETTINGS if s.sent)
         unknown = sorted(set(config) - set(by_key(settings)) - set(protocol.MESSAGE_KEYS))
         if unknown:
-            raise PolicyError(f"train request has unknown keys {unknown}: this node does not know them "
+            raise RequestError(f"train request has unknown keys {unknown}: this node does not know them "
                               f"(is the coordinator's fedsafe newer than this node's?)")
         required = [*by_key(settings), protocol.SERVER_ROUND, protocol.INPUT_SHAPE, protocol.NUM_CLASSES, protocol.TASK]
         missing = [key for key in required if key not in config]
         if missing:
-            raise PolicyError(f"train request lacks keys {missing}")
+            raise RequestError(f"train request lacks keys {missing}")
         try:
             values = parse_settings(settings, {k: v for k, v in config.items() if k in by_key(settings)}, "run")
             server_round = _whole_number(config[protocol.SERVER_ROUND], protocol.SERVER_ROUND)
             input_shape = tuple(_whole_number(v, protocol.INPUT_SHAPE) for v in _items(config[protocol.INPUT_SHAPE]))
             num_classes = _whole_number(config[protocol.NUM_CLASSES], protocol.NUM_CLASSES, minimum=0)
         except SettingError as err:
-            raise PolicyError(str(err)) from None
+            raise RequestError(f"train request: {err}") from None
         return cls(
             **values,
             # The coordinator's run key survives its restarts; Flower's run id does not.

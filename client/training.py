@@ -63,12 +63,40 @@ class TrainOutcome:
     steps: int  # optimizer steps taken (each one a DP-SGD step when private)
     mean_loss: float
     num_examples: int
+    # Under DP: what the DP optimizer did, as Opacus' accountant recorded it step by step — [(σ, q, steps)]
+    # (DPSpendRecorder). The ledger settles the round from this, not from the settings it was asked for.
+    dp_spend: tuple[tuple[float, float, int], ...] | None = None
 
     @classmethod
-    def of(cls, plain_steps: int, dp_steps: list[int] | None, losses: list[float], num_examples: int) -> TrainOutcome:
-        """`dp_steps` counts the steps Opacus' optimizer took (None when not private): the steps charged."""
-        return cls(steps=plain_steps if dp_steps is None else dp_steps[0],
-                   mean_loss=float(np.mean(losses)) if losses else float("nan"), num_examples=num_examples)
+    def of(cls, plain_steps: int, recorder: DPSpendRecorder | None, losses: list[float],
+           num_examples: int) -> TrainOutcome:
+        """`recorder` saw every step of the DP optimizer (None when not private): its steps are the ones charged."""
+        spend = None if recorder is None else recorder.history
+        return cls(steps=plain_steps if spend is None else sum(n for _, _, n in spend),
+                   mean_loss=float(np.mean(losses)) if losses else float("nan"), num_examples=num_examples,
+                   dp_spend=spend)
+
+
+class DPSpendRecorder:
+    """A DP optimizer's step hook that records each noised step as Opacus' own accountant does: the σ the
+    optimizer noised with and the Poisson loader's sample rate (× accumulated batches). Call it from the
+    optimizer's one step hook; `then` runs after it (e.g. FedProx's proximal gradient)."""
+
+    def __init__(self, sample_rate: float, then=None) -> None:
+        from opacus.accountants import RDPAccountant
+
+        self._accountant = RDPAccountant()
+        self._record = self._accountant.get_optimizer_hook_fn(sample_rate)
+        self._then = then
+
+    def __call__(self, optimizer) -> None:
+        self._record(optimizer)
+        if self._then is not None:
+            self._then(optimizer)
+
+    @property
+    def history(self) -> tuple[tuple[float, float, int], ...]:
+        return tuple((float(s), float(q), int(n)) for s, q, n in self._accountant.history)
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -145,7 +173,7 @@ def train(
     anchors = [p.detach().clone() for p in trainable] if mu > 0 else []
     if settings.noise_multiplier is None:
         loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=generator)
-        wrapped, steps_taken, criterion, private = model, None, task.loss, None
+        wrapped, recorder, criterion, private = model, None, task.loss, None
     else:
         loader = poisson_loader(data, settings.batch_size, generator)
         private = make_private(
@@ -156,15 +184,14 @@ def train(
             generator=generator,
         )
         wrapped, optimizer, criterion = private.module, private.optimizer, private.criterion
-        steps_taken = [0]
 
-        def after_noise(_opt) -> None:  # Opacus calls its one step hook after clipping and noise
-            steps_taken[0] += 1
+        def proximal_gradient(_opt) -> None:  # Opacus calls its one step hook after clipping and noise
             for param, anchor in zip(trainable, anchors):
                 if param.grad is not None:
                     param.grad.add_(param.detach() - anchor, alpha=mu)
 
-        optimizer.attach_step_hook(after_noise)
+        recorder = DPSpendRecorder(loader.sample_rate, then=proximal_gradient if anchors else None)
+        optimizer.attach_step_hook(recorder)
 
     penalised = l1_weights(model.parameters()) if settings.l1 > 0 else []
     losses: list[float] = []
@@ -191,4 +218,4 @@ def train(
     finally:
         if private is not None:
             private.close()
-    return TrainOutcome.of(plain_steps, steps_taken, losses, len(data))
+    return TrainOutcome.of(plain_steps, recorder, losses, len(data))

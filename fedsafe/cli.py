@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .after import commands as after_training
+
 EXIT_USAGE = 2
 
 
@@ -86,9 +88,14 @@ def _add_partitions(sub) -> None:
 
 
 def _add_ledger(sub) -> None:
-    p = sub.add_parser("ledger", help="show what a node's privacy ledgers say it has spent")
+    p = sub.add_parser("ledger", help="show what a node's privacy ledgers say it has spent; verify them; forget one")
+    p.add_argument("action", nargs="?", choices=("show", "verify", "forget"), default="show",
+                   help="show (default): the table, and any problem; verify: check every ledger and the node "
+                        "identity file, one line per problem, exit 1 on any; forget: knowingly restart a lost "
+                        "ledger's budget at zero (recorded in the identity file)")
     p.add_argument("--state-dir", default="~/.fedsafe/ledgers")
     p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--data-key", default=None, help="forget: the data key the node's refusal names")
 
 
 # `fedsafe certs …` and `fedsafe node-keys …` are fedsafe.credentials' own command lines.
@@ -128,7 +135,8 @@ def _add_node(sub) -> None:
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dataset-id", default=None,
-                   help="name the ledger keys on (default: the data file's path); keep it if the file moves")
+                   help="name the ledger keys on (default: the digest of the data file's records, so a moved or "
+                        "copied file keeps its ledger); e.g. for data that grows, whose records change")
     p.add_argument("--port", type=int, default=9094,
                    help="local Runtime API port; every node on one machine needs its own")
     p.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
@@ -169,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_superlink(sub)
     _add_node(sub)
     _add_app_hash(sub)
+    after_training.add_parsers(sub)  # export, predict, card, explain, compress (fedsafe.after)
     return parser
 
 
@@ -276,10 +285,33 @@ def _model_options(args: argparse.Namespace) -> str:
 
 
 def _ledger(args: argparse.Namespace) -> int:
+    from fedsafe.client.ledger import audit_state_dir, forget
     from fedsafe.simulations.report import print_ledgers
 
-    print_ledgers(args.state_dir, args.delta)
-    return 0
+    directory = Path(args.state_dir).expanduser()
+    if args.action == "forget":
+        if not args.data_key:
+            raise CliError("fedsafe ledger forget: --data-key is required (the key the node's refusal names)")
+        import getpass
+        import socket
+
+        recorded = forget(directory, args.data_key, by=f"{getpass.getuser()}@{socket.gethostname()}")
+        print(f"fedsafe: WARNING: data {args.data_key!r} now starts a new privacy budget at zero; its past spend is "
+              f"no longer enforced. Recorded in {recorded}", file=sys.stderr)
+        return 0
+    if not 0 < args.delta < 1:
+        raise CliError(f"fedsafe ledger: --delta must be in (0, 1); got {args.delta:g}")
+    if not directory.is_dir():
+        raise CliError(f"fedsafe ledger: no state directory {directory}")
+    audit = audit_state_dir(directory)
+    if args.action == "show":
+        print_ledgers(audit.ledgers, directory, args.delta)
+    for problem in audit.problems:
+        print(f"fedsafe: ledger problem: {problem}", file=sys.stderr)
+    if args.action == "verify" and not audit.problems:
+        print(f"fedsafe: {len(audit.ledgers)} privacy ledger(s) in {directory} verified: hash chains, entries, "
+              "accountants and the node identity file agree")
+    return 1 if audit.problems else 0
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -356,6 +388,9 @@ def _app_hash(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [after_training.PREDICT]:  # onnxruntime and numpy only: before the imports below pull in torch
+        return after_training.run_predict(argv[1:])
     from fedsafe.client.data import DataError
     from fedsafe.client.ledger import LedgerError
     from fedsafe.client.policy import PolicyError
@@ -364,7 +399,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .deploy import DeployError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         from . import credentials
 
@@ -372,9 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger,
-                   "superlink": _superlink, "node": _node, "app-hash": _app_hash}[args.command]
+                   "superlink": _superlink, "node": _node, "app-hash": _app_hash,
+                   **after_training.HANDLERS}[args.command]
         return handler(args)
-    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError) as err:
+    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError,
+            *after_training.errors()) as err:
         message = str(err)
         print(message if message.startswith("fedsafe") else f"fedsafe: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -310,8 +310,8 @@ def node_config(opts: NodeOptions) -> dict[str, Any]:
 
 def check_node_data_and_ledger(opts: NodeOptions) -> str:
     """Load the node's data and ledger once; return a one-line summary of what the node holds and has spent."""
-    from fedsafe.client.data import DataError, load_file
-    from fedsafe.client.ledger import LedgerError, PrivacyLedger
+    from fedsafe.client.data import DataError, load_file, record_hashes
+    from fedsafe.client.ledger import LedgerError, PrivacyLedger, audit_state_dir
     from fedsafe.client.policy import NodePolicy
 
     try:
@@ -327,12 +327,19 @@ def check_node_data_and_ledger(opts: NodeOptions) -> str:
         raise DeployError(f"--state-dir {state_dir} is not writable; the privacy ledger lives there")
     policy = NodePolicy(data_path=str(opts.data_path.expanduser().resolve()), dataset_id=opts.dataset_id,
                         state_dir=str(state_dir), max_epsilon=opts.max_epsilon, delta=opts.delta)
-    key = policy.data_key(None, None)  # type: ignore[arg-type]  # data_path or dataset_id is set
+    key = policy.data_key(None, None, data)  # the dataset id, or the records of the data file
     try:
-        ledger = PrivacyLedger.open(state_dir, key)
+        ledger = PrivacyLedger.open(state_dir, key, records=record_hashes(data))
         spent = ledger.epsilon(opts.delta)
     except LedgerError as err:
         raise DeployError(str(err)) from None
+    # Every ledger here, not only this data's: a damaged one (or one an older fedsafe wrote) is spend the
+    # node would otherwise stop accounting for without a word.
+    problems = audit_state_dir(state_dir).problems
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DeployError(f"privacy ledger problem: {problems[0]}{more}; `fedsafe ledger verify --state-dir "
+                          f"{state_dir}` lists them; refusing to start")
     return (f"{len(data)} samples shaped {tuple(data.x.shape[1:])} in {opts.data_path}; ledger {ledger.path} "
             f"holds ε={spent:.3f} of the cap ε={opts.max_epsilon:g} (δ={opts.delta:g})")
 

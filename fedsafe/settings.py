@@ -217,7 +217,7 @@ SentSettings = make_dataclass(
 # ---- a node's policy: Flower's node-config keys, the node operator's own -------------------------
 NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("data-path", "", "this node's data: .npz (x, y) or .csv with a 'label' column", NODE),
-    Setting("dataset-id", "", "the name the ledger keys on (default: the data file's path)", NODE),
+    Setting("dataset-id", "", "the name the ledger keys on (default: the digest of the data file's records)", NODE),
     Setting("state-dir", "~/.fedsafe/ledgers", "where the privacy ledgers live", NODE),
     Setting("max-epsilon", 10.0, "lifetime ε cap on this data, over all runs", NODE, "> 0"),
     Setting("delta", 1e-5, "δ of the (ε, δ) guarantee; a run asking a larger δ gets this one", NODE, "(0, 1)"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -46,20 +45,16 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, seconds: float) -> None:
     console.print(f"results: {cfg.out_path}/{files}")
 
 
-def print_ledgers(state_dir: str, delta: float) -> None:
-    from fedsafe.client.ledger import PrivacyLedger
-
-    directory = Path(state_dir).expanduser()
-    files = sorted(directory.glob("*.json"))
-    if not files:
+def print_ledgers(ledgers, directory: Path, delta: float) -> None:
+    """A table of `ledgers` (fedsafe.client.ledger.PrivacyLedger, verified) in `directory`."""
+    if not ledgers:
         Console().print(f"no privacy ledgers in {directory}")
         return
     table = Table(title=f"privacy ledgers in {directory} (δ={delta:g})")
     for column in ("data", "ε spent", "steps", "rounds", "runs"):
         table.add_column(column, justify="right")
-    for path in files:
-        key = json.loads(path.read_text())["data_key"]
-        ledger = PrivacyLedger.open(directory, key)
-        table.add_row(key, f"{ledger.epsilon(delta):.3f}", str(ledger.total_steps),
-                      str(len(ledger.state_dict()["rounds"])), str(len(ledger.state_dict()["runs"])))
+    for ledger in ledgers:
+        state = ledger.state_dict()
+        table.add_row(ledger.data_key, f"{ledger.epsilon(delta):.3f}", str(ledger.total_steps),
+                      str(len(state["rounds"])), str(len(state["runs"])))
     Console().print(table)

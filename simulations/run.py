@@ -144,6 +144,7 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         delta=cfg.delta,
         allow_non_private=not cfg.dp,
         seed_noise=True,
+        simulated=True,
         partition_store=None if partition_store is None else str(partition_store),
     )
     attack = options.attack_spec()

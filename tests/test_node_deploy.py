@@ -62,11 +62,12 @@ def test_node_refuses_to_start_on_what_operators_get_wrong(site, overrides, mess
 
 
 def test_node_refuses_a_corrupt_ledger(site, capsys):
+    from fedsafe.client.data import load_file, records_digest
     from fedsafe.client.ledger import ledger_filename
 
     ledgers = site["root"] / "ledgers"
     ledgers.mkdir()
-    (ledgers / ledger_filename("file:" + str(site["data"].resolve()))).write_text("{torn")
+    (ledgers / ledger_filename("records:" + records_digest(load_file(site["data"])))).write_text("{torn")
     assert main(_node_args(site)) == 2
     assert "refusing to train rather than forget past spend" in capsys.readouterr().err
 
