@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+COMMAND_STARTED = time.perf_counter()  # the summary's wall time counts from here: imports and Ray included
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +33,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     groups = {"": p}
     for setting in RUN_SETTINGS:
         if setting.flag is None or (sweep and setting.key == "dp"):  # a sweep's non-private baseline: ε = inf
+            continue
+        if sweep and not setting.in_sweep:  # e.g. resume: each point of a sweep is a run of its own
             continue
         if setting.group not in groups:
             groups[setting.group] = p.add_argument_group(setting.group)
@@ -150,6 +155,13 @@ def _add_node(sub) -> None:
     p.add_argument("--cold-start", action="store_true",
                    help="start every ClientApp as a fresh process (Flower's default) instead of forking it from a "
                         "process that has imported PyTorch and Opacus once (slower: seconds per round)")
+    p.add_argument("--allow-app", action="append", default=[], metavar="SHA256",
+                   help="an app package this node may run: the SHA-256 `fedsafe app-hash` prints for the "
+                        "coordinator's app (repeatable). Runs of any other app are refused before any of its "
+                        "code is installed")
+    p.add_argument("--allow-any-app", action="store_true",
+                   help="run whatever app the coordinator ships (its code then decides whether DP and the "
+                        "ledger are used): a test network only")
     p.add_argument("--insecure", action="store_true", help="no TLS: a trusted test network only")
     # Test and simulation only; hidden from --help, documented in docs/deployment.md.
     p.add_argument("--test-seed-noise", action="store_true", help=argparse.SUPPRESS)
@@ -166,6 +178,12 @@ def _add_audit(sub) -> None:
                    help="k = this fraction of the canaries: guesses on each side (most and least confident)")
 
 
+def _add_app_hash(sub) -> None:
+    p = sub.add_parser("app-hash", help="print the SHA-256 of the app package `flwr run DIR` ships "
+                                        "(what nodes pin with `fedsafe node --allow-app`)")
+    p.add_argument("project", nargs="?", default=".", help="the Flower app's directory (default: .)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -177,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_credentials(sub)
     _add_superlink(sub)
     _add_node(sub)
+    _add_app_hash(sub)
     after_training.add_parsers(sub)  # export, predict, card, explain, compress (fedsafe.after)
     return parser
 
@@ -217,32 +236,35 @@ def _default_out(args: argparse.Namespace, kind: str) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import time
-
     from fedsafe.simulations.engine import start_local_ray
 
+    from fedsafe.server.run_dir import reused_out_dir
+
     nodes = _number(args.nodes, int, "nodes")
+    args.out = _default_out(args, "")
+    reused = reused_out_dir(Path(args.out), args.resume, f"--out {args.out} --resume")
+    if reused:  # before Ray starts: refusing costs nothing
+        raise CliError(f"fedsafe simulate: {reused}")
     # Ray boots (about 4 s) while this process imports PyTorch and Flower and checks the run.
     local_ray = start_local_ray(args.ray_address, args.verbose)
     try:
         from fedsafe.simulations.report import print_summary
         from fedsafe.simulations.run import simulate, validate_against_data
 
-        cfg = _run_config(args, out_dir=_default_out(args, ""))
+        cfg = _run_config(args, out_dir=args.out)
         options = _simulation_options(args, nodes)
         validate_against_data(cfg, options)
     except BaseException:
         if local_ray is not None:
             local_ray.release()
         raise
-    started = time.perf_counter()
     print(f"fedsafe: {nodes} nodes × {cfg.num_rounds} rounds, {args.model} on {args.dataset}, "
           + (f"DP-SGD ε≤{cfg.epsilon:g} δ={cfg.delta:g}" if cfg.dp else "no DP")
           + f", {args.strategy}" + (" over SecAgg+" if args.secagg else "")
           + (f", client-level DP ({args.client_dp})" if args.client_dp != "off" else "")
           + (f"; {args.attackers} simulated attacker(s): {args.attack}" if args.attackers else ""), flush=True)
     outcome = simulate(cfg, options, local_ray=local_ray)
-    print_summary(outcome, cfg, time.perf_counter() - started)
+    print_summary(outcome, cfg, COMMAND_STARTED)
     return 0
 
 
@@ -359,17 +381,19 @@ def _superlink(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING.format(what=" and no SuperNode authentication: any process can join as a node"),
               file=sys.stderr, flush=True)
-    print("fedsafe: " + " ".join(command), file=sys.stderr, flush=True)
+    env = flower_environment(flwr_home=opts.database.parent / "flwr")
+    print(f"fedsafe: {' '.join(command)} (apps unpacked under FLWR_HOME={env['FLWR_HOME']})", file=sys.stderr,
+          flush=True)
     if args.cold_start:
-        os.execve(command[0], command, flower_environment())  # the SuperLink takes over this process
-    return supervise(command, flower_environment(), warm_program="flwr-serverapp")
+        os.execve(command[0], command, env)  # the SuperLink takes over this process
+    return supervise(command, env, warm_program="flwr-serverapp")
 
 
 def _node(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .deploy import INSECURE_WARNING, NodeOptions, check_node_data_and_ledger, flower_environment, node_command
-    from .deploy import supervise
+    from .deploy import ADMISSION_PATIENCE_S, INSECURE_WARNING, NodeOptions, check_node_data_and_ledger
+    from .deploy import flower_environment, node_command, supervise
 
     opts = NodeOptions(
         superlink=args.superlink, root_cert=Path(args.root_cert) if args.root_cert else None,
@@ -379,18 +403,39 @@ def _node(args: argparse.Namespace) -> int:
         dataset_id=args.dataset_id, insecure=args.insecure,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time, poll_interval=args.poll_interval,
         seed_noise=args.test_seed_noise, debug_poison=args.test_poison,
+        allowed_apps=tuple(args.allow_app), allow_any_app=args.allow_any_app,
     )
     command = node_command(opts)
     summary = check_node_data_and_ledger(opts)
     if args.insecure:
         print(INSECURE_WARNING.format(what=""), file=sys.stderr, flush=True)
+    if opts.allow_any_app:
+        print("fedsafe node: WARNING: --allow-any-app: this node runs whatever app the coordinator ships; "
+              "its privacy limits hold only if that app's code enforces them", file=sys.stderr, flush=True)
+    else:
+        print(f"fedsafe node: runs only the app package(s) sha256 {', '.join(opts.allowed_apps)}",
+              file=sys.stderr, flush=True)
     if opts.seed_noise or opts.debug_poison:
         print("fedsafe node: WARNING: TEST-ONLY options are on (seeded, predictable DP noise and/or deliberately "
               "poisoned updates); never use them on real data", file=sys.stderr, flush=True)
     print(f"fedsafe node: {summary}", file=sys.stderr, flush=True)
-    print("fedsafe node: " + " ".join(command), file=sys.stderr, flush=True)
-    return supervise(command, flower_environment(), warm_program=None if args.cold_start else "flwr-clientapp",
-                     key=opts.key, explain=True)
+    env = flower_environment(flwr_home=opts.state_dir / "flwr")
+    print(f"fedsafe node: {' '.join(command)} (apps unpacked under FLWR_HOME={env['FLWR_HOME']})",
+          file=sys.stderr, flush=True)
+    # Without --max-retries/--max-wait-time a node waits out the previous session of a crashed run of itself.
+    if opts.max_retries is not None or opts.max_wait_time is not None:
+        patience = min(ADMISSION_PATIENCE_S, opts.max_wait_time or 0.0)
+    else:
+        patience = ADMISSION_PATIENCE_S
+    return supervise(command, env, warm_program=None if args.cold_start else "flwr-clientapp",
+                     key=opts.key, explain=True, admission_patience=patience)
+
+
+def _app_hash(args: argparse.Namespace) -> int:
+    from .deploy import app_hash
+
+    print(app_hash(Path(args.project)))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"simulate": _simulate, "sweep": _sweep, "audit": _audit, "partitions": _partitions,
-                   "ledger": _ledger, "superlink": _superlink, "node": _node, **after_training.HANDLERS}[args.command]
+                   "ledger": _ledger, "superlink": _superlink, "node": _node, "app-hash": _app_hash,
+                   **after_training.HANDLERS}[args.command]
         return handler(args)
     except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError,
             *after_training.errors()) as err:

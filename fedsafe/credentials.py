@@ -556,7 +556,15 @@ def _build_certs_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="DNS name or IP address SuperNodes / flwr use to reach the SuperLink "
         "(repeatable).",
     )
-    parser.add_argument("--out-dir", default="certificates", help="output directory")
+    parser.add_argument(
+        "--out-dir", default="certificates",
+        help="the SuperLink's directory: ca.pem, server.pem, server.key",
+    )
+    parser.add_argument(
+        "--ca-dir",
+        help="where a new CA's ca.pem and private ca.key go (default: OUT_DIR-ca beside it); "
+        "never the SuperLink's directory: move it offline",
+    )
     parser.add_argument("--ca-cert", help="existing CA certificate (PEM) to sign with")
     parser.add_argument("--ca-key", help="existing CA private key (PEM) to sign with")
     parser.add_argument("--common-name", default="fedsafe CA", help="CA common name")
@@ -572,42 +580,66 @@ def _build_certs_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def default_ca_dir(out_dir: StrPath) -> Path:
+    """Where `fedsafe certs` puts a new CA: beside the SuperLink's directory, never inside it."""
+    out = Path(out_dir).expanduser()
+    return out.parent / f"{out.name}-ca"
+
+
 def main_certs(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """CLI: make a CA (or reuse ``--ca-cert/--ca-key``) and a server certificate."""
+    """CLI: make a CA (or reuse ``--ca-cert/--ca-key``) and a server certificate.
+
+    The CA's private key is kept out of the SuperLink's directory (``--ca-dir``): whoever can read the
+    SuperLink's files must not be able to issue certificates the nodes trust. `fedsafe superlink` refuses
+    a certificate directory that holds it.
+    """
     parser = _build_certs_parser(prog)
     args = parser.parse_args(argv)
     if (args.ca_cert is None) != (args.ca_key is None):
         parser.error("--ca-cert and --ca-key must be given together")
+    if args.ca_cert is not None and args.ca_dir is not None:
+        parser.error("--ca-dir makes a new CA; it cannot be combined with --ca-cert/--ca-key")
     hosts = list(args.hosts)
     if not args.no_loopback:
         hosts += list(LOOPBACK_HOSTS)
+    ca_dir = Path(args.ca_dir).expanduser() if args.ca_dir else default_ca_dir(args.out_dir)
     try:
-        # Fail before creating anything: bad hosts, or server files already there.
+        # Fail before creating anything: bad hosts, a CA key bound for the SuperLink's directory, files there.
         normalize_hosts(hosts)
         directory = _prepare_dir(args.out_dir)
+        if args.ca_cert is None and ca_dir.resolve() == directory.resolve():
+            raise CredentialError(
+                f"--ca-dir {ca_dir} is the SuperLink's directory: the CA's private key must not sit "
+                "beside server.key (fedsafe superlink refuses such a directory)"
+            )
+        if args.ca_key is not None and Path(args.ca_key).expanduser().resolve().parent == directory.resolve():
+            raise CredentialError(
+                f"--ca-key {args.ca_key} is in --out-dir {directory}: keep the CA's private key elsewhere"
+            )
+        superlink_ca = directory / CA_CERT_FILE  # the SuperLink needs the CA's certificate, not its key
+        copy_ca = args.ca_cert is None or Path(args.ca_cert).expanduser().resolve() != superlink_ca.resolve()
         _check_targets(
-            [directory / "server.pem", directory / "server.key"], args.overwrite
+            [superlink_ca] * copy_ca + [directory / "server.pem", directory / "server.key"],
+            args.overwrite,
         )
         if args.ca_cert is None:
-            ca_cert, ca_key = make_ca(
-                args.out_dir, args.common_name, args.ca_days, overwrite=args.overwrite
-            )
+            ca_cert, ca_key = make_ca(ca_dir, args.common_name, args.ca_days, overwrite=args.overwrite)
             print(f"CA certificate: {ca_cert}")
-            print(f"CA private key: {ca_key}  (0600; keep it offline)")
+            print(f"CA private key: {ca_key}  (0600; not in {directory}: move it offline)")
         else:
-            ca_cert, ca_key = Path(args.ca_cert), Path(args.ca_key)
+            ca_cert, ca_key = Path(args.ca_cert).expanduser(), Path(args.ca_key).expanduser()
         cert, key = make_server_certificate(
             args.out_dir, ca_cert, ca_key, hosts, days=args.days, overwrite=args.overwrite
         )
+        if copy_ca:
+            _write_file(superlink_ca, _load_cert(ca_cert).public_bytes(serialization.Encoding.PEM),
+                        private=False, overwrite=args.overwrite)
     except CredentialError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Server certificate: {cert}  (SANs: {', '.join(hosts)})")
     print(f"Server private key: {key}  (0600)")
-    print(
-        f"flower-superlink --ssl-ca-certfile {ca_cert} --ssl-certfile {cert} "
-        f"--ssl-keyfile {key} ..."
-    )
+    print(f"fedsafe superlink --certs {directory} --database <state>/superlink.db")
     return 0
 
 

@@ -13,8 +13,12 @@ Flower 1.41 facts this module relies on (checked against `--help` and by running
 * `flower-supernode --superlink H:P --root-certificates CA --auth-supernode-private-key KEY
   --node-config '...' --port P` (`--port`: the node's local Runtime API, distinct per node on one
   machine). `--node-config` values are TOML: strings must be quoted.
-* An unregistered node key ends the SuperNode with "Exit Code: 305" in its log and OS status 1;
-  a root certificate that does not verify the SuperLink gives CERTIFICATE_VERIFY_FAILED.
+* A node the SuperLink does not admit ends the SuperNode with "Failed to activate SuperNode" and
+  "Exit Code: 305" in its log and OS status 1. The SuperLink says the same for two causes: a key that is
+  not registered, and a key whose node still counts as online — after a crash, for up to two missed
+  heartbeats (`HEARTBEAT_PATIENCE` × `HEARTBEAT_DEFAULT_INTERVAL` = 2 × 30 s after its last one).
+  `supervise` therefore restarts the SuperNode for that long, with a countdown, before it calls the key
+  unregistered. A root certificate that does not verify the SuperLink gives CERTIFICATE_VERIFY_FAILED.
 * SuperLink and SuperNode start a `flower-superexec` that polls for work every
   `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` seconds (default 1.0); fedsafe lowers it (see FLOWER_ENV).
 """
@@ -31,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +49,14 @@ FLOWER_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
-EXIT_NODE_REFUSED = 3  # the SuperLink refused this node (unregistered key, TLS failure)
+# `fedsafe node`'s exit status, by what happened (Flower ends the SuperNode with status 1 and a code in its log).
+EXIT_NODE_REFUSED = 3  # not admitted: key not registered (or unregistered), or another session with this key is on
+EXIT_TLS_FAILED = 4  # the SuperLink's certificate did not verify against --root-cert
+EXIT_UNREACHABLE = 5  # no SuperLink answered within --max-retries / --max-wait-time
+# Flower counts a node online until 2 heartbeats (30 s apart) after its last one: a node restarted after a
+# crash is refused for at most that long. fedsafe node keeps trying for a little longer, then gives up.
+ADMISSION_PATIENCE_S = 65.0
+ADMISSION_RETRY_S = 5.0
 
 INSECURE_WARNING = (
     "fedsafe: WARNING: --insecure: no TLS{what}. Everything, model updates included, crosses the "
@@ -56,10 +68,14 @@ class DeployError(RuntimeError):
     """Something an operator must fix before a SuperLink or SuperNode can start; the message says what."""
 
 
-def flower_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+def flower_environment(base: Mapping[str, str] | None = None, flwr_home: Path | None = None) -> dict[str, str]:
+    """The environment of a SuperLink or SuperNode: FLOWER_ENV, and FLWR_HOME (where Flower unpacks every
+    run's app) under the process's own state unless the operator exported one, instead of ~/.flwr."""
     env = dict(os.environ if base is None else base)
     for key, value in FLOWER_ENV.items():
         env.setdefault(key, value)
+    if flwr_home is not None and not env.get("FLWR_HOME"):
+        env["FLWR_HOME"] = str(flwr_home.expanduser().resolve())
     return env
 
 
@@ -95,6 +111,35 @@ def load_certificate(path: Path, what: str):
         raise DeployError(f"{what} {path} is not a PEM certificate") from None
 
 
+def refuse_ca_private_key(certs_dir: Path, ca) -> None:
+    """Refuse a SuperLink directory that holds the CA's private key (under any name): whoever reads the
+    SuperLink's files could then issue certificates every node trusts."""
+    from cryptography.hazmat.primitives import serialization
+
+    ca_public = ca.public_key().public_numbers()
+    for path in sorted(certs_dir.iterdir()):
+        if path.name == "ca.key":
+            found = True
+        else:
+            try:
+                data = path.read_bytes() if path.is_file() and path.stat().st_size < 65536 else b""
+            except OSError:
+                continue  # unreadable: not ours to judge; the files the SuperLink needs are checked by name
+            if b"PRIVATE KEY" not in data:
+                continue
+            try:
+                key = serialization.load_pem_private_key(data, password=None)
+                found = key.public_key().public_numbers() == ca_public
+            except (ValueError, TypeError, AttributeError):
+                found = False
+        if found:
+            raise DeployError(
+                f"certificate directory {certs_dir} holds the CA's private key ({path.name}): the SuperLink "
+                "needs only ca.pem, server.pem and server.key. Move it offline (it is needed only to issue "
+                "certificates: `fedsafe certs --ca-cert … --ca-key /offline/ca.key`), then start again"
+            )
+
+
 def check_superlink_certificates(certs_dir: Path) -> tuple[Path, Path, Path]:
     """(ca.pem, server.pem, server.key) from `fedsafe certs`, checked to belong together and be valid now."""
     from cryptography import x509
@@ -105,6 +150,7 @@ def check_superlink_certificates(certs_dir: Path) -> tuple[Path, Path, Path]:
         raise DeployError(f"certificate directory {certs_dir} does not exist; create it with `fedsafe certs --host <name>`")
     ca_path, cert_path, key_path = certs_dir / "ca.pem", certs_dir / "server.pem", certs_dir / "server.key"
     ca = load_certificate(ca_path, "CA certificate")
+    refuse_ca_private_key(certs_dir, ca)
     cert = load_certificate(cert_path, "server certificate")
     try:
         key = serialization.load_pem_private_key(_read(key_path, "server key"), password=None)
@@ -218,6 +264,9 @@ class NodeOptions:
     # Test and simulation only (documented as such): reproducible DP noise; deliberately bad updates.
     seed_noise: bool = False
     debug_poison: str | None = None
+    # The app packages (SHA-256 of the FAB) this node may run; allow_any_app runs whatever the coordinator ships.
+    allowed_apps: tuple[str, ...] = ()
+    allow_any_app: bool = False
 
 
 def toml_value(value: Any) -> str:
@@ -297,14 +346,47 @@ def check_node_data_and_ledger(opts: NodeOptions) -> str:
             f"holds ε={spent:.3f} of the cap ε={opts.max_epsilon:g} (δ={opts.delta:g})")
 
 
+def app_pin_arguments(opts: NodeOptions) -> list[str]:
+    """fedsafe.supernode's arguments for the apps this node may run; refuses a node that names none."""
+    from .supernode import ALLOW_ANY_APP_OPTION, ALLOW_APP_OPTION, APP_HASH
+
+    if opts.allow_any_app:
+        return [ALLOW_ANY_APP_OPTION]
+    if not opts.allowed_apps:
+        raise DeployError("name the app this node may run: --allow-app <sha256> (the coordinator's "
+                          "`fedsafe app-hash`; check it with them), or --allow-any-app to run whatever the "
+                          "coordinator ships (its code then decides whether DP and the ledger are used)")
+    arguments = []
+    for digest in opts.allowed_apps:
+        if not APP_HASH.fullmatch(digest.lower()):
+            raise DeployError(f"--allow-app {digest!r}: give the app's SHA-256 in hex (64 characters), "
+                              "as `fedsafe app-hash` prints it")
+        arguments += [ALLOW_APP_OPTION, digest.lower()]
+    return arguments
+
+
+def app_hash(project: Path) -> str:
+    """The SHA-256 of the app package `flwr run PROJECT` builds and ships: what `--allow-app` pins."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from .supernode import app_digest
+
+    project = project.expanduser()
+    if not (project / "pyproject.toml").is_file():
+        raise DeployError(f"{project} is not a Flower app: it has no pyproject.toml")
+    try:
+        return app_digest(build_fab_from_disk(project))
+    except (ValueError, OSError) as err:
+        raise DeployError(f"cannot build the app package of {project}: {err}") from None
+
+
 def node_command(opts: NodeOptions) -> list[str]:
     _check_superlink_address(opts.superlink)
-    if opts.poll_interval is None:
-        command = [flower_binary("flower-supernode")]
-    elif opts.poll_interval > 0:
-        command = [sys.executable, "-m", "fedsafe.supernode", "--fedsafe-poll-interval", repr(float(opts.poll_interval))]
-    else:
-        raise DeployError(f"--poll-interval must be > 0 seconds; got {opts.poll_interval}")
+    command = [sys.executable, "-m", "fedsafe.supernode", *app_pin_arguments(opts)]
+    if opts.poll_interval is not None:
+        if not opts.poll_interval > 0:
+            raise DeployError(f"--poll-interval must be > 0 seconds; got {opts.poll_interval}")
+        command += ["--fedsafe-poll-interval", repr(float(opts.poll_interval))]
     command += ["--superlink", opts.superlink]
     if opts.insecure:
         command.append("--insecure")
@@ -326,19 +408,24 @@ def node_command(opts: NodeOptions) -> list[str]:
     return command
 
 
-# What the SuperNode's log says when the SuperLink turns it away, and what fedsafe tells the operator.
+# What the SuperNode's log says when it stops before it got in, and what fedsafe tells the operator.
+NOT_ADMITTED = re.compile(r"Failed to activate SuperNode")
 _REFUSALS = (
-    (re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"),
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"), EXIT_TLS_FAILED,
      "TLS verification of the SuperLink failed: --root-cert is not the CA that signed the SuperLink's "
      "certificate, or the address in --superlink is not one of the certificate's names"),
-    (re.compile(r"Failed to activate SuperNode|Exit Code: 305"),
-     "the SuperLink refused this node: its public key is not registered (or was unregistered). "
+    (NOT_ADMITTED, EXIT_NODE_REFUSED,
+     "the SuperLink refused this node{waited}: its public key is not registered (or was unregistered){other}. "
      "Send {pub} to the coordinator, who runs `flwr supernode register {pub} <connection>`{fingerprint}"),
+    (re.compile(r"Failed to initialize the connection to the SuperLink"), EXIT_UNREACHABLE,
+     "no SuperLink answered at --superlink within --max-retries / --max-wait-time (is it running, is the "
+     "address and port right, does a firewall block it?)"),
 )
 
 
-def explain_refusal(log_text: str, key: Path | None) -> str | None:
-    for pattern, message in _REFUSALS:
+def explain_refusal(log_text: str, key: Path | None, waited: float = 0.0) -> tuple[int, str] | None:
+    """(exit status, one line) for a SuperNode that stopped before it got in; None if it got in or stopped otherwise."""
+    for pattern, status, message in _REFUSALS:
         if pattern.search(log_text):
             pub = f"{key}.pub" if key is not None else "<key>.pub"
             fingerprint = ""
@@ -346,7 +433,14 @@ def explain_refusal(log_text: str, key: Path | None) -> str | None:
                 from .credentials import ssh_public_key_fingerprint
 
                 fingerprint = f"; its fingerprint is {ssh_public_key_fingerprint(Path(f'{key}.pub').expanduser())}"
-            return message.format(pub=pub, fingerprint=fingerprint)
+            if waited > 0:
+                other = ", or another SuperNode with this key is running"
+                when = f" for {waited:.0f} s"
+            else:
+                other = (", or this node crashed less than a minute ago and its previous session still counts "
+                         "as online (it expires within 60 s; without --max-retries, fedsafe node waits for it)")
+                when = ""
+            return status, message.format(pub=pub, fingerprint=fingerprint, waited=when, other=other)
     return None
 
 
@@ -359,65 +453,107 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def supervise(command: Sequence[str], env: Mapping[str, str], *, warm_program: str | None,
-              key: Path | None = None, explain: bool = False) -> int:
-    """Run a SuperLink or SuperNode, pass its output through, forward SIGINT/SIGTERM; with `explain`,
-    say in words why the SuperLink refused a SuperNode.
+def _stop(child: subprocess.Popen | None) -> None:
+    if child is not None and child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
-    With `warm_program` (flwr-clientapp for a node, flwr-serverapp for the SuperLink), a zygote that has
-    imported PyTorch once forks those app processes (fedsafe/warmstart.py). The output goes to our
-    stdout line by line; the last lines are kept to recognise why the process stopped.
+
+class _Supervisor:
+    """One SuperLink or SuperNode process at a time: its output passed through (last lines kept), signals
+    forwarded to it and to the zygote."""
+
+    def __init__(self, env: Mapping[str, str], preexec) -> None:
+        self.env, self.preexec = dict(env), preexec
+        self.children: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def forward(self, signum, _frame) -> None:
+        self.stopping = True
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def run(self, command: Sequence[str]) -> tuple[int, str]:
+        proc = subprocess.Popen(list(command), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=self.preexec)  # noqa: PLW1509 - only prctl, no locks
+        self.children.append(proc)
+        tail: list[str] = []
+
+        def relay() -> None:  # in a thread: the SuperNode's children keep the pipe open after it exits
+            assert proc.stdout is not None
+            for raw in iter(proc.stdout.readline, b""):
+                line = raw.decode(errors="replace")
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                tail.append(line)
+                del tail[:-200]
+
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
+        try:
+            status = proc.wait()
+            reader.join(timeout=5)  # its SuperExec notices within a second that the SuperNode is gone
+        finally:
+            _stop(proc)
+            self.children.remove(proc)
+        return status, "".join(tail)
+
+
+def supervise(command: Sequence[str], env: Mapping[str, str], *, warm_program: str | None,
+              key: Path | None = None, explain: bool = False, admission_patience: float = 0.0) -> int:
+    """Run a SuperLink or SuperNode, pass its output through, forward SIGINT/SIGTERM; with `explain`,
+    say in words why a SuperNode did not get in, and exit with a status that names it.
+
+    A SuperNode the SuperLink does not admit is started again every few seconds for `admission_patience`
+    seconds, with a countdown: after a crash, the node's previous session counts as online for up to a
+    minute. With `warm_program` (flwr-clientapp for a node, flwr-serverapp for the SuperLink), a zygote
+    that has imported PyTorch once forks those app processes (fedsafe/warmstart.py); it outlives restarts.
     """
     from . import warmstart
 
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    env = dict(env)
-    warm = zygote = None
+    supervisor = _Supervisor(env, preexec)
+    warm = None
     if warm_program and warmstart.supported():
         warm = warmstart.WarmStart(warm_program, flower_binary(warm_program))
-        zygote = subprocess.Popen(warm.command(), env=env, preexec_fn=preexec)  # noqa: PLW1509
-        env = warm.environment(env)
-    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=preexec)  # noqa: PLW1509 - only prctl, no locks
-
-    def forward(signum, _frame):
-        for child in (proc, zygote):
-            if child is not None and child.poll() is None:
-                child.send_signal(signum)
-
-    tail: list[str] = []
-
-    def relay() -> None:  # in a thread: the SuperNode's children keep the pipe open after it exits
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode(errors="replace")
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            tail.append(line)
-            del tail[:-200]
-
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        supervisor.children.append(subprocess.Popen(warm.command(), env=supervisor.env, preexec_fn=preexec))  # noqa: PLW1509
+        supervisor.env = warm.environment(supervisor.env)
+    previous = {s: signal.signal(s, supervisor.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    first_refusal = None
     try:
-        status = proc.wait()
-        reader.join(timeout=5)  # its SuperExec notices within a second that the SuperNode is gone
+        while True:
+            status, tail = supervisor.run(command)
+            if status == 0 or not explain or supervisor.stopping or not NOT_ADMITTED.search(tail):
+                break
+            now = time.monotonic()
+            first_refusal = now if first_refusal is None else first_refusal
+            left = admission_patience - (now - first_refusal)
+            if left <= 0:
+                break
+            print(f"fedsafe node: the SuperLink did not admit this node (yet). If it crashed less than a minute "
+                  f"ago, its previous session still counts as online until two heartbeats are missed; trying "
+                  f"again in {ADMISSION_RETRY_S:.0f} s ({left:.0f} s left before giving up)", file=sys.stderr,
+                  flush=True)
+            time.sleep(min(ADMISSION_RETRY_S, left))
+            if supervisor.stopping:
+                break
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for child in (proc, zygote):
-            if child is not None and child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+        for child in list(supervisor.children):
+            _stop(child)
         if warm is not None:
             warm.cleanup()
-    if status != 0 and explain:
-        reason = explain_refusal("".join(tail), key)
-        if reason is not None:
+    if status != 0 and explain and not supervisor.stopping:
+        waited = time.monotonic() - first_refusal if first_refusal is not None and admission_patience > 0 else 0.0
+        explained = explain_refusal(tail, key, waited=waited)
+        if explained is not None:
+            code, reason = explained
             print(f"fedsafe node: error: {reason}", file=sys.stderr, flush=True)
-            return EXIT_NODE_REFUSED
+            return code
     return status

@@ -43,6 +43,7 @@ class Setting:
     requires: str = ""  # bounds and choices apply only while this bool setting is true (or this str not "off")
     flag: str | None = ""  # the `fedsafe simulate`/`sweep` flag: "" its key, None: no flag
     listable: bool = False  # `fedsafe sweep` takes a comma-separated list of values
+    in_sweep: bool = True  # `fedsafe sweep` has the flag too (False: `fedsafe simulate` only)
     group: str = ""  # its group of flags in --help
 
     @property
@@ -126,7 +127,8 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("seed", 42, "fixes partitions, sampling, initial weights and DP noise", BOTH),
     Setting("local-epochs", 3, "local epochs per round", NODE, ">= 1"),
     Setting("batch-size", 32,
-            "batch size B: each record joins each batch with probability 1/ceil(n/B) (Poisson sampling)",
+            "batch size B: each record joins each batch with probability 1/ceil(n/B) (Poisson sampling), so the "
+            "expected batch is n/ceil(n/B) <= B for a node with n records",
             NODE, ">= 1"),
     Setting("optimizer", "sgd", "sgd, adam or rmsprop", NODE),
     Setting("lr", 0.5, "local learning rate", NODE, "> 0"),
@@ -185,11 +187,17 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("secagg-clipping-range", 8.0, "updates are clipped to ±this per coordinate before quantisation",
             bounds="> 0", requires="secagg", flag=None, group=SECAGG_GROUP),
     Setting("min-nodes", 2, "connected nodes needed before a round starts", bounds=">= 1", flag=None),
-    Setting("max-update-norm", 0.0, "L2 bound on an update's distance from the global model (0: none)",
+    Setting("max-update-norm", 0.0, "L2 bound on an update's distance from the global model (0: 10 × the round's "
+            "lower-median norm, scaled by each node's expected batch; see docs/deployment.md)",
             bounds=">= 0", flag=None),
-    Setting("max-strikes", 3, "rejected updates in a row before a node is excluded from the run (0: never)",
+    Setting("max-strikes", 3, "rejected updates among a node's last 10 before it is excluded from the run "
+            "(0: never)",
             bounds=">= 0", flag=None),
-    Setting("round-timeout", 3600.0, "seconds a round waits for replies; a node silent that long is skipped",
+    # 10 minutes: a built-in cnn-on-digits round measured about 19 s per node and local epoch on a shared
+    # 2-core machine (3 rounds of 2 nodes in 112 s, in one process), and a node that dies is declared
+    # unavailable by the SuperLink within ~60 s (its messages then fail at once); the former hour held a
+    # round with a hung node for an hour. Also how long a run waits for min-nodes to connect.
+    Setting("round-timeout", 600.0, "seconds a round waits for replies; a node silent that long is skipped",
             bounds="> 0", flag=None),
     Setting("poll-interval", 0.2, "seconds between polls for replies (Flower's own send_and_receive: 3)",
             bounds="(0, 60]", flag=None),
@@ -199,7 +207,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("num-classes", 0, "number of classes, when the coordinator has no data (0: from the data)",
             bounds=">= 0", flag=None),
     Setting("out-dir", "results/run", "results directory", flag=None),  # `fedsafe simulate --out`
-    Setting("resume", False, "continue the run checkpointed in out-dir", flag=None),
+    Setting("resume", False, "continue the run checkpointed in out-dir (--out)", in_sweep=False),
     Setting("tensorboard", False, "also write TensorBoard event files under <out-dir>/tensorboard"),
 )
 

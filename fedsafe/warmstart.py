@@ -10,8 +10,11 @@ runs Flower's own `flwr-clientapp` entry point with them. The shim waits, forwar
 exits with the child's status — to Flower it is the ClientApp process.
 
 What the child runs is unchanged: Flower's entry point loads the app from the FAB exactly as a fresh
-process would (fedsafe's own modules are *not* preloaded, so the coordinator-shipped code is what runs,
-as without warm start). Each child re-seeds PyTorch's and NumPy's global generators from the OS, so no
+process would. That FAB is one the node's operator approved (`fedsafe node --allow-app`, checked by the
+SuperNode before anything of it is installed: fedsafe/supernode.py), and it is that package's code that
+runs, warm or cold: the zygote is itself started as `python -m fedsafe.warmstart`, so each child first
+drops the zygote's own `fedsafe` modules from `sys.modules` — otherwise `fedsafe.client.app` would
+resolve to the zygote's installed copy instead of the approved package. Each child re-seeds PyTorch's and NumPy's global generators from the OS, so no
 two ClientApps share random state (DP noise must be fresh every round); CUDA is never initialised in
 the zygote (a forked CUDA context is unusable). If the zygote is not running, the shim runs the real
 `flwr-clientapp` instead: a cold start, slower and otherwise the same.
@@ -144,6 +147,12 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return data
 
 
+def forget_own_modules() -> None:
+    """Drop fedsafe's modules from this process, so the app package's own `fedsafe` is imported."""
+    for name in [name for name in sys.modules if name == "fedsafe" or name.startswith("fedsafe.")]:
+        del sys.modules[name]
+
+
 def _child(fds: list[int], request: dict, program: str) -> None:  # pragma: no cover - runs in the forked child
     code = 1
     try:
@@ -164,6 +173,7 @@ def _child(fds: list[int], request: dict, program: str) -> None:  # pragma: no c
         torch.seed()
         np.random.seed(int.from_bytes(os.urandom(4), "little"))
         sys.argv = [program, *request["argv"]]
+        forget_own_modules()
         import importlib
 
         module, function = ENTRY_POINTS[program]

@@ -19,7 +19,7 @@ import torch
 from fedsafe.client.files import atomic_write
 from fedsafe.models.transfer import TensorFileError, load_tensor_file
 
-CHECKPOINT_NAME = "checkpoint.pt"
+from .run_dir import CHECKPOINT_NAME  # noqa: F401 - where the checkpoint lives in a run's out-dir
 
 
 class CheckpointError(RuntimeError):

@@ -10,10 +10,21 @@ from .state import (
     strategy_state_dict,
 )
 from .strikes import StrikesStrategy
-from .validation import UpdateRejected, complete_update, keep_frozen, validate_update
+from .validation import (
+    DP_REPLY_FIELDS,
+    NormBound,
+    UpdateRejected,
+    complete_update,
+    keep_frozen,
+    num_examples_cap,
+    update_norm_bound,
+    validate_dp_metrics,
+    validate_update,
+)
 
 __all__ = [
-    "PARAM_DEFAULTS", "StrategyError", "StrikesStrategy", "UpdateRejected", "build_strategy", "check_strategy", "complete_update",
+    "DP_REPLY_FIELDS", "PARAM_DEFAULTS", "StrategyError", "StrikesStrategy", "UpdateRejected", "build_strategy", "check_strategy", "complete_update",
     "conform_arrays", "keep_frozen", "load_strategy_state_dict", "observe_replies", "round_report",
-    "strategy_names", "strategy_spec", "strategy_state_dict", "validate_update",
+    "strategy_names", "strategy_spec", "strategy_state_dict", "num_examples_cap", "update_norm_bound", "validate_dp_metrics",
+    "validate_update", "NormBound",
 ]

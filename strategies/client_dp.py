@@ -27,9 +27,10 @@ averages exactly n clipped updates: the sensitivity the noise was calibrated for
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -209,7 +210,8 @@ class ClientLevelDP(StrategyWrapper):
             content = RecordDict({"arrays": arrays, "metrics": MetricRecord({UNIFORM_WEIGHT: 1.0})})
             uniform.append(Message(content, reply_to=sent))
         clipping_norm = float(self.strategy.clipping_norm)
-        arrays, _ = self.strategy.aggregate_train(server_round, uniform)
+        with fresh_global_numpy_noise():
+            arrays, _ = self.strategy.aggregate_train(server_round, uniform)
         if arrays is not None and self.accountant is not None:
             self.accountant.releases += 1
         self._report[server_round] = {
@@ -235,6 +237,24 @@ class ClientLevelDP(StrategyWrapper):
     def fedsafe_load_state_dict(self, state: dict[str, Any]) -> None:
         if self.accountant is not None and state.get("adaptive_accountant") is not None:
             self.accountant.load_state_dict(state["adaptive_accountant"])
+
+
+@contextlib.contextmanager
+def fresh_global_numpy_noise() -> Iterator[None]:
+    """Run the block with NumPy's global generator freshly seeded from the OS, then put its state back.
+
+    Flower's server-side DP wrappers draw their noise (the model's, and adaptive clipping's count) from
+    `np.random`'s global state, which anything in the process can set: a resumed coordinator restored it
+    from its checkpoint, so a retried round drew the very noise of the interrupted attempt, and two
+    releases with one noise draw cancel it in their difference. Fresh entropy for every release makes
+    each draw independent whatever the global state was; the state outside the block is left as it was
+    (so a seeded simulation stays reproducible everywhere but in this noise)."""
+    saved = np.random.get_state()
+    np.random.seed(None)  # OS entropy
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
 
 
 def _zero_update(current: ArrayRecord) -> ArrayRecord:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from .registry import StrategyError
+from .wrapper import StrategyWrapper
 
 STATE_VERSION = 1
+T = TypeVar("T")
 
 
 def chain(strategy: Any) -> Iterator[Any]:
@@ -42,7 +44,7 @@ def _link_state(link: Any) -> dict[str, Any]:
     )
     from flwr.serverapp.strategy.fedopt import FedOpt
 
-    if hasattr(link, "fedsafe_state_dict"):
+    if isinstance(link, StrategyWrapper):
         return link.fedsafe_state_dict()
     if isinstance(link, FedOpt):
         return {"m_t": copy.deepcopy(link.m_t), "v_t": copy.deepcopy(link.v_t)}
@@ -63,7 +65,7 @@ def _load_link_state(link: Any, state: dict[str, Any]) -> None:
     )
     from flwr.serverapp.strategy.fedopt import FedOpt
 
-    if hasattr(link, "fedsafe_load_state_dict"):
+    if isinstance(link, StrategyWrapper):
         link.fedsafe_load_state_dict(state)
     elif isinstance(link, FedOpt):
         link.m_t, link.v_t = copy.deepcopy(state["m_t"]), copy.deepcopy(state["v_t"])
@@ -104,20 +106,38 @@ def load_strategy_state_dict(strategy: Any, state: dict[str, Any] | None) -> Non
         _load_link_state(link, link_state)
 
 
+def wrappers(strategy: Any) -> list[StrategyWrapper]:
+    """fedsafe's links of the chain (Flower's own strategies and DP wrappers are not), outermost first."""
+    return [link for link in chain(strategy) if isinstance(link, StrategyWrapper)]
+
+
+def find_link(strategy: Any, kind: type[T]) -> T | None:
+    """The outermost link of the chain that is a `kind`, or None."""
+    return next((link for link in chain(strategy) if isinstance(link, kind)), None)
+
+
 def round_report(strategy: Any, server_round: int) -> dict[str, Any]:
     """Fields the strategy chain adds to the round record (skipped nodes, client-level ε, …)."""
     report: dict[str, Any] = {}
-    for link in reversed(list(chain(strategy))):
-        if hasattr(link, "round_report"):
-            report.update(link.round_report(server_round))
+    for link in reversed(wrappers(strategy)):
+        report.update(link.round_report(server_round))
     return report
 
 
 def observe_replies(strategy: Any, server_round: int, replies: list[Message]) -> None:
     """Show every reply of the round, errors included, to the wrappers that keep track of nodes."""
-    for link in chain(strategy):
-        if hasattr(link, "observe_replies"):
-            link.observe_replies(server_round, replies)
+    for link in wrappers(strategy):
+        link.observe_replies(server_round, replies)
+
+
+def excluded_nodes(strategy: Any) -> set[int]:
+    """Nodes some link of the chain will not train again in this run."""
+    return {int(node) for link in wrappers(strategy) for node in link.excluded_nodes()}
+
+
+def hides_updates(strategy: Any) -> bool:
+    """Whether the server never sees a node's update in the clear (secure aggregation)."""
+    return any(link.hides_updates for link in wrappers(strategy))
 
 
 def conform_arrays(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:

@@ -177,6 +177,18 @@ def run_config_string(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
+_APP_HASHES: dict[Path, str] = {}
+
+
+def repo_app_hash(project: Path = REPO) -> str:
+    """The SHA-256 of the app package `flwr run PROJECT` ships (`fedsafe app-hash`), once per test session."""
+    if project not in _APP_HASHES:
+        from fedsafe.deploy import app_hash
+
+        _APP_HASHES[project] = app_hash(project)
+    return _APP_HASHES[project]
+
+
 # ------------------------------------------------------------------------------ the federation
 class Federation:
     """A SuperLink with TLS + node authentication and the SuperNodes attached to it, on 127.0.0.1."""
@@ -187,8 +199,10 @@ class Federation:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.ca, ca_key = cr.make_ca(root / "certs")
+        # The CA's private key stays out of the SuperLink's directory (fedsafe superlink refuses it there).
+        self.ca, ca_key = cr.make_ca(root / "ca")
         cr.make_server_certificate(root / "certs", self.ca, ca_key, ["127.0.0.1", "localhost"])
+        (root / "certs" / "ca.pem").write_bytes(self.ca.read_bytes())
         self.flwr_home = root / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
@@ -227,7 +241,7 @@ class Federation:
     def fedsafe(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "fedsafe", *args]
 
-    def start_superlink(self, timeout: float = 40) -> subprocess.Popen:
+    def start_superlink(self, timeout: float = 120) -> subprocess.Popen:
         self.superlink = self.start("superlink", self.fedsafe(
             "superlink", "--certs", str(self.root / "certs"), "--database", str(self.root / "state" / "superlink.db"),
             "--port", str(self.port)))
@@ -261,8 +275,11 @@ class Federation:
 
     def start_node(self, name: str, data_path: Path, *, max_epsilon: float = 1000.0, root_cert: Path | None = None,
                    extra: list[str] = ()) -> subprocess.Popen:
-        """`fedsafe node` for `name` (its keys made if needed), with its own ledger directory and port."""
+        """`fedsafe node` for `name` (its keys made if needed), with its own ledger directory and port; it runs
+        only this repository's app (as `flwr run` ships it) unless `extra` names the apps it may run."""
         private, _ = self.keys.get(name) or self.make_keys(name)
+        if not {"--allow-app", "--allow-any-app"} & set(extra):
+            extra = ["--allow-app", repo_app_hash(), *extra]
         return self.start(name, self.fedsafe(
             "node", "--superlink", f"127.0.0.1:{self.port}", "--root-cert", str(root_cert or self.ca),
             "--key", str(private), "--data-path", str(data_path), "--state-dir", str(self.root / "ledgers" / name),
@@ -285,16 +302,17 @@ class Federation:
         proc.wait(timeout=10)
 
     # ---- runs -------------------------------------------------------------------------------------
-    def run_command(self, run_config: Mapping[str, Any]) -> list[str]:
-        return [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--run-config", run_config_string(run_config),
+    def run_command(self, run_config: Mapping[str, Any], app: Path = REPO) -> list[str]:
+        return [str(BIN / "flwr"), "run", str(app), CONNECTION, "--run-config", run_config_string(run_config),
                 "--stream"]
 
-    def start_run(self, run_config: Mapping[str, Any], name: str = "run") -> subprocess.Popen:
-        return self.start(name, self.run_command(run_config))
+    def start_run(self, run_config: Mapping[str, Any], name: str = "run", app: Path = REPO) -> subprocess.Popen:
+        return self.start(name, self.run_command(run_config, app))
 
-    def run(self, run_config: Mapping[str, Any], timeout: float, name: str = "run") -> tuple[int, str]:
-        """`flwr run` to the end (bounded); returns (exit status, its output)."""
-        proc = self.start_run(run_config, name)
+    def run(self, run_config: Mapping[str, Any], timeout: float, name: str = "run",
+            app: Path = REPO) -> tuple[int, str]:
+        """`flwr run` of `app` (default: this repository) to the end (bounded); returns (exit status, its output)."""
+        proc = self.start_run(run_config, name, app)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -68,3 +68,35 @@ def test_partitions_command_writes_report(tmp_path, capsys):
     rows = (tmp_path / "partitions.csv").read_text().splitlines()
     assert len(rows) == 8 and rows[0].startswith("node,samples,label_0")
     assert (tmp_path / "partitions.png").stat().st_size > 5_000
+
+
+def test_simulate_refuses_a_reused_out_dir_before_ray_starts_and_offers_resume(tmp_path, capsys, monkeypatch):
+    """Issue 16.4: reusing --out was refused only after Ray's start-up, advising `resume=true`, which
+    `fedsafe simulate` had no flag for."""
+    import fedsafe.simulations.engine as engine
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start for a refused run")
+
+    monkeypatch.setattr(engine, "start_local_ray", no_ray)
+    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's checkpoint")
+    assert main(["simulate", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"continue that run with --out {tmp_path} --resume, or give this run another out-dir" in err
+    assert err.count("\n") == 1
+
+
+def test_simulate_has_a_resume_flag_and_sweep_does_not():
+    from fedsafe.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(["simulate", "--resume", "--out", "somewhere"])
+    assert args.resume is True and _run_config(args, out_dir="somewhere").resume is True
+    with pytest.raises(Exception, match="unrecognized arguments: --resume"):
+        build_parser().parse_args(["sweep", "--resume"])
+
+
+def test_batch_size_help_says_the_expected_batch_is_below_b(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "expected batch is n/ceil(n/B) <= B" in out and "expected Poisson batch size" not in out

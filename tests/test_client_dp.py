@@ -115,3 +115,32 @@ def test_client_level_accountants_and_clip_norm_survive_a_restart(tmp_path):
             assert third["client_level_epsilon"] == pytest.approx(
                 AdaptiveClippingAccountant(z_update, 1.0, 1e-5, None).epsilon(3))
             assert third["client_dp"]["clipping_norm"] != pytest.approx(0.1)  # not reset to the initial C
+
+
+def test_resuming_twice_from_one_checkpoint_draws_fresh_client_level_noise(tmp_path, flower_task_identity):
+    """Issue 10.6 (server side): a resumed coordinator restores NumPy's global random state from its
+    checkpoint, and Flower's server-side DP noise comes from that state: a retried round reused the noise
+    of the interrupted attempt. Resumed twice from one checkpoint, round 3 must now get two different
+    noise draws, while the node sampling (its own seeded generator, restored) stays the same."""
+    import shutil
+
+    import numpy as np
+    from test_coordinator_faults import FakeGrid, _config, _run, good
+
+    from fedsafe.server.config import RunConfig
+
+    nodes = {1: good(), 2: good(0.02), 3: good(0.03)}
+    cfg = _config(tmp_path / "first", num_rounds=2, client_dp="fixed", client_noise_multiplier=1.0,
+                  fraction_train=0.7, min_nodes=3)
+    _run(cfg, FakeGrid(dict(nodes)))
+    models, sampled = [], []
+    for attempt in ("retry-a", "retry-b"):
+        shutil.copytree(cfg.out_path, tmp_path / attempt)
+        grid = FakeGrid(dict(nodes))
+        resumed = _run(RunConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / attempt), "num_rounds": 3,
+                                    "resume": True}), grid)
+        assert resumed.history[-1]["round"] == 3 and resumed.history[-1]["aggregated"]
+        models.append({k: v.numpy() for k, v in resumed.arrays.items()})
+        sampled.append(sorted(n for rnd, n in grid.sent if rnd == 3))
+    assert sampled[0] == sampled[1]
+    assert any(not np.array_equal(models[0][k], models[1][k]) for k in models[0])

@@ -480,21 +480,37 @@ def test_main_certs_and_node_keys(tmp_path: Path, capsys: pytest.CaptureFixture[
     ).value
     assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-    ca_before = (out / "ca.key").read_bytes()
+    # The SuperLink's directory gets the CA's certificate, never its private key (that goes beside it).
+    assert sorted(p.name for p in out.iterdir()) == ["ca.pem", "server.key", "server.pem"]
+    ca_dir = tmp_path / "certs-ca"
+    assert (out / "ca.pem").read_bytes() == (ca_dir / "ca.pem").read_bytes()
+    assert "CA private key: " + str(ca_dir / "ca.key") in capsys.readouterr().out
+    ca_before = (ca_dir / "ca.key").read_bytes()
 
     # second run: refused before anything (in particular the CA) is replaced
     assert cr.main_certs(["--host", "fl.example.org", "--out-dir", str(out)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
-    assert (out / "ca.key").read_bytes() == ca_before
+    assert (ca_dir / "ca.key").read_bytes() == ca_before
 
     # reuse the CA for a second server, without loopback SANs
     assert cr.main_certs([
         "--host", "10.0.0.5", "--no-loopback", "--out-dir", str(tmp_path / "s2"),
-        "--ca-cert", str(out / "ca.pem"), "--ca-key", str(out / "ca.key"),
+        "--ca-cert", str(ca_dir / "ca.pem"), "--ca-key", str(ca_dir / "ca.key"),
     ]) == 0
     s2 = _load_cert(tmp_path / "s2" / "server.pem")
-    s2.verify_directly_issued_by(_load_cert(out / "ca.pem"))
-    assert not (tmp_path / "s2" / "ca.pem").exists()
+    s2.verify_directly_issued_by(_load_cert(ca_dir / "ca.pem"))
+    assert sorted(p.name for p in (tmp_path / "s2").iterdir()) == ["ca.pem", "server.key", "server.pem"]
+
+    # The CA's key is never written into, or taken from, the SuperLink's directory.
+    assert cr.main_certs(["--host", "a.example", "--out-dir", str(tmp_path / "s3"),
+                          "--ca-dir", str(tmp_path / "s3")]) == 1
+    assert "must not sit beside server.key" in capsys.readouterr().err
+    assert not (tmp_path / "s3" / "ca.key").exists()
+    (tmp_path / "s4").mkdir()
+    (tmp_path / "s4" / "ca.key").write_bytes(ca_before)
+    assert cr.main_certs(["--host", "a.example", "--out-dir", str(tmp_path / "s4"), "--ca-cert",
+                          str(ca_dir / "ca.pem"), "--ca-key", str(tmp_path / "s4" / "ca.key")]) == 1
+    assert "keep the CA's private key elsewhere" in capsys.readouterr().err
 
     assert cr.main_certs(["--host", "bad host", "--out-dir", str(tmp_path / "b")]) == 1
     assert "'bad host'" in capsys.readouterr().err

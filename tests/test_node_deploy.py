@@ -4,6 +4,7 @@ test-only options, and the warm-start zygote — fast, without a SuperLink."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,11 +18,14 @@ from fedsafe import credentials as cr
 from fedsafe.cli import main
 from fedsafe.deploy import NodeOptions, SuperLinkOptions, explain_refusal, node_command, superlink_command
 
+APP = "ab" * 32  # an app package's SHA-256, as `fedsafe app-hash` prints it
+
 
 @pytest.fixture()
 def site(tmp_path: Path) -> dict[str, Path]:
-    ca, ca_key = cr.make_ca(tmp_path / "certs")
+    ca, ca_key = cr.make_ca(tmp_path / "ca")
     cr.make_server_certificate(tmp_path / "certs", ca, ca_key, ["127.0.0.1", "localhost"])
+    (tmp_path / "certs" / "ca.pem").write_bytes(ca.read_bytes())
     private, public = cr.make_node_keys(tmp_path / "keys", "clinic")
     data = tmp_path / "data.npz"
     np.savez(data, x=np.random.default_rng(0).normal(size=(40, 30)).astype(np.float32), y=np.arange(40) % 2)
@@ -31,7 +35,8 @@ def site(tmp_path: Path) -> dict[str, Path]:
 
 def _node_args(site, **overrides) -> list[str]:
     args = {"--superlink": "127.0.0.1:8000", "--root-cert": str(site["ca"]), "--key": str(site["key"]),
-            "--data-path": str(site["data"]), "--state-dir": str(site["root"] / "ledgers"), "--max-epsilon": "3"}
+            "--data-path": str(site["data"]), "--state-dir": str(site["root"] / "ledgers"), "--max-epsilon": "3",
+            "--allow-app": APP}
     args.update(overrides)
     return ["node", *[x for k, v in args.items() if v is not None for x in (k, v)]]
 
@@ -73,10 +78,11 @@ def test_node_command_quotes_node_config_as_flower_parses_it(site):
     command = node_command(NodeOptions(
         superlink="127.0.0.1:8000", root_cert=site["ca"], key=site["key"], data_path=site["data"],
         state_dir=site["root"] / "my ledgers", max_epsilon=3, delta=1e-5, device="cuda:1", port=9095,
-        seed_noise=True, debug_poison="nan,norm"))
+        seed_noise=True, debug_poison="nan,norm", allowed_apps=(APP.upper(),)))
     superlink = command.index("--superlink")
     assert command[superlink + 1] == "127.0.0.1:8000"
-    assert command[1:superlink] == ["-m", "fedsafe.supernode", "--fedsafe-poll-interval", "0.5"]
+    assert command[1:superlink] == ["-m", "fedsafe.supernode", "--fedsafe-allow-app", APP,
+                                    "--fedsafe-poll-interval", "0.5"]
     assert "--root-certificates" in command and "--auth-supernode-private-key" in command
     assert "--insecure" not in command
     config = parse_config_args([command[command.index("--node-config") + 1]])
@@ -105,15 +111,32 @@ def test_superlink_refuses_bad_certificates(site, tmp_path, capsys):
     no_loopback = tmp_path / "no-loopback"
     ca, ca_key = cr.make_ca(no_loopback)
     cr.make_server_certificate(no_loopback, ca, ca_key, ["fl.example.org"])
+    ca_key.rename(tmp_path / "offline-ca.key")
     assert main(["superlink", "--certs", str(no_loopback), "--database", db]) == 2
     assert "no subjectAltName 127.0.0.1" in capsys.readouterr().err
 
     other = tmp_path / "other"
-    cr.make_ca(other)
+    _, other_key = cr.make_ca(other)
+    other_key.unlink()
     (other / "server.pem").write_bytes((site["certs"] / "server.pem").read_bytes())
     (other / "server.key").write_bytes((site["certs"] / "server.key").read_bytes())
     assert main(["superlink", "--certs", str(other), "--database", db]) == 2
     assert "was not signed by the CA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ca.key", "backup.pem"])
+def test_superlink_refuses_a_certificate_directory_holding_the_ca_key(site, tmp_path, capsys, name):
+    """`fedsafe certs` keeps the CA's key out of the SuperLink's directory; one copied there by hand, under
+    any name, stops the SuperLink before Flower starts."""
+    db = str(tmp_path / "state" / "s.db")
+    assert main(["certs", "--host", "fl.example.org", "--out-dir", str(tmp_path / "fresh")]) == 0
+    capsys.readouterr()
+    superlink_command(SuperLinkOptions(certs=tmp_path / "fresh", database=tmp_path / "s.db"))  # accepted
+    (tmp_path / "fresh" / name).write_bytes((tmp_path / "fresh-ca" / "ca.key").read_bytes())
+    assert main(["superlink", "--certs", str(tmp_path / "fresh"), "--database", db]) == 2
+    err = capsys.readouterr().err
+    assert f"holds the CA's private key ({name})" in err and "Move it offline" in err and err.count("\n") == 1
+    assert not (tmp_path / "state").exists()  # refused before anything was created
 
 
 def test_credentials_subcommands_are_fedsafe_subcommands(tmp_path, capsys):
@@ -125,9 +148,16 @@ def test_credentials_subcommands_are_fedsafe_subcommands(tmp_path, capsys):
 
 def test_refusals_are_explained(site):
     flower_305 = "ERROR: Exit Code: 305\nFailed to initialize the connection\n[code: 2004] Failed to activate SuperNode."
-    text = explain_refusal(flower_305, site["key"])
-    assert "not registered" in text and str(site["pub"]) in text and "SHA256:" in text
-    assert "TLS verification" in explain_refusal("ssl: CERTIFICATE_VERIFY_FAILED", site["key"])
+    status, text = explain_refusal(flower_305, site["key"])
+    assert status == 3 and "not registered" in text and str(site["pub"]) in text and "SHA256:" in text
+    # Not waited for: the other cause Flower gives the same answer for is named too.
+    assert "crashed less than a minute ago" in text
+    status, text = explain_refusal(flower_305, site["key"], waited=66)
+    assert "for 66 s" in text and "another SuperNode with this key is running" in text
+    assert explain_refusal("ssl: CERTIFICATE_VERIFY_FAILED", site["key"])[0] == 4
+    unreachable = "Exit Code: 305\nFailed to initialize the connection to the SuperLink.\nConnectError: refused"
+    status, text = explain_refusal(unreachable, site["key"])
+    assert status == 5 and "no SuperLink answered" in text
     assert explain_refusal("SuperNode terminated gracefully.", site["key"]) is None
 
 
@@ -202,6 +232,7 @@ def main():
     print("probe", sys.argv[1:], os.getcwd(), os.environ.get("PROBE_VAR"), torch.rand(1).item(),
           np.random.rand(), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
+    print("zygote's fedsafe still loaded:", "fedsafe" in sys.modules, file=sys.stderr, flush=True)
     sys.exit(7)
 """
 
@@ -240,6 +271,8 @@ def test_warm_start_forks_with_the_callers_args_streams_and_fresh_randomness(tmp
         words = run.stdout.split()
         assert words[0] == "probe" and "'--token', 'x'" in run.stdout and str(tmp_path / "cwd") in run.stdout
         assert f"v{i}" in words and "to stderr" in run.stderr
+        # The app package's own fedsafe is what a child imports, not the zygote's installed copy.
+        assert "zygote's fedsafe still loaded: False" in run.stderr
     # Forks of one process, yet each draws fresh random numbers (DP noise must never repeat).
     assert runs[0].stdout.split()[-2:] != runs[1].stdout.split()[-2:]
 
@@ -251,13 +284,15 @@ def test_warm_start_forks_with_the_callers_args_streams_and_fresh_randomness(tmp
 
 def test_insecure_node_needs_no_certificate_or_key_and_says_so(site, capsys, monkeypatch):
     command = node_command(NodeOptions(superlink="10.0.0.5:8000", root_cert=None, key=None, data_path=site["data"],
-                                       state_dir=site["root"] / "l", max_epsilon=3, delta=1e-5, insecure=True))
+                                       state_dir=site["root"] / "l", max_epsilon=3, delta=1e-5, insecure=True,
+                                       allow_any_app=True))
     assert "--insecure" in command and "--root-certificates" not in command
     seen = {}
     monkeypatch.setattr("fedsafe.deploy.supervise", lambda cmd, env, **kw: seen.update(cmd=cmd, **kw) or 0)
     assert main(["node", "--superlink", "10.0.0.5:8000", "--data-path", str(site["data"]), "--state-dir",
-                 str(site["root"] / "l"), "--max-epsilon", "3", "--insecure"]) == 0
-    assert "WARNING: --insecure: no TLS" in capsys.readouterr().err
+                 str(site["root"] / "l"), "--max-epsilon", "3", "--insecure", "--allow-any-app"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: --insecure: no TLS" in err and "WARNING: --allow-any-app" in err
     assert seen["warm_program"] == "flwr-clientapp" and seen["explain"]
 
 
@@ -289,3 +324,146 @@ def test_supernode_idle_poll_is_shortened_and_nothing_else(monkeypatch):
 def test_node_poll_interval_must_be_positive(site, capsys):
     assert main([*_node_args(site), "--poll-interval", "0"]) == 2
     assert "--poll-interval must be > 0 seconds" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- which app a node runs
+def _app_package(body: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as fab:
+        fab.writestr("pyproject.toml", '[project]\nname = "app"\nversion = "1.0.0"\n[tool.flwr.app]\n'
+                     'publisher = "p"\n[tool.flwr.app.components]\nserverapp = "app:server"\n'
+                     'clientapp = "app:client"\n[tool.flwr.app.config]\nk = 1\n')
+        fab.writestr("app.py", body)
+    return buffer.getvalue()
+
+
+def test_supernode_runs_only_pinned_app_packages(monkeypatch, flower_task_identity, capsys):
+    """The guard of fedsafe.supernode.pin_apps: Flower's own SuperNode step (`_pull_and_store_message`) with its
+    in-memory NodeState, fed a train message of a run whose app is one byte off, then of the approved one."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from fedsafe.supernode import app_digest, pin_apps
+
+    approved, tampered = _app_package(b"def client(): pass\n"), _app_package(b"def client(): pass\n#")
+    assert len(approved) == len(tampered) - 1
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", start_client_internal._pull_and_store_message)
+    pin_apps([app_digest(approved)])
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+    state.set_node_id(7)
+
+    def deliver(run_id: int, content: bytes, claimed_hash: str | None = None) -> tuple[int | None, list[str]]:
+        message = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=7, message_type="train")
+        message.metadata.__dict__["_run_id"] = run_id
+        message.metadata.__dict__["_message_id"] = message.object_id
+        tree = get_object_tree(message)
+        objects = {key: obj.deflate() for key, obj in get_all_nested_objects(message).items()}
+        run = Run.create_empty(run_id)
+        run.fab_hash = claimed_hash or app_digest(content)
+        fetched = []
+        result = start_client_internal._pull_and_store_message(
+            state=state, object_store=store, node_config={}, receive=lambda: (message, tree),
+            get_run=lambda _: run, get_fab=lambda h, _: fetched.append(h) or Fab(h, content, {}),
+            pull_object=lambda _, key: objects[key], confirm_message_received=lambda *_: None, trusted_entities=None)
+        return result, fetched
+
+    # One byte changed: refused before anything is stored; an error reply is queued for the coordinator.
+    assert deliver(1, tampered) == (1, [app_digest(tampered)])
+    assert state.get_run(1) is None and state.get_fab(app_digest(tampered)) is None
+    (reply,) = state.get_messages_legacy(run_ids=[1], is_reply=True)
+    assert reply.error.code == ErrorCode.INVALID_FAB and app_digest(tampered) in reply.error.reason
+    assert f"REFUSED run 1: its app package (sha256 {app_digest(tampered)})" in capsys.readouterr().err
+    # A SuperLink that names the approved hash but ships other bytes is refused too (the content is hashed).
+    assert deliver(2, tampered, claimed_hash=app_digest(approved))[0] == 2 and state.get_run(2) is None
+    # The approved package: stored once, fetched once (Flower stores the very bytes that were hashed).
+    assert deliver(3, approved) == (3, [app_digest(approved)])
+    assert state.get_run(3) is not None and state.get_fab(app_digest(approved)).content == approved
+    assert not state.get_messages_legacy(run_ids=[3], is_reply=True)
+
+
+def test_node_must_name_the_apps_it_may_run(site, capsys):
+    assert main(_node_args(site, **{"--allow-app": None})) == 2
+    err = capsys.readouterr().err
+    assert "name the app this node may run: --allow-app <sha256>" in err and err.count("\n") == 1
+    assert main(_node_args(site, **{"--allow-app": "abc"})) == 2
+    assert "give the app's SHA-256 in hex" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="SHA-256 in hex"):
+        from fedsafe.supernode import pin_apps
+
+        pin_apps([])
+
+
+def test_app_hash_is_the_hash_flwr_run_ships(capsys):
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main(["app-hash", str(repo)]) == 0
+    assert capsys.readouterr().out.strip() == hashlib.sha256(build_fab_from_disk(repo)).hexdigest()
+    assert main(["app-hash", str(repo / "docs")]) == 2
+    assert "is not a Flower app: it has no pyproject.toml" in capsys.readouterr().err
+
+
+def test_flower_unpacks_apps_under_the_nodes_state_dir_unless_flwr_home_is_exported(site, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr("fedsafe.deploy.supervise", lambda cmd, env, **kw: seen.update(env=env) or 0)
+    monkeypatch.delenv("FLWR_HOME", raising=False)
+    assert main(_node_args(site)) == 0
+    assert seen["env"]["FLWR_HOME"] == str((site["root"] / "ledgers" / "flwr").resolve())
+    assert f"apps unpacked under FLWR_HOME={seen['env']['FLWR_HOME']}" in capsys.readouterr().err
+    monkeypatch.setenv("FLWR_HOME", str(site["root"] / "mine"))
+    assert main(_node_args(site)) == 0
+    assert seen["env"]["FLWR_HOME"] == str(site["root"] / "mine")
+    monkeypatch.delenv("FLWR_HOME")
+    assert main(["superlink", "--certs", str(site["certs"]), "--database", str(site["root"] / "st" / "s.db"),
+                 "--port", "0"]) == 0
+    assert seen["env"]["FLWR_HOME"] == str((site["root"] / "st" / "flwr").resolve())
+
+
+FAKE_SUPERNODE = """
+import sys
+from pathlib import Path
+tries = Path(sys.argv[1])
+tries.write_text(tries.read_text() + "x" if tries.exists() else "x")
+if len(tries.read_text()) <= int(sys.argv[2]):
+    print("ERROR: Exit Code: 305\\nFailed to initialize the connection to the SuperLink.\\n"
+          "[code: 2004] Failed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("SuperNode ID: 42", flush=True)
+"""
+
+
+@pytest.mark.parametrize("refusals, patience, status", [(2, 30.0, 0), (1000, 0.6, 3), (1000, 0.0, 3)])
+def test_a_node_not_admitted_is_started_again_with_a_countdown_until_its_patience_runs_out(
+        tmp_path, monkeypatch, capsys, site, refusals, patience, status):
+    """fedsafe.deploy.supervise with a stand-in SuperNode the SuperLink refuses `refusals` times (as after a
+    crash: "Failed to activate SuperNode"): it is started again, with a countdown, while `patience` lasts."""
+    from fedsafe import deploy
+
+    monkeypatch.setattr(deploy, "ADMISSION_RETRY_S", 0.2)
+    (tmp_path / "fake.py").write_text(FAKE_SUPERNODE)
+    tries = tmp_path / "tries"
+    command = [sys.executable, str(tmp_path / "fake.py"), str(tries), str(refusals)]
+    assert deploy.supervise(command, dict(os.environ), warm_program=None, key=site["key"], explain=True,
+                            admission_patience=patience) == status
+    err = capsys.readouterr().err
+    countdowns = err.count("did not admit this node (yet)")
+    if status == 0:
+        assert len(tries.read_text()) == refusals + 1 and countdowns == refusals
+    elif patience:
+        assert countdowns >= 1 and re.search(r"refused this node for \d+ s", err)  # waited: the lasting causes
+        assert "another SuperNode with this key is running" in err and "crashed" not in err.split("error:")[1]
+    else:
+        assert countdowns == 0 and len(tries.read_text()) == 1  # --max-retries: no waiting, both causes named
+        assert "crashed less than a minute ago" in err

@@ -154,3 +154,24 @@ def test_fedprox_sends_proximal_mu_and_nodes_read_it(tmp_path):
     config = messages[0].content["config"]
     assert config["proximal-mu"] == 0.25
     assert TrainRequest.from_config(config, run_id="r").proximal_mu == 0.25
+
+
+def test_every_fedsafe_wrapper_speaks_the_one_wrapper_protocol():
+    """The loop calls the wrapper hooks on every fedsafe link and probes for none: each wrapper must be a
+    StrategyWrapper (the strikes wrapper too), and the chain's exclusions reach the loop through it."""
+    from fedsafe.server.app import build_run_strategy
+    from fedsafe.server.config import RunConfig
+    from fedsafe.strategies.state import chain, excluded_nodes, find_link, hides_updates, wrappers
+    from fedsafe.strategies.strikes import StrikesStrategy
+    from fedsafe.strategies.wrapper import StrategyWrapper
+
+    strategy = build_run_strategy(RunConfig(budget_aware=True, max_strikes=2, client_dp="fixed", num_partitions=3))
+    names = [type(link).__name__ for link in chain(strategy)]
+    assert names[:3] == ["BudgetAwareSelection", "StrikesStrategy", "ClientLevelDP"]
+    assert [type(w).__name__ for w in wrappers(strategy)] == names[:3]
+    assert all(isinstance(w, StrategyWrapper) for w in wrappers(strategy))
+    strikes = find_link(strategy, StrikesStrategy)
+    strikes.record_rejection(9, "NaN", 1)
+    strikes.record_rejection(9, "NaN", 2)
+    assert excluded_nodes(strategy) == {9} and not hides_updates(strategy)
+    assert hides_updates(build_run_strategy(RunConfig(secagg=True, num_partitions=3)))
