@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,11 +128,10 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     from .ledger import PrivacyLedger
     from .regularize import can_augment
     from .replay import ReplayCache, request_digest
-    from .training import TrainSettings, poisson_schedule, resolve_device, train
+    from .training import TrainSettings, derive_seed, poisson_schedule, resolve_device, train
 
     global_arrays: ArrayRecord = msg.content["arrays"]
     spec, data = _spec_from_request(msg, data)
-    partition_id = partition[0] if partition else None
     data_key = policy.data_key(request, partition)
 
     # A round the coordinator re-sends after a crash (same run, round and global model) is answered with
@@ -155,13 +153,6 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     task = task_for(spec.task, spec.num_classes)
     if request.augment and not can_augment(spec.input_shape):
         raise PolicyError(f"augment=true shifts image pixels; this model's inputs are shaped {spec.input_shape}")
-
-    generator = None
-    if policy.seed_noise:  # simulations and tests only: reproducible, hence predictable, noise
-        node_tag = int(partition_id) if partition_id is not None else zlib.crc32(data_key.encode())
-        seed = (request.seed * 1_000_003 + request.server_round * 10_007 + node_tag) % 2**31
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
 
     settings = TrainSettings(
         local_epochs=request.local_epochs, batch_size=request.batch_size, optimizer=request.optimizer,
@@ -201,7 +192,14 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     if (age := process_age()) is not None:
         metrics["startup-seconds"] = age  # this ClientApp process' start to its first training step
     started = time.perf_counter()
-    outcome = train(model, task, data, settings, resolve_device(policy.device), generator)
+    seed = None
+    if policy.seed_noise:  # simulations and tests only: reproducible, hence predictable, noise
+        # Seeded by the release's place in this data's ledger too: a second run on the same ledger
+        # (same seed, same rounds) draws fresh noise, never a stream whose release is already charged.
+        release = len(ledger.history) - 1 if ledger is not None else None
+        seed = derive_seed(request.seed, request.server_round, data_key, release)
+        torch.manual_seed(seed)
+    outcome = train(model, task, data, settings, resolve_device(policy.device), seed)
     metrics["train-loss"] = outcome.mean_loss
     metrics["train-seconds"] = time.perf_counter() - started
     if ledger is not None:
