@@ -56,6 +56,10 @@ class LocalRay:
 
     def __init__(self, num_cpus: int, verbose: bool) -> None:
         self._kwargs = {
+            # A private instance, always: without an address Ray joins a cluster it finds on this machine
+            # (RAY_ADDRESS, or the last `ray start`) and then refuses num_cpus; fedsafe joins a cluster
+            # only when told to (--ray-address), and never stops one it did not start.
+            "address": "local",
             "num_cpus": num_cpus,
             "include_dashboard": False,
             "log_to_driver": verbose,  # the virtual nodes' own lines; the coordinator reports refusals

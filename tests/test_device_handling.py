@@ -155,3 +155,14 @@ def test_private_training_on_cuda_with_seeded_noise():
     model, task, data = _family("mlp")
     outcome = train(model, task, data, TrainSettings(batch_size=4, noise_multiplier=1.0), torch.device("cuda"), seed=1)
     assert outcome.steps > 0 and next(model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_client_gpus_without_cuda_is_refused_before_ray_waits_for_one():
+    from fedsafe.server.config import ConfigError
+    from fedsafe.simulations.run import SimulationOptions
+
+    with pytest.raises(ConfigError, match="--client-gpus 0.25 asks for a GPU per node, but this machine has no CUDA"):
+        SimulationOptions(num_nodes=4, client_gpus=0.25)
+    # On a cluster the GPUs are the cluster's, not this machine's.
+    assert SimulationOptions(num_nodes=4, client_gpus=0.25, ray_address="10.0.0.1:6379").client_gpus == 0.25
