@@ -15,13 +15,11 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsafe.protocol import BUDGET_EXHAUSTED, REQUEST_REFUSED
+
 from .policy import NodePolicy, PolicyError, TrainRequest, resolve_terms
 
 log = logging.getLogger("fedsafe.client")
-
-# Error codes of fedsafe's refusals (Flower's own codes are small integers).
-BUDGET_EXHAUSTED = 4001
-REQUEST_REFUSED = 4002
 
 PolicySource = Callable[[Context], NodePolicy]
 
@@ -154,13 +152,7 @@ def _train(msg, policy, request, terms, data, partition) -> Message:
     if request.augment and not can_augment(spec.input_shape):
         raise PolicyError(f"augment=true shifts image pixels; this model's inputs are shaped {spec.input_shape}")
 
-    settings = TrainSettings(
-        local_epochs=request.local_epochs, batch_size=request.batch_size, optimizer=request.optimizer,
-        lr=request.lr, momentum=request.momentum, weight_decay=request.weight_decay,
-        max_grad_norm=request.max_grad_norm, proximal_mu=request.proximal_mu,
-        grad_sample_mode=preferred_grad_sample_mode(request.model),
-        l1=request.l1, augment=request.augment,
-    )
+    settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model))
     metrics: dict[str, float] = {"num-examples": len(data)}
     ledger = None
     if terms.private:

@@ -7,33 +7,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STATE_DIR = "~/.fedsafe/ledgers"
-DEFAULT_MAX_EPSILON = 10.0
-DEFAULT_DELTA = 1e-5
+from fedsafe import protocol
+from fedsafe.settings import (
+    NODE_SETTINGS, RUN_SETTINGS, SentSettings, SettingError, by_key, check_settings, parse_settings,
+)
+
+NODE_DEFAULTS = {s.key: s.default for s in NODE_SETTINGS}
+DEFAULT_STATE_DIR = NODE_DEFAULTS["state-dir"]
+DEFAULT_MAX_EPSILON = NODE_DEFAULTS["max-epsilon"]
+DEFAULT_DELTA = NODE_DEFAULTS["delta"]
 POISONS = ("nan", "shape", "norm")  # debug-poison kinds (tests of the coordinator's update validation)
 
 
 class PolicyError(ValueError):
     """A node-config or run request value that cannot be used; the message names the key."""
-
-
-def _number(values: Mapping[str, Any], key: str, default: float, kind=float) -> Any:
-    raw = values.get(key, default)
-    try:
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise PolicyError(f"{key}={raw!r} is not a valid {kind.__name__}") from None
-
-
-def _flag(values: Mapping[str, Any], key: str, default: bool) -> bool:
-    raw = values.get(key, default)
-    if isinstance(raw, bool):
-        return raw
-    if str(raw).lower() in ("true", "1", "yes"):
-        return True
-    if str(raw).lower() in ("false", "0", "no"):
-        return False
-    raise PolicyError(f"{key}={raw!r} is not true or false")
 
 
 @dataclass(frozen=True)
@@ -53,10 +40,10 @@ class NodePolicy:
     debug_poison: tuple[str, ...] = ()  # TEST ONLY: send deliberately bad updates (nan, shape, norm), by round
 
     def __post_init__(self) -> None:
-        if not self.max_epsilon > 0:
-            raise PolicyError(f"max-epsilon must be > 0; got {self.max_epsilon}")
-        if not 0 < self.delta < 1:
-            raise PolicyError(f"delta must be in (0, 1); got {self.delta}")
+        try:
+            check_settings(NODE_SETTINGS, {"max-epsilon": self.max_epsilon, "delta": self.delta})
+        except SettingError as err:
+            raise PolicyError(str(err)) from None
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise PolicyError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         bad = [p for p in self.debug_poison if p not in POISONS]
@@ -65,25 +52,22 @@ class NodePolicy:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
-        known = {
-            "data-path", "dataset-id", "state-dir", "max-epsilon", "delta", "device",
-            "allow-non-private", "partition-id", "num-partitions",
-            "seed-noise", "debug-poison",  # test and simulation only
-        }
-        unknown = sorted(set(node_config) - known)
-        if unknown:
-            raise PolicyError(f"unknown node-config keys {unknown}; known: {sorted(known)}")
-        data_path = node_config.get("data-path")
+        """From Flower node-config keys (fedsafe.settings.NODE_SETTINGS); a key not set takes its default."""
+        try:
+            given = parse_settings(NODE_SETTINGS, node_config, "node-config")
+        except SettingError as err:
+            raise PolicyError(str(err)) from None
+        values = {**{s.name: s.default for s in NODE_SETTINGS}, **given}
         return cls(
-            data_path=str(data_path) if data_path else None,
-            dataset_id=str(node_config["dataset-id"]) if node_config.get("dataset-id") else None,
-            state_dir=str(node_config.get("state-dir", DEFAULT_STATE_DIR)),
-            max_epsilon=_number(node_config, "max-epsilon", DEFAULT_MAX_EPSILON),
-            delta=_number(node_config, "delta", DEFAULT_DELTA),
-            device=str(node_config.get("device", "auto")),
-            allow_non_private=_flag(node_config, "allow-non-private", False),
-            seed_noise=_flag(node_config, "seed-noise", False),
-            debug_poison=tuple(p.strip() for p in str(node_config.get("debug-poison") or "").split(",") if p.strip()),
+            data_path=values["data_path"] or None,
+            dataset_id=values["dataset_id"] or None,
+            state_dir=values["state_dir"],
+            max_epsilon=values["max_epsilon"],
+            delta=values["delta"],
+            device=values["device"],
+            allow_non_private=values["allow_non_private"],
+            seed_noise=values["seed_noise"],
+            debug_poison=tuple(p.strip() for p in values["debug_poison"].split(",") if p.strip()),
         )
 
     def with_overrides(self, **changes: Any) -> NodePolicy:
@@ -109,84 +93,59 @@ class NodePolicy:
 
 
 @dataclass(frozen=True)
-class TrainRequest:
-    """What the coordinator asks of a node in one round (the train message's config)."""
+class TrainRequest(SentSettings):
+    """What the coordinator asks of a node in one round: the run settings a train message carries
+    (fedsafe.settings.SentSettings), and the round, the run and the global model's spec."""
 
     run_id: str
     server_round: int
-    num_rounds: int
-    model: str
-    dataset: str
-    partitioner: str
-    alpha: float
-    classes_per_node: int
-    partition_by: str
-    num_partitions: int
-    seed: int
-    local_epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    dp: bool
-    epsilon: float
-    delta: float
-    max_grad_norm: float
-    accountant: str
-    proximal_mu: float = 0.0  # sent by FedProx as `proximal-mu`
-    model_options: str = ""  # "hidden=128,dropout=0.2": models.parse_model_options
-    l1: float = 0.0  # L1 penalty (a proximal step after each optimizer step)
-    augment: bool = False  # random one-pixel shifts of each image, per sample
-    freeze: str = ""  # comma-separated parameter-name prefixes not to train (nor upload)
+    input_shape: tuple[int, ...]
+    num_classes: int
+    task: str
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], run_id: str) -> TrainRequest:
-        missing = [k for k in ("server-round", "num-rounds", "model", "dataset") if k not in config]
+        """The train message's config, every key known and every value checked. A key this node does not
+        know, or a run setting it needs that is missing, refuses the round with its name: the node never
+        fills in a value of its own where the coordinator's was meant."""
+        settings = tuple(s for s in RUN_SETTINGS if s.sent)
+        unknown = sorted(set(config) - set(by_key(settings)) - set(protocol.MESSAGE_KEYS))
+        if unknown:
+            raise PolicyError(f"train request has unknown keys {unknown}: this node does not know them "
+                              f"(is the coordinator's fedsafe newer than this node's?)")
+        required = [*by_key(settings), protocol.SERVER_ROUND, protocol.INPUT_SHAPE, protocol.NUM_CLASSES, protocol.TASK]
+        missing = [key for key in required if key not in config]
         if missing:
-            raise PolicyError(f"train request lacks {missing}")
-        request = cls(
+            raise PolicyError(f"train request lacks keys {missing}")
+        try:
+            values = parse_settings(settings, {k: v for k, v in config.items() if k in by_key(settings)}, "run")
+            server_round = _whole_number(config[protocol.SERVER_ROUND], protocol.SERVER_ROUND)
+            input_shape = tuple(_whole_number(v, protocol.INPUT_SHAPE) for v in _items(config[protocol.INPUT_SHAPE]))
+            num_classes = _whole_number(config[protocol.NUM_CLASSES], protocol.NUM_CLASSES, minimum=0)
+        except SettingError as err:
+            raise PolicyError(str(err)) from None
+        return cls(
+            **values,
             # The coordinator's run key survives its restarts; Flower's run id does not.
-            run_id=str(config.get("run-key", run_id)),
-            server_round=_number(config, "server-round", 1, int),
-            num_rounds=_number(config, "num-rounds", 1, int),
-            model=str(config["model"]),
-            dataset=str(config["dataset"]),
-            partitioner=str(config.get("partitioner", "iid")),
-            alpha=_number(config, "alpha", 0.5),
-            classes_per_node=_number(config, "classes-per-node", 2, int),
-            partition_by=str(config.get("partition-by", "")),
-            num_partitions=_number(config, "num-partitions", 0, int),
-            seed=_number(config, "seed", 0, int),
-            local_epochs=_number(config, "local-epochs", 1, int),
-            batch_size=_number(config, "batch-size", 32, int),
-            optimizer=str(config.get("optimizer", "sgd")),
-            lr=_number(config, "lr", 0.1),
-            momentum=_number(config, "momentum", 0.0),
-            weight_decay=_number(config, "weight-decay", 0.0),
-            dp=_flag(config, "dp", True),
-            epsilon=_number(config, "epsilon", 1.0),
-            delta=_number(config, "delta", DEFAULT_DELTA),
-            max_grad_norm=_number(config, "max-grad-norm", 1.0),
-            accountant=str(config.get("accountant", "rdp")),
-            proximal_mu=_number(config, "proximal-mu", 0.0),
-            model_options=str(config.get("model-options", "")),
-            l1=_number(config, "l1", 0.0),
-            augment=_flag(config, "augment", False),
-            freeze=str(config.get("freeze", "")),
+            run_id=str(config.get(protocol.RUN_KEY, run_id)),
+            server_round=server_round,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            task=str(config[protocol.TASK]),
         )
-        for name in ("local_epochs", "batch_size", "num_rounds", "server_round"):
-            if getattr(request, name) < 1:
-                raise PolicyError(f"{name.replace('_', '-')} must be >= 1; got {getattr(request, name)}")
-        if not request.proximal_mu >= 0:
-            raise PolicyError(f"proximal-mu must be >= 0; got {request.proximal_mu}")
-        if not request.l1 >= 0:
-            raise PolicyError(f"l1 must be >= 0; got {request.l1}")
-        if request.dp and not request.epsilon > 0:
-            raise PolicyError(f"epsilon must be > 0; got {request.epsilon}")
-        if request.dp and not request.max_grad_norm > 0:
-            raise PolicyError(f"max-grad-norm must be > 0; got {request.max_grad_norm}")
-        return request
+
+
+def _items(raw: Any) -> list[Any]:
+    if isinstance(raw, (str, bytes)) or not hasattr(raw, "__iter__"):
+        raise SettingError(f"{protocol.INPUT_SHAPE}={raw!r} is not a list of sizes")
+    return list(raw)
+
+
+def _whole_number(raw: Any, key: str, minimum: int = 1) -> int:
+    """An int of the message's envelope (not a bool, nor a float), at least `minimum`."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
+        raise SettingError(f"{key} must be an integer >= {minimum}; got {raw!r}")
+    return raw
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ family's grad_sample_mode through fedsafe.client.dp_modes.make_private. GANs tra
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import warnings
 
 from fedsafe.models.tasks import Task
+from fedsafe.settings import RunSettings
 
 from .data import ArrayDataset
 from .dp_modes import make_private
@@ -30,20 +31,32 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
+_RUN = RunSettings()  # the run settings' declared defaults (fedsafe.settings), one source for both sides
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    local_epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    """How one round of local training runs: the run's settings as the train message carried them
+    (`of`), the noise the ledger fixed, and the model family's per-sample gradient mode."""
+
+    local_epochs: int = _RUN.local_epochs
+    batch_size: int = _RUN.batch_size
+    optimizer: str = _RUN.optimizer
+    lr: float = _RUN.lr
+    momentum: float = _RUN.momentum
+    weight_decay: float = _RUN.weight_decay
+    max_grad_norm: float = _RUN.max_grad_norm
     noise_multiplier: float | None = None  # None: not private
-    proximal_mu: float = 0.0  # FedProx: μ of the proximal term μ/2·||w − w_global||²; 0: none
+    proximal_mu: float = _RUN.proximal_mu  # FedProx: μ of the proximal term μ/2·||w − w_global||²; 0: none
     grad_sample_mode: str = "hooks"  # Opacus' per-sample gradient mode (models.preferred_grad_sample_mode)
-    l1: float = 0.0  # L1 penalty, a proximal step after each optimizer step (client/regularize.py)
-    augment: bool = False  # random one-pixel shifts of each image (client/regularize.py)
+    l1: float = _RUN.l1  # L1 penalty, a proximal step after each optimizer step (client/regularize.py)
+    augment: bool = _RUN.augment  # random one-pixel shifts of each image (client/regularize.py)
+
+    @classmethod
+    def of(cls, request, **others) -> TrainSettings:
+        """The settings `request` (a fedsafe.client.policy.TrainRequest) carries, and `others`."""
+        carried = {f.name: getattr(request, f.name) for f in fields(cls) if hasattr(request, f.name)}
+        return cls(**{**carried, **others})
 
 
 @dataclass(frozen=True)

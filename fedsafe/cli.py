@@ -20,83 +20,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """Arguments shared by `simulate` and `sweep` (a sweep takes comma-separated lists for some)."""
-    listed = " (comma-separated list)" if sweep else ""
-    p.add_argument("--model", default="mlp",
-                   help="model family: mlp, cnn, lstm, gru, transformer, autoencoder, gan" + listed)
-    p.add_argument("--dataset", default="breast-cancer",
-                   help="built-in dataset (breast-cancer, digits, digits-seq, digits-anomaly, diabetes, synthetic) "
-                        "or a .csv/.npz file with a 'label' column")
-    p.add_argument("--model-options", default="", help="the family's options, e.g. 'hidden=128,dropout=0.2'")
-    p.add_argument("--dropout", type=float, default=None, help="dropout rate (a model option)")
-    p.add_argument("--nodes", default="5", help="number of virtual nodes" + listed)
-    p.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    p.add_argument("--epsilon", default="3.0", help="each node's ε budget for the run" + (
-        listed + "; 'inf' for a non-private baseline" if sweep else ""))
-    p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
-    if not sweep:
-        p.add_argument("--no-dp", action="store_true", help="train without differential privacy (a baseline)")
-    p.add_argument("--partitioner", default="iid", help="iid, dirichlet, pathological or natural")
-    p.add_argument("--alpha", default="0.5", help="Dirichlet concentration, smaller is more skewed" + listed)
-    p.add_argument("--classes-per-node", type=int, default=2, help="pathological partitioner: labels per node")
-    p.add_argument("--partition-by", default="", help="natural partitioner: the data's group column")
-    p.add_argument("--local-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32, help="expected Poisson batch size")
-    p.add_argument("--optimizer", default="sgd", help="sgd, adam or rmsprop")
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
-    p.add_argument("--l1", type=float, default=0.0, help="L1 penalty (a proximal step after each optimizer step)")
-    p.add_argument("--augment", action="store_true", help="random one-pixel shifts of each image on the nodes")
-    p.add_argument("--early-stopping-patience", type=int, default=0,
-                   help="stop after this many rounds without a better validation metric (0: off)")
-    p.add_argument("--early-stopping-metric", default="", help="validation metric to watch (default: the task's headline)")
-    p.add_argument("--init-checkpoint", default="", help="initial weights: a .pt state dict or a fedsafe checkpoint.pt")
-    p.add_argument("--freeze", default="", help="comma-separated parameter-name prefixes not to train (nor upload)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C")
-    p.add_argument("--accountant", default="rdp", help="rdp or prv")
-    p.add_argument("--fraction", type=float, default=1.0, help="fraction of nodes sampled per round, in (0, 1]")
-    p.add_argument("--seed", type=int, default=42, help="fixes partitions, sampling, initial weights and DP noise")
-    g = p.add_argument_group("aggregation (Flower strategies; see strategies/registry.py)")
-    g.add_argument("--strategy", default="fedavg",
-                   help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg, krum, "
-                        "multikrum or bulyan" + listed)
-    g.add_argument("--proximal-mu", type=float, default=0.0, help="fedprox: μ of the proximal term")
-    g.add_argument("--server-lr", type=float, default=0.0,
-                   help="fedadam/fedyogi/fedadagrad η, fedavgm server learning rate (0: Flower's default)")
-    g.add_argument("--server-momentum", type=float, default=0.0, help="fedavgm")
-    g.add_argument("--beta-1", type=float, default=0.9, help="fedadam, fedyogi")
-    g.add_argument("--beta-2", type=float, default=0.99, help="fedadam, fedyogi")
-    g.add_argument("--tau", type=float, default=1e-3, help="fedadam, fedyogi, fedadagrad")
-    g.add_argument("--trim-beta", type=float, default=0.2, help="fedtrimmedavg: fraction cut at each end")
-    g.add_argument("--num-malicious", type=int, default=0, help="krum, multikrum, bulyan: f")
-    g.add_argument("--krum-selected", type=int, default=0, help="multikrum: updates averaged (0: n − f)")
-    g.add_argument("--min-replies", type=int, default=1, help="valid replies needed to aggregate a round")
-    g.add_argument("--budget-aware", action="store_true",
-                   help="do not sample nodes whose ledger cannot afford the next round")
-    c = p.add_argument_group("client-level DP on the server (DP-FedAvg)")
-    c.add_argument("--client-dp", default="off", choices=("off", "fixed", "adaptive"))
-    c.add_argument("--client-noise-multiplier", type=float, default=1.0, help="z: noise std = z·C / nodes per round")
-    c.add_argument("--client-clipping-norm", type=float, default=1.0, help="C (adaptive: its initial value)")
-    c.add_argument("--client-target-quantile", type=float, default=0.5, help="adaptive: quantile of update norms")
-    c.add_argument("--client-level-epsilon", type=float, default=0.0,
-                   help="stop before client-level ε would pass this (0: no budget)")
-    c.add_argument("--client-level-delta", type=float, default=1e-5)
-    s = p.add_argument_group("secure aggregation")
-    s.add_argument("--secagg", action="store_true", help="SecAgg+: the server learns only the sum of the updates")
-    s.add_argument("--secagg-shares", type=float, default=1.0, help="fraction of the nodes each shares secrets with")
-    s.add_argument("--secagg-threshold", type=float, default=0.5, help="fraction of shares needed to unmask")
+    """Arguments shared by `simulate` and `sweep`: a flag per run setting that has one (fedsafe.settings),
+    then the simulation's own. A sweep takes comma-separated lists for some."""
+    from fedsafe.settings import RUN_SETTINGS
+
+    groups = {"": p}
+    for setting in RUN_SETTINGS:
+        if setting.flag is None or (sweep and setting.key == "dp"):  # a sweep's non-private baseline: ε = inf
+            continue
+        if setting.group not in groups:
+            groups[setting.group] = p.add_argument_group(setting.group)
+        _add_setting_flag(groups[setting.group], setting, listed=sweep and setting.listable)
+        if setting.key == "model-options":
+            p.add_argument("--dropout", type=float, default=None, help="dropout rate (a model option)")
+    p.add_argument("--nodes", default="5", help="number of virtual nodes" + (LISTED if sweep else ""))
     a = p.add_argument_group("simulated attackers (research and tests only)")
     a.add_argument("--attack", default="none", choices=("none", "scale", "sign-flip"))
     a.add_argument("--attackers", type=int, default=0, help="how many nodes attack")
     a.add_argument("--attack-factor", type=float, default=10.0)
     p.add_argument("--out", default=None, help="results directory (default: results/<model>-<dataset>-<time>)")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
     p.add_argument("--client-cpus", type=float, default=1.0,
                    help="CPUs per virtual node: Ray runs one actor per this many cores")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per virtual node (fractions share one)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+LISTED = " (comma-separated list)"
+
+
+def _add_setting_flag(group, setting, listed: bool) -> None:
+    """`--<flag>` for a run setting: its type, default, choices and help (`listed`: a sweep's list)."""
+    flag = "--" + (setting.flag or setting.key)
+    if setting.type is bool:
+        action = "store_false" if setting.default else "store_true"
+        group.add_argument(flag, dest=setting.name, action=action, help=setting.help)
+    elif listed:
+        extra = "; 'inf' for a non-private baseline" if setting.key == "epsilon" else ""
+        group.add_argument(flag, dest=setting.name, default=f"{setting.default}", help=setting.help + LISTED + extra)
+    else:
+        group.add_argument(flag, dest=setting.name, type=setting.type, default=setting.default,
+                           choices=setting.choices or None, help=setting.help)
 
 
 def _add_simulate(sub) -> None:
@@ -201,28 +165,15 @@ def _number(text: str, kind, name: str):
         raise CliError(f"fedsafe: argument --{name}: invalid {kind.__name__} value: {text!r}") from None
 
 
-def _run_config(args: argparse.Namespace, **overrides):
+def _run_config(args: argparse.Namespace, listed: bool = False, **overrides):
+    """The RunConfig of the run settings' flags and `overrides` (`listed`: a sweep, whose listed settings
+    the grid sets point by point)."""
     from fedsafe.server.config import RunConfig
+    from fedsafe.settings import RUN_SETTINGS
 
-    values = dict(
-        num_rounds=args.rounds, model=args.model, dataset=args.dataset, partitioner=args.partitioner,
-        classes_per_node=args.classes_per_node, partition_by=args.partition_by,
-        seed=args.seed, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        delta=args.delta, max_grad_norm=args.max_grad_norm, accountant=args.accountant,
-        strategy=args.strategy, fraction_train=args.fraction, tensorboard=args.tensorboard,
-        proximal_mu=args.proximal_mu, server_lr=args.server_lr, server_momentum=args.server_momentum,
-        beta_1=args.beta_1, beta_2=args.beta_2, tau=args.tau, trim_beta=args.trim_beta,
-        num_malicious=args.num_malicious, krum_selected=args.krum_selected, min_replies=args.min_replies,
-        budget_aware=args.budget_aware, client_dp=args.client_dp,
-        client_noise_multiplier=args.client_noise_multiplier, client_clipping_norm=args.client_clipping_norm,
-        client_target_quantile=args.client_target_quantile, client_level_epsilon=args.client_level_epsilon,
-        client_level_delta=args.client_level_delta, secagg=args.secagg, secagg_shares=args.secagg_shares,
-        secagg_threshold=args.secagg_threshold,
-        model_options=_model_options(args), l1=args.l1, augment=args.augment,
-        early_stopping_patience=args.early_stopping_patience, early_stopping_metric=args.early_stopping_metric,
-        init_checkpoint=args.init_checkpoint, freeze=args.freeze,
-    )
+    values = {s.name: getattr(args, s.name) for s in RUN_SETTINGS
+              if hasattr(args, s.name) and not (listed and s.listable)}
+    values["model_options"] = _model_options(args)
     return RunConfig(**{**values, **overrides})
 
 
@@ -253,8 +204,7 @@ def _simulate(args: argparse.Namespace) -> int:
         from fedsafe.simulations.report import print_summary
         from fedsafe.simulations.run import simulate, validate_against_data
 
-        cfg = _run_config(args, epsilon=_number(args.epsilon, float, "epsilon"), dp=not args.no_dp,
-                          alpha=_number(args.alpha, float, "alpha"), out_dir=_default_out(args, ""))
+        cfg = _run_config(args, out_dir=_default_out(args, ""))
         options = _simulation_options(args, nodes)
         validate_against_data(cfg, options)
     except BaseException:
@@ -262,8 +212,8 @@ def _simulate(args: argparse.Namespace) -> int:
             local_ray.release()
         raise
     started = time.perf_counter()
-    print(f"fedsafe: {nodes} nodes × {args.rounds} rounds, {args.model} on {args.dataset}, "
-          + ("no DP" if args.no_dp else f"DP-SGD ε≤{cfg.epsilon:g} δ={args.delta:g}")
+    print(f"fedsafe: {nodes} nodes × {cfg.num_rounds} rounds, {args.model} on {args.dataset}, "
+          + (f"DP-SGD ε≤{cfg.epsilon:g} δ={cfg.delta:g}" if cfg.dp else "no DP")
           + f", {args.strategy}" + (" over SecAgg+" if args.secagg else "")
           + (f", client-level DP ({args.client_dp})" if args.client_dp != "off" else "")
           + (f"; {args.attackers} simulated attacker(s): {args.attack}" if args.attackers else ""), flush=True)
@@ -283,7 +233,7 @@ def _sweep(args: argparse.Namespace) -> int:
         nodes=parse_list(args.nodes, int, "nodes"),
     )
     out = Path(_default_out(args, "sweep-"))
-    base = _run_config(args, model=grid.models[0], strategy=grid.strategies[0], out_dir=str(out))
+    base = _run_config(args, listed=True, model=grid.models[0], strategy=grid.strategies[0], out_dir=str(out))
     rows = run_sweep(base, grid, _simulation_options(args, grid.nodes[0]), out)
     ran = sum(row["status"] == RAN for row in rows)
     print(f"{ran} of {len(rows)} settings ran" + (f" ({len(rows) - ran} could not: see the status column)"

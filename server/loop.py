@@ -17,6 +17,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedsafe.protocol import BUDGET_EXHAUSTED, RUN_KEY
+
 from fedsafe.strategies import (
     UpdateRejected,
     complete_update,
@@ -38,7 +40,6 @@ from .sampling import NodeSampler, SampledGrid
 
 log = logging.getLogger("fedsafe.server")
 
-BUDGET_EXHAUSTED = 4001  # the node's error code for a refused round (fedsafe.client.app.BUDGET_EXHAUSTED)
 
 Evaluator = Callable[[ArrayRecord], dict[str, float]]
 ProgressSink = Callable[[dict[str, Any], RunConfig], None]
@@ -216,7 +217,7 @@ def run_rounds(
     frozen = _frozen_keys(arrays, cfg)
     stopper = _early_stopping(cfg, history, arrays, evaluator)
 
-    train_config = ConfigRecord({**cfg.train_config(), **model_config, "run-key": run_key})
+    train_config = ConfigRecord({**cfg.train_config(), **model_config, RUN_KEY: run_key})
     masked = any(getattr(link, "hides_updates", False) for link in chain(strategy))
     stop_reason = None
     for rnd in range(first_round, cfg.num_rounds + 1):

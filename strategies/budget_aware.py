@@ -17,11 +17,14 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
+from fedsafe.protocol import (
+    BUDGET_EXHAUSTED, EPSILON, EPSILON_NEXT, MAX_EPSILON, METRICS, RUN_EPSILON, RUN_EPSILON_NEXT,
+)
+
 from .client_dp import RunStop
 from .state import chain
 from .wrapper import StrategyWrapper
 
-BUDGET_EXHAUSTED = 4001  # fedsafe.client.app.BUDGET_EXHAUSTED (strategies does not import the node's code)
 SLACK = 1e-9
 
 
@@ -53,12 +56,12 @@ class BudgetAwareSelection(StrategyWrapper):
                 if reply.error.code == BUDGET_EXHAUSTED:
                     self.refused[node] = reply.error.reason
                 continue
-            metrics = reply.content.get("metrics")
-            if metrics is None or "epsilon" not in metrics:
+            metrics = reply.content.get(METRICS)
+            if metrics is None or EPSILON not in metrics:
                 continue
             previous = self.ledgers.get(node, {})
             figures = {k: float(metrics[k]) for k in
-                       ("epsilon", "max-epsilon", "epsilon-next", "run-epsilon", "run-epsilon-next") if k in metrics}
+                       (EPSILON, MAX_EPSILON, EPSILON_NEXT, RUN_EPSILON, RUN_EPSILON_NEXT) if k in metrics}
             figures["previous-epsilon"] = previous.get("epsilon", 0.0)
             self.ledgers[node] = figures
             self.refused.pop(node, None)

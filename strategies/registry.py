@@ -12,24 +12,17 @@ from typing import Any
 
 from flwr.serverapp.strategy import MultiKrum
 
+from fedsafe.settings import strategy_params
+
 
 class StrategyError(ValueError):
     """An unknown strategy name, a parameter it does not take, or a value it cannot use."""
 
 
-# The strategy parameters fedsafe knows, as run-config keys, with their defaults. A value other than
-# the default for a parameter the chosen strategy does not take is refused: it would silently do nothing.
-PARAM_DEFAULTS: dict[str, Any] = {
-    "proximal-mu": 0.0,  # fedprox: μ of the proximal term μ/2·||w − w_global||² in the nodes' loss
-    "server-lr": 0.0,  # fedadam/fedyogi/fedadagrad (η), fedavgm (server learning rate); 0: Flower's default
-    "server-momentum": 0.0,  # fedavgm
-    "beta-1": 0.9,  # fedadam, fedyogi: first-moment decay
-    "beta-2": 0.99,  # fedadam, fedyogi: second-moment decay
-    "tau": 1e-3,  # fedadam, fedyogi, fedadagrad: adaptivity (ε of the adaptive step)
-    "trim-beta": 0.2,  # fedtrimmedavg: fraction cut at each end, per coordinate
-    "num-malicious": 0,  # krum, multikrum, bulyan: f, the Byzantine nodes tolerated per round
-    "krum-selected": 0,  # multikrum: updates averaged after selection; 0: n − f
-}
+# The strategy parameters fedsafe knows, as run-config keys, with their defaults (declared with the run's
+# other settings in fedsafe.settings). A value other than the default for a parameter the chosen strategy
+# does not take is refused: it would silently do nothing.
+PARAM_DEFAULTS: dict[str, Any] = strategy_params()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,45 @@
+"""What a node and the coordinator say to each other: error codes, message keys, metric names.
+
+One module that both sides import (it imports nothing of fedsafe's), so that a code or a key cannot
+mean one thing on the node and another on the coordinator. The run settings a train message carries
+are declared in fedsafe.settings.
+"""
+
+from __future__ import annotations
+
+# ---- error codes of a node's refusals (Flower's own codes are small integers) -----------------
+BUDGET_EXHAUSTED = 4001  # the round would pass the node's ε cap or the run's grant: nothing was spent
+REQUEST_REFUSED = 4002  # the request, the node's policy or its data does not allow the round
+
+# ---- records of a train message and of its reply ---------------------------------------------
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# ---- keys of a train message's config besides the run settings (fedsafe.settings.RUN_SETTINGS) --
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+RUN_KEY = "run-key"  # the coordinator's run identity: unlike Flower's run id, it survives coordinator restarts
+# The global model's data spec, as the coordinator built the model (not the run-config keys
+# `input-shape`/`num-classes`, which only tell a coordinator without data what to build).
+INPUT_SHAPE = "input-shape"  # list of ints
+NUM_CLASSES = "num-classes"
+TASK = "task"  # fedsafe.models.tasks: classification, regression, reconstruction, generation
+MESSAGE_KEYS = (SERVER_ROUND, RUN_KEY, INPUT_SHAPE, NUM_CLASSES, TASK)
+
+# ---- metric names of a node's train reply ------------------------------------------------------
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+STARTUP_SECONDS = "startup-seconds"  # the ClientApp process' start to its first training step
+REPLAYED = "replayed"  # 1.0: the update already trained (and charged) for a re-sent round
+# The node's ledger figures (private runs): policy and accounting values, public in the DP sense.
+EPSILON = "epsilon"  # all spend on the node's data so far, at DELTA
+DELTA = "delta"
+DP_STEPS = "dp-steps"
+NOISE_MULTIPLIER = "noise-multiplier"
+MAX_EPSILON = "max-epsilon"  # the operator's lifetime cap
+RUN_EPSILON = "run-epsilon"  # what the node granted this run
+EPSILON_NEXT = "epsilon-next"  # EPSILON after one more round of this run
+RUN_EPSILON_NEXT = "run-epsilon-next"
+LEDGER_METRICS = (EPSILON, DELTA, DP_STEPS, NOISE_MULTIPLIER, MAX_EPSILON, RUN_EPSILON, EPSILON_NEXT,
+                  RUN_EPSILON_NEXT)
