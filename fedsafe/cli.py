@@ -327,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsafe.client.policy import PolicyError
     from fedsafe.server.checkpoint import CheckpointError
     from fedsafe.server.config import ConfigError
+    from fedsafe.simulations.engine import RayStartError
 
     from .deploy import DeployError
 
@@ -340,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger,
                    "superlink": _superlink, "node": _node}[args.command]
         return handler(args)
-    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError) as err:
+    except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError,
+            RayStartError) as err:
         message = str(err)
         print(message if message.startswith("fedsafe") else f"fedsafe: error: {message}", file=sys.stderr)
         return EXIT_USAGE
