@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def cluster(tmp_path_factory):
     finally:
         for process in reversed(processes):
             stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the cluster's sessions and logs
 
 
 def fedsafe_simulate(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
