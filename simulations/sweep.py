@@ -88,7 +88,9 @@ def _run_point(setting: dict[str, Any], cfg: RunConfig, options: SimulationOptio
     started = time.perf_counter()
     try:
         outcome = simulate(cfg, options, progress=None)
-    except (ConfigError, DataError, RuntimeError) as err:
+    except (ConfigError, DataError) as err:  # found only when the federation is built (e.g. a partition)
+        return _failed_row(setting, f"cannot run: {err}")
+    except RuntimeError as err:  # the run started and broke off (Ray, the simulation engine)
         return _failed_row(setting, f"failed: {type(err).__name__}: {err}")
     final = outcome.history[-1]
     eps = outcome.node_epsilon
