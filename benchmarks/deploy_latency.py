@@ -10,8 +10,9 @@ training split), DP-SGD on, 1 local epoch. Reported, from the coordinator's metr
 
 * seconds per round (round 1 apart: it also calibrates the nodes' noise for the run), and the part
   of it spent waiting for replies;
-* each ClientApp's time from its process start to its first training step (`startup-seconds`, reported
-  by the node), per round;
+* each ClientApp's time from its process start to its training libraries loaded, taken before the node
+  reads any record (`startup-seconds`, reported by the node; earlier versions ran it to the first training
+  step, data loading and ledger reservation included), per round;
 * `flwr run` wall time, and the time until the first round started (FAB, ServerApp start, sampling).
 """
 

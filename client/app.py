@@ -1,4 +1,7 @@
-"""The node's Flower ClientApp: resolve policy, check the ledger, train with DP-SGD, reply.
+"""The node's Flower ClientApp: a round as policy → data → (replay) → reserve → train → settle → reply.
+
+Each step is a function of its own; the ledger and the reply are touched only through the privacy gate
+(client/gate.py), so what the node spends and what it sends can be read in one file.
 
 Heavy libraries (torch, opacus, scikit-learn) are imported inside the handler so that a fresh
 ClientApp process, which Flower's deployment engine starts per message, reaches user code quickly.
@@ -7,28 +10,20 @@ ClientApp process, which Flower's deployment engine starts per message, reaches 
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsafe.protocol import BUDGET_EXHAUSTED, REQUEST_REFUSED
+from fedsafe import protocol
+from fedsafe.protocol import BUDGET_EXHAUSTED, REQUEST_REFUSED  # noqa: F401  (re-exported: tests import them here)
 
+from .gate import PrivacyGate, refusal_reply, refuse, say
 from .policy import NodePolicy, PolicyError, TrainRequest, resolve_terms
 
 log = logging.getLogger("fedsafe.client")
 
 PolicySource = Callable[[Context], NodePolicy]
-
-
-def say(text: str) -> None:
-    """A line for the node operator: Flower shows a ClientApp's stderr in the SuperNode's output, while
-    its INFO log records are dropped (Flower configures only its own logger)."""
-    log.info(text)
-    print(f"fedsafe node: {text}", file=sys.stderr, flush=True)
 
 
 def process_age() -> float | None:
@@ -96,127 +91,118 @@ def warm_up_simulated_node(dataset: str, scheme, partition_store: str | None = N
         log.warning("simulated node warm-up failed: %s: %s", type(err).__name__, err)
 
 
-def _refuse(msg: Message, code: int, reason: str) -> Message:
-    say(f"refusing the round: {reason}")
-    return Message(Error(code=code, reason=reason), reply_to=msg)
-
-
 def train_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
-    from .data import DataError
-    from .ledger import BudgetExhausted, LedgerError
+    """One round, or a refusal: every failure leaves the node as a fixed code and category (client/gate.py)."""
+    try:
+        return _serve_round(msg, context, policy)
+    except Exception as err:  # noqa: BLE001 - the detail stays in the node's log; Flower would send str(err)
+        return refuse(msg, err)
+
+
+def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
+    """policy → data → (replay) → reserve → train → settle → reply; only `gate` writes the ledger or a reply."""
+    request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
+    terms = resolve_terms(policy, request)
+    partition = simulated_partition(context, request)
+    device = node_device(policy)
+    startup = _startup_seconds()
+    data = load_local_data(policy, request, partition)
+    spec, data = _spec_from_request(request, data)
+    gate = PrivacyGate(msg, policy, request, terms, policy.data_key(request, partition))
+
+    digest = _request_digest(msg)
+    if (replayed := gate.replay(digest)) is not None:
+        return replayed
+
+    model, task, frozen = _global_model(msg, request, spec)
+    plan = gate.reserve(len(data))
+    seed = _noise_seed(policy, request, gate)
+    outcome = _train_locally(model, task, data, request, plan, device, seed)
+    figures = gate.settle(plan, outcome)
+    update = _update(model, frozen, policy, request)
+    return gate.release(digest, update, {protocol.NUM_EXAMPLES: len(data), **startup, **figures})
+
+
+def node_device(policy: NodePolicy):
+    """The torch device the operator chose; PolicyError if this machine lacks it."""
+    from .training import resolve_device
 
     try:
-        request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
-        terms = resolve_terms(policy, request)
-        partition = simulated_partition(context, request)
-        data = load_local_data(policy, request, partition)
-        return _train(msg, policy, request, terms, data, partition)
-    except BudgetExhausted as err:
-        return _refuse(msg, BUDGET_EXHAUSTED, str(err))
-    except (PolicyError, DataError, LedgerError, ValueError) as err:
-        return _refuse(msg, REQUEST_REFUSED, f"{type(err).__name__}: {err}")
+        return resolve_device(policy.device)
+    except ValueError as err:
+        raise PolicyError(f"node-config device: {err}") from None
 
 
-def _train(msg, policy, request, terms, data, partition) -> Message:
-    import torch
+def _startup_seconds() -> dict[str, float]:
+    """This ClientApp process' start to its training libraries loaded, taken before any record is read
+    (so it says nothing about the data)."""
+    import opacus  # noqa: F401
 
-    from fedsafe.models import build_model, parse_model_options, preferred_grad_sample_mode, task_for
+    import fedsafe.models  # noqa: F401
+
+    from . import training  # noqa: F401
+
+    age = process_age()
+    return {} if age is None else {protocol.STARTUP_SECONDS: age}
+
+
+def _request_digest(msg: Message) -> str:
+    from .replay import request_digest
+
+    arrays = msg.content["arrays"]
+    return request_digest(dict(msg.content["config"].items()), {k: v.numpy() for k, v in arrays.items()})
+
+
+def _global_model(msg: Message, request: TrainRequest, spec):
+    """The coordinator's global model, its task and the names of its frozen parameters."""
+    from fedsafe.models import build_model, parse_model_options, task_for
     from fedsafe.models.transfer import freeze
 
-    from .ledger import PrivacyLedger
     from .regularize import can_augment
-    from .replay import ReplayCache, request_digest
-    from .training import TrainSettings, derive_seed, poisson_schedule, resolve_device, train
-
-    global_arrays: ArrayRecord = msg.content["arrays"]
-    spec, data = _spec_from_request(msg, data)
-    data_key = policy.data_key(request, partition)
-
-    # A round the coordinator re-sends after a crash (same run, round and global model) is answered with
-    # the update already trained and charged for it: the same bytes again cost no privacy.
-    replay = ReplayCache(policy.state_dir, data_key)
-    digest = request_digest(dict(msg.content["config"].items()), {k: v.numpy() for k, v in global_arrays.items()})
-    if (cached := replay.lookup(request.run_id, request.server_round, digest)) is not None:
-        arrays, metrics = cached
-        say(f"round {request.server_round}: re-sent by the coordinator; answering with the update this node "
-            f"already trained for it (no new privacy spend, ε stays {metrics.get('epsilon', float('nan')):.3f})")
-        content = RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord({**metrics, "replayed": 1.0})})
-        return Message(content, reply_to=msg)
 
     model = build_model(request.model, spec, parse_model_options(request.model_options))
-    model.load_state_dict(global_arrays.to_torch_state_dict(), strict=True)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     # Frozen parameters (transfer learning) are neither trained, noised nor uploaded.
     frozen = set(freeze(model, request.freeze, request.model)) if request.freeze else set()
-    task = task_for(spec.task, spec.num_classes)
     if request.augment and not can_augment(spec.input_shape):
         raise PolicyError(f"augment=true shifts image pixels; this model's inputs are shaped {spec.input_shape}")
+    return model, task_for(spec.task, spec.num_classes), frozen
 
-    settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model))
-    metrics: dict[str, float] = {"num-examples": len(data)}
-    ledger = None
-    if terms.private:
-        from . import accounting
 
-        # A fresh process every round: keep the RDP math of this node's runs on its disk (pure functions).
-        accounting.use_disk_cache(Path(policy.state_dir).expanduser() / "cache" / "accounting.json")
-        ledger = PrivacyLedger.open(policy.state_dir, data_key)
-        sample_rate, batches = poisson_schedule(len(data), request.batch_size)
-        steps = batches * request.local_epochs
-        plan = ledger.plan_run(
-            request.run_id, sample_rate=sample_rate, steps_per_round=steps,
-            planned_rounds=request.num_rounds, run_epsilon=terms.run_epsilon,
-            max_epsilon=terms.max_epsilon, delta=terms.delta, accountant=request.accountant,
-        )
-        before = ledger.epsilon(terms.delta, request.accountant)
-        after = ledger.reserve(
-            request.run_id, request.server_round, (plan.noise_multiplier, sample_rate, steps),
-            max_epsilon=terms.max_epsilon, run_epsilon=terms.run_epsilon, delta=terms.delta,
-            accountant=request.accountant,
-        )
-        say(
-            f"round {request.server_round}: {steps} DP-SGD steps at σ={plan.noise_multiplier:.3f}, "
-            f"q={sample_rate:.4f} will spend ε {before:.3f} → {after:.3f} "
-            f"(run grant {terms.run_epsilon:g}, cap {terms.max_epsilon:g}, δ={terms.delta:g})"
-        )
-        settings = TrainSettings(**{**settings.__dict__, "noise_multiplier": plan.noise_multiplier})
+def _noise_seed(policy: NodePolicy, request: TrainRequest, gate: PrivacyGate) -> int | None:
+    """None (fresh OS randomness) unless the operator asked for seeded noise (simulations and tests only:
+    reproducible, hence predictable). Seeded by the release's place in its data's ledger too: a second run
+    on the same ledger (same seed, same rounds) draws fresh noise, never a stream already charged."""
+    if not policy.seed_noise:
+        return None
+    import torch
 
-    if (age := process_age()) is not None:
-        metrics["startup-seconds"] = age  # this ClientApp process' start to its first training step
-    started = time.perf_counter()
-    seed = None
-    if policy.seed_noise:  # simulations and tests only: reproducible, hence predictable, noise
-        # Seeded by the release's place in this data's ledger too: a second run on the same ledger
-        # (same seed, same rounds) draws fresh noise, never a stream whose release is already charged.
-        release = len(ledger.history) - 1 if ledger is not None else None
-        seed = derive_seed(request.seed, request.server_round, data_key, release)
-        torch.manual_seed(seed)
-    outcome = train(model, task, data, settings, resolve_device(policy.device), seed)
-    metrics["train-loss"] = outcome.mean_loss
-    metrics["train-seconds"] = time.perf_counter() - started
-    if ledger is not None:
-        ledger.settle(request.run_id, request.server_round, outcome.steps)
-        metrics["epsilon"] = ledger.epsilon(terms.delta, request.accountant)
-        metrics["delta"] = terms.delta
-        metrics["dp-steps"] = ledger.total_steps
-        metrics["noise-multiplier"] = settings.noise_multiplier
-        # The ledger's figures, so the coordinator can see who can afford the next round (all are
-        # policy and accounting values, not data: they are public in the DP sense).
-        lifetime_next, run_next = ledger.project(
-            request.run_id, (plan.noise_multiplier, sample_rate, steps), terms.delta, request.accountant)
-        metrics["max-epsilon"] = terms.max_epsilon
-        metrics["run-epsilon"] = terms.run_epsilon
-        metrics["epsilon-next"] = lifetime_next
-        metrics["run-epsilon-next"] = run_next
+    from .training import derive_seed
 
+    seed = derive_seed(request.seed, request.server_round, gate.data_key, gate.release)
+    torch.manual_seed(seed)
+    return seed
+
+
+def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None):
+    """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
+    from fedsafe.models import preferred_grad_sample_mode
+
+    from .training import TrainSettings, train
+
+    settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model),
+                                noise_multiplier=plan.noise_multiplier if plan.private else None)
+    return train(model, task, data, settings, device, seed)
+
+
+def _update(model, frozen: set[str], policy: NodePolicy, request: TrainRequest) -> dict:
+    """The trained tensors to upload: every parameter and buffer but the frozen ones."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
     if policy.debug_poison:
         kind = policy.debug_poison[(request.server_round - 1) % len(policy.debug_poison)]
         say(f"TEST ONLY: debug-poison={kind}: round {request.server_round} sends a deliberately bad update")
         state = poison_update(state, kind)
-    replay.store(request.run_id, request.server_round, digest, {k: v.numpy() for k, v in state.items()}, metrics)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    return state
 
 
 def poison_update(state: dict, kind: str) -> dict:
@@ -238,24 +224,20 @@ def poison_update(state: dict, kind: str) -> dict:
     return state
 
 
-def _spec_from_request(msg: Message, data):
+def _spec_from_request(request: TrainRequest, data):
     """The model's data spec, as the coordinator built the global model, and the node's data in the
     shape it asks for (fedsafe.client.data.fit_view); DataError if the data cannot fit it."""
     from fedsafe.models import DataSpec
 
     from .data import DataError, fit_view
 
-    config = msg.content["config"]
-    spec = DataSpec(
-        input_shape=tuple(int(v) for v in config["input-shape"]),
-        num_classes=int(config["num-classes"]),
-        task=str(config.get("task", "classification")),
-    )
+    spec = DataSpec(input_shape=request.input_shape, num_classes=request.num_classes, task=request.task)
     try:
         data = fit_view(data, spec.input_shape)
     except DataError as err:
         raise DataError(f"local {err}") from None
     if spec.task == "classification" and len(data.y) and int(data.y.max()) >= spec.num_classes:
+        # The label value goes to the node's log only: the coordinator learns "does not fit", no label.
         raise DataError(f"local labels reach {int(data.y.max())}; the model has {spec.num_classes} classes")
     return spec, data
 
@@ -274,9 +256,15 @@ def make_client_app(policy_source: PolicySource = policy_from_node_config, extra
     def _train_handler(msg: Message, context: Context) -> Message:
         try:
             policy = policy_source(context)
-        except PolicyError as err:
-            return _refuse(msg, REQUEST_REFUSED, f"node policy: {err}")
+        except Exception as err:  # noqa: BLE001 - a PolicyError names a node-config key: the node's log only
+            return refuse(msg, err)
         return train_round(msg, context, policy)
+
+    @client_app.evaluate()
+    def _evaluate_handler(msg: Message, context: Context) -> Message:
+        # Evaluating on the private data would release a figure the ledger does not account for.
+        say("refusing an evaluate message: this node evaluates nothing on its private data")
+        return refusal_reply(msg, REQUEST_REFUSED)
 
     return client_app
 

@@ -23,6 +23,12 @@ class PolicyError(ValueError):
     """A node-config or run request value that cannot be used; the message names the key."""
 
 
+class RequestError(PolicyError):
+    """A train request that is malformed in itself. Its message is a function of the request alone (the
+    keys and values the coordinator sent, and the public settings schema), never of the node's data or
+    policy: the one refusal whose text the node sends back (fedsafe.client.gate)."""
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     """The node operator's rules (Flower node-config). They cap whatever a run asks for."""
@@ -111,19 +117,19 @@ class TrainRequest(SentSettings):
         settings = tuple(s for s in RUN_SETTINGS if s.sent)
         unknown = sorted(set(config) - set(by_key(settings)) - set(protocol.MESSAGE_KEYS))
         if unknown:
-            raise PolicyError(f"train request has unknown keys {unknown}: this node does not know them "
+            raise RequestError(f"train request has unknown keys {unknown}: this node does not know them "
                               f"(is the coordinator's fedsafe newer than this node's?)")
         required = [*by_key(settings), protocol.SERVER_ROUND, protocol.INPUT_SHAPE, protocol.NUM_CLASSES, protocol.TASK]
         missing = [key for key in required if key not in config]
         if missing:
-            raise PolicyError(f"train request lacks keys {missing}")
+            raise RequestError(f"train request lacks keys {missing}")
         try:
             values = parse_settings(settings, {k: v for k, v in config.items() if k in by_key(settings)}, "run")
             server_round = _whole_number(config[protocol.SERVER_ROUND], protocol.SERVER_ROUND)
             input_shape = tuple(_whole_number(v, protocol.INPUT_SHAPE) for v in _items(config[protocol.INPUT_SHAPE]))
             num_classes = _whole_number(config[protocol.NUM_CLASSES], protocol.NUM_CLASSES, minimum=0)
         except SettingError as err:
-            raise PolicyError(str(err)) from None
+            raise RequestError(f"train request: {err}") from None
         return cls(
             **values,
             # The coordinator's run key survives its restarts; Flower's run id does not.

@@ -4,8 +4,10 @@ Flower 1.41 ships SecAgg+ for its legacy API only: the mod expects the training 
 legacy `FitRes` record. `secagg_mod` sits outermost in the node's ClientApp and, for messages that carry
 a SecAgg+ stage, runs `secaggplus_mod` around an adapter that turns fedsafe's reply into that record:
 the masked vector is the node's *update* (trained weights − the global model), weighted by its
-`num-examples`. The reply that leaves the node holds the masked vector and the plaintext metrics (ε,
-ledger figures, loss: the server must see these), never the weights. Messages without a SecAgg+ stage
+`num-examples`. The reply that leaves the node holds the masked vector, SecAgg+'s own protocol records
+(public keys, encrypted shares) and the public metrics the gate allowed (client/gate.py: ε, ledger
+figures, `num-examples`), never the weights. A failure anywhere in the protocol leaves as the gate's
+fixed code and category, never as exception text. Messages without a SecAgg+ stage
 pass straight through, so the same ClientApp serves plain rounds.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from flwr.app import Context, Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from .gate import refuse
 
 
 class _Refused(Exception):
@@ -30,6 +34,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         return secaggplus_mod(msg, context, lambda m, c: _update_as_fitres(m, c, call_next))
     except _Refused as refused:  # keep the node's own error code (e.g. a budget refusal)
         return Message(refused.error, reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - Flower would send str(err) to the server
+        return refuse(msg, err)
 
 
 def _update_as_fitres(msg: Message, context: Context, call_next) -> Message:

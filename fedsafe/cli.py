@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .after import commands as after_training
+
 EXIT_USAGE = 2
 
 
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_credentials(sub)
     _add_superlink(sub)
     _add_node(sub)
+    after_training.add_parsers(sub)  # export, predict, card, explain, compress (fedsafe.after)
     return parser
 
 
@@ -322,6 +325,9 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [after_training.PREDICT]:  # onnxruntime and numpy only: before the imports below pull in torch
+        return after_training.run_predict(argv[1:])
     from fedsafe.client.data import DataError
     from fedsafe.client.ledger import LedgerError
     from fedsafe.client.policy import PolicyError
@@ -331,7 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .deploy import DeployError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         from . import credentials
 
@@ -339,10 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"simulate": _simulate, "sweep": _sweep, "partitions": _partitions, "ledger": _ledger,
-                   "superlink": _superlink, "node": _node}[args.command]
+                   "superlink": _superlink, "node": _node, **after_training.HANDLERS}[args.command]
         return handler(args)
     except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError,
-            RayStartError) as err:
+            RayStartError, *after_training.errors()) as err:
         message = str(err)
         print(message if message.startswith("fedsafe") else f"fedsafe: error: {message}", file=sys.stderr)
         return EXIT_USAGE

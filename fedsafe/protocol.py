@@ -9,7 +9,19 @@ from __future__ import annotations
 
 # ---- error codes of a node's refusals (Flower's own codes are small integers) -----------------
 BUDGET_EXHAUSTED = 4001  # the round would pass the node's ε cap or the run's grant: nothing was spent
-REQUEST_REFUSED = 4002  # the request, the node's policy or its data does not allow the round
+REQUEST_REFUSED = 4002  # the request or the node's policy does not allow the round
+DATA_UNUSABLE = 4003  # the node's data does not fit the request (file, shape, labels)
+LEDGER_DAMAGED = 4004  # the node's privacy ledger cannot be trusted: it refuses rather than forget spend
+INTERNAL_ERROR = 4005  # anything else that went wrong on the node
+# The whole reason an error reply carries, per code: a fixed category, never the exception's text
+# (which can quote a cell of the node's data, a label or a file path). The detail stays on the node.
+REFUSALS = {
+    BUDGET_EXHAUSTED: "privacy budget exhausted",
+    REQUEST_REFUSED: "refused by the node's policy",
+    DATA_UNUSABLE: "the node's data does not fit this request",
+    LEDGER_DAMAGED: "the node's privacy ledger is damaged",
+    INTERNAL_ERROR: "internal error on the node",
+}
 
 # ---- records of a train message and of its reply ---------------------------------------------
 ARRAYS = "arrays"
@@ -27,10 +39,10 @@ TASK = "task"  # fedsafe.models.tasks: classification, regression, reconstructio
 MESSAGE_KEYS = (SERVER_ROUND, RUN_KEY, INPUT_SHAPE, NUM_CLASSES, TASK)
 
 # ---- metric names of a node's train reply ------------------------------------------------------
+# Every metric a node may send is one of these (fedsafe.client.gate.PUBLIC_METRICS says why each is
+# public). The training loss and time are not sent: un-noised, and the time follows the Poisson batches.
 NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-TRAIN_SECONDS = "train-seconds"
-STARTUP_SECONDS = "startup-seconds"  # the ClientApp process' start to its first training step
+STARTUP_SECONDS = "startup-seconds"  # the ClientApp process' start to its libraries loaded, before any record is read
 REPLAYED = "replayed"  # 1.0: the update already trained (and charged) for a re-sent round
 # The node's ledger figures (private runs): policy and accounting values, public in the DP sense.
 EPSILON = "epsilon"  # all spend on the node's data so far, at DELTA

@@ -8,8 +8,10 @@ call the same functions, so they agree on which parameters are frozen.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +68,34 @@ def freeze(model: nn.Module, prefixes: Iterable[str], model_name: str = "model")
     return frozen
 
 
+class TensorFileError(ValueError):
+    """A .pt file that `load_tensor_file` will not read; `unsafe` when it names Python objects to run."""
+
+    def __init__(self, reason: str, unsafe: bool) -> None:
+        super().__init__(reason)
+        self.unsafe = unsafe
+
+
+def load_tensor_file(path: str | Path) -> Any:
+    """A .pt file read without running any code from it (``torch.load(weights_only=True)``): tensors
+    and plain Python values only. TensorFileError, with a one-line reason, otherwise: a file naming any
+    other Python object (loading it would run it; a crafted .pt runs arbitrary code) or no .pt at all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch explains at length; one line of it names what the file asked for.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        named = next((line for line in lines if "GLOBAL" in line), None)
+        if named is not None:
+            raise TensorFileError(
+                f"it holds Python objects beyond tensors and plain values, and loading them could run code ({named})",
+                unsafe=True) from None
+        raise TensorFileError(f"UnpicklingError: {lines[-1] if lines else 'unreadable'}", unsafe=False) from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not its own
+        raise TensorFileError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                              unsafe=False) from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from `path`: a state dict saved with ``torch.save(model.state_dict())``, or a fedsafe
     ``checkpoint.pt`` / ``best_model.pt`` (their ``model_state``)."""
@@ -73,12 +103,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ModelConfigError(f"init-checkpoint: file not found: {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a fedsafe checkpoint also pickles RNG states; the operator's own file
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            raise ModelConfigError(f"init-checkpoint: {path} is not a PyTorch file ({type(err).__name__}: {err})") from None
+        raw = load_tensor_file(path)
+    except TensorFileError as err:
+        problem = f"is refused: {err}" if err.unsafe else f"is not a PyTorch file ({err})"
+        raise ModelConfigError(f"init-checkpoint: {path} {problem}") from None
     if isinstance(raw, Mapping) and "model_state" in raw:
         raw = raw["model_state"]
     if not isinstance(raw, Mapping) or not raw or not all(

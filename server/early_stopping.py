@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
 from fedsafe.client.files import atomic_write
+
+from .checkpoint import safe_tree
+from .config import ConfigError
 
 BEST_MODEL_NAME = "best_model.pt"
 VALIDATION_PREFIX = "val_"
@@ -91,7 +93,7 @@ class EarlyStopping:
         }
         path = self.out_dir / BEST_MODEL_NAME
         with atomic_write(path, "wb") as handle:
-            torch.save(document, handle)
+            torch.save(safe_tree(document, "best_model"), handle)  # loadable with weights_only=True
         return path
 
     def summary(self) -> dict[str, Any]:

@@ -293,7 +293,7 @@ def run_rounds(
             "epsilon_max": max(round_eps.values()) if round_eps else None,
             "epsilon_mean": mean(round_eps.values()) if round_eps else None,
             "node_epsilon": {str(k): v for k, v in round_eps.items()},
-            "clientapp_startup_seconds": startup,  # per node: ClientApp process start to first training step
+            "clientapp_startup_seconds": startup,  # per node: ClientApp process start to its libraries loaded
             "problems": failures + refusals + rejected,
             **round_report(strategy, rnd),
         }
@@ -331,6 +331,9 @@ def run_rounds(
     results.write(history, summary)
     results.write_node_epsilon(history)
     results.plot(history)
+    from fedsafe.after.card import write_card_at_end_of_run
+
+    write_card_at_end_of_run(out)  # MODEL_CARD.md + model_card.json: the run's privacy record and metrics
     return RunOutcome(arrays=arrays, history=history, node_epsilon=node_epsilon, started_at=started_at,
                       stop_reason=stop_reason, best=summary.get("best"))
 

@@ -30,7 +30,7 @@ RUN_TIMEOUT = 240  # seconds for one `flwr run` of a few rounds, on 2 busy cores
 
 
 def _model(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model_state"]
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model_state"]
 
 
 def _rounds(out: Path) -> list[dict]:

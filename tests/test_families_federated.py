@@ -107,7 +107,7 @@ def test_early_stopping_stops_and_keeps_the_best_global_model(tmp_path):
     assert best["round"] == max(range(len(val)), key=val.__getitem__) and best["value"] == max(val)
     assert history[best["round"]]["eval"]["r2"] > history[-1]["eval"]["r2"]
     # best_model.pt holds the best round's global model: evaluated again, it gives that round's figures
-    saved = torch.load(tmp_path / "run" / "best_model.pt", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "best_model.pt", weights_only=True)
     assert saved["round"] == best["round"]
     _, _, evaluator = global_model_setup(cfg)
     again = evaluator(ArrayRecord(saved["model_state"]))
@@ -120,7 +120,7 @@ def test_transfer_learning_keeps_frozen_parameters_and_never_uploads_them(tmp_pa
     federate(tmp_path / "pretrain", nodes=NODES, model="mlp", dataset="digits", epsilon=EPSILON,
                           num_rounds=2)
     checkpoint = tmp_path / "pretrain" / "run" / "checkpoint.pt"
-    pretrained = torch.load(checkpoint, weights_only=False)["model_state"]
+    pretrained = torch.load(checkpoint, weights_only=True)["model_state"]
 
     cfg, outcome, grid = federate(tmp_path / "transfer", nodes=NODES, model="mlp", dataset="digits", epsilon=EPSILON,
                                   num_rounds=2, init_checkpoint=str(checkpoint), freeze="1")

@@ -51,7 +51,7 @@ def test_reported_epsilon_composes_every_step_of_every_round(tmp_path):
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-def test_node_at_budget_refuses_the_next_round_and_spends_nothing(tmp_path):
+def test_node_at_budget_refuses_the_next_round_and_spends_nothing(tmp_path, capsys):
     policy = _policy(tmp_path)
     for r in range(1, 5):
         last = _eps(train_round(train_message(CFG, r), node_context(), policy))
@@ -60,12 +60,14 @@ def test_node_at_budget_refuses_the_next_round_and_spends_nothing(tmp_path):
 
     reply = train_round(train_message(CFG, 5), node_context(), policy)
     assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
-    assert "privacy budget exhausted" in reply.error.reason and "ε=2 it was granted" in reply.error.reason
+    # The coordinator gets the fixed category; the node's operator gets the figures.
+    assert reply.error.reason == "privacy budget exhausted"
+    assert "ε=2 it was granted" in capsys.readouterr().err
     assert ledger_files[0].read_text() == before
     # A new run on the same data is bound by the node's lifetime cap over all runs.
     reply = train_round(train_message(CFG, 1, run_key="run-b"), node_context(), _policy(tmp_path, max_epsilon=last))
     assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
-    assert "node cap" in reply.error.reason
+    assert reply.error.reason == "privacy budget exhausted" and "node cap" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("flower_task_identity")
@@ -77,11 +79,12 @@ def test_coordinator_asking_more_than_the_node_cap_gets_the_cap(tmp_path):
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-def test_non_private_request_is_refused_unless_the_operator_allows_it(tmp_path):
+def test_non_private_request_is_refused_unless_the_operator_allows_it(tmp_path, capsys):
     plain = RunConfig(**{**CFG.__dict__, "dp": False})
     reply = train_round(train_message(plain, 1), node_context(), _policy(tmp_path))
     assert reply.has_error() and reply.error.code == REQUEST_REFUSED
-    assert "without differential privacy" in reply.error.reason
+    assert reply.error.reason == "refused by the node's policy"
+    assert "without differential privacy" in capsys.readouterr().err
     reply = train_round(train_message(plain, 1), node_context(), _policy(tmp_path, allow_non_private=True))
     assert not reply.has_error() and "epsilon" not in reply.content["metrics"]
 

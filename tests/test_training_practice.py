@@ -305,7 +305,7 @@ def test_early_stopping_picks_the_best_round_and_a_resumed_run_picks_it_up(tmp_p
     stopper = EarlyStopping(tmp_path, patience=2, metric="mse")
     stops = [stopper.observe(h["round"], h["eval"], arrays) for h in history]
     assert stops == [False, False, False, True] and (stopper.best_round, stopper.best_value) == (1, 0.5)
-    assert torch.load(tmp_path / "best_model.pt", weights_only=False)["round"] == 1
+    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["round"] == 1
     resumed = EarlyStopping(tmp_path, patience=2, metric="mse")
     resumed.replay(history[:3])
     assert (resumed.best_round, resumed.should_stop) == (1, False)
