@@ -179,7 +179,7 @@ def _noise_seed(policy: NodePolicy, request: TrainRequest, gate: PrivacyGate) ->
 
     from .training import derive_seed
 
-    seed = derive_seed(request.seed, request.server_round, gate.data_key, gate.release)
+    seed = derive_seed(request.seed, request.server_round, gate.data_key, gate.ledger_position)
     torch.manual_seed(seed)
     return seed
 

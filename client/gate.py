@@ -194,7 +194,7 @@ class PrivacyGate:
         return plan
 
     @property
-    def release(self) -> int | None:
+    def ledger_position(self) -> int | None:
         """This round's place in its data's ledger (after reserve(); None when not private): a number no
         other release on this data ever had, so seeded noise keyed on it is never drawn twice."""
         return None if self._ledger is None else len(self._ledger.history) - 1
