@@ -10,7 +10,6 @@ ClientApp process, which Flower's deployment engine starts per message, reaches 
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Callable
 
 from flwr.app import Context, Message
@@ -135,8 +134,8 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
 
     model, task, frozen = _global_model(msg, request, spec)
     plan = gate.reserve(len(data))
-    generator = _noise_generator(policy, request, gate.data_key, partition)
-    outcome = _train_locally(model, task, data, request, plan, device, generator)
+    seed = _noise_seed(policy, request, gate)
+    outcome = _train_locally(model, task, data, request, plan, device, seed)
     figures = gate.settle(plan, outcome)
     update = _update(model, frozen, policy, request)
     return gate.release(digest, update, {protocol.NUM_EXAMPLES: len(data), **startup, **figures})
@@ -199,21 +198,22 @@ def _global_model(msg: Message, request: TrainRequest, spec):
     return model, task_for(spec.task, spec.num_classes), frozen
 
 
-def _noise_generator(policy: NodePolicy, request: TrainRequest, data_key: str, partition):
-    """None (fresh OS randomness) unless the operator asked for seeded noise."""
+def _noise_seed(policy: NodePolicy, request: TrainRequest, gate: PrivacyGate) -> int | None:
+    """None (fresh OS randomness) unless the operator asked for seeded noise (simulations and tests only:
+    reproducible, hence predictable). Seeded by the release's place in its data's ledger too: a second run
+    on the same ledger (same seed, same rounds) draws fresh noise, never a stream already charged."""
+    if not policy.seed_noise:
+        return None
     import torch
 
-    generator = None
-    if policy.seed_noise:  # simulations and tests only: reproducible, hence predictable, noise
-        partition_id = partition[0] if partition else None
-        node_tag = int(partition_id) if partition_id is not None else zlib.crc32(data_key.encode())
-        seed = (request.seed * 1_000_003 + request.server_round * 10_007 + node_tag) % 2**31
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-    return generator
+    from .training import derive_seed
+
+    seed = derive_seed(request.seed, request.server_round, gate.data_key, gate.ledger_position)
+    torch.manual_seed(seed)
+    return seed
 
 
-def _train_locally(model, task, data, request: TrainRequest, plan, device, generator):
+def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None):
     """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
     from fedsafe.models import preferred_grad_sample_mode
 
@@ -221,7 +221,7 @@ def _train_locally(model, task, data, request: TrainRequest, plan, device, gener
 
     settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model),
                                 noise_multiplier=plan.noise_multiplier if plan.private else None)
-    return train(model, task, data, settings, device, generator)
+    return train(model, task, data, settings, device, seed)
 
 
 def _update(model, frozen: set[str], policy: NodePolicy, request: TrainRequest) -> dict:

@@ -20,7 +20,9 @@ from fedsafe.models.gan import train_step
 from .data import ArrayDataset
 from .dp_modes import make_private
 from .regularize import l1_proximal_step, l1_weights, random_shifts
-from .training import DPSpendRecorder, TrainOutcome, TrainSettings, _tensor_dataset, make_optimizer, poisson_loader
+from .training import (
+    DPSpendRecorder, RandomStreams, TrainOutcome, TrainSettings, _tensor_dataset, make_optimizer, poisson_loader,
+)
 
 
 class _FrozenOptimizer:
@@ -42,29 +44,30 @@ def _optimizer(settings: TrainSettings, params) -> torch.optim.Optimizer:
 
 
 def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: torch.device,
-              generator: torch.Generator | None = None) -> TrainOutcome:
+              seed: int | None = None) -> TrainOutcome:
+    streams = None if seed is None else RandomStreams.seeded(seed, device)
+    sampling = None if streams is None else streams.sampling
+    on_device = None if streams is None else streams.device
     gan.to(device)
     gan.train()
     d_params = [p for p in gan.discriminator.parameters() if p.requires_grad]
     g_params = [p for p in gan.generator.parameters() if p.requires_grad]
     d_optimizer = _optimizer(settings, d_params)
     g_optimizer = _optimizer(settings, g_params) if g_params else _FrozenOptimizer()
-    # latent noise and fakes: a seeded CPU generator only where the model runs on the CPU
-    sampler = generator if device.type == "cpu" else None
 
     private = None
     if settings.noise_multiplier is None:
-        loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=generator)
+        loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=sampling)
         fake_count = None  # as many fakes as real records in the batch
         discriminator, d_criterion, recorder = None, None, None
     else:
-        loader = poisson_loader(data, settings.batch_size, generator)
+        loader = poisson_loader(data, settings.batch_size, sampling)
         real_expected = max(1, round(len(data) * loader.sample_rate))
         fake_count = real_expected  # fixed: it must not depend on the (data-dependent) Poisson batch
         private = make_private(
             gan.discriminator, d_optimizer, task.per_sample_loss, settings.grad_sample_mode,
             noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-            expected_batch_size=real_expected + fake_count, generator=generator,
+            expected_batch_size=real_expected + fake_count, generator=on_device,
         )
         d_optimizer, discriminator, d_criterion = private.optimizer, private.module, private.criterion
         recorder = DPSpendRecorder(loader.sample_rate)
@@ -78,11 +81,11 @@ def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: to
             for x, _y in loader:
                 x = x.to(device)
                 if settings.augment:
-                    x = random_shifts(x, generator)
+                    x = random_shifts(x, on_device)
                 # An empty Poisson batch still makes a DP step of D: on the fixed number of fakes.
                 d_loss, _g_loss = train_step(
                     gan, x, d_optimizer, g_optimizer, discriminator=discriminator, d_criterion=d_criterion,
-                    fake_count=fake_count, generator=sampler,
+                    fake_count=fake_count, generator=on_device,
                 )
                 losses.append(d_loss)
                 l1_proximal_step(penalised, settings.lr * settings.l1)

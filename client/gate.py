@@ -202,6 +202,12 @@ class PrivacyGate:
         )
         return plan
 
+    @property
+    def ledger_position(self) -> int | None:
+        """This round's place in its data's ledger (after reserve(); None when not private): a number no
+        other release on this data ever had, so seeded noise keyed on it is never drawn twice."""
+        return None if self._ledger is None else len(self._ledger.history) - 1
+
     def settle(self, plan: Plan, outcome) -> dict[str, float]:
         """Settle the ledger from what the DP optimizer did (SettlementMismatch, and no reply, if it is not
         what was reserved); the ledger's figures for the reply (policy and accounting values, not data:

@@ -39,8 +39,8 @@ def random_shifts(x: torch.Tensor, generator: torch.Generator | None = None, max
         return x
     h, w, m = x.shape[-2], x.shape[-1], max_shift
     span = 2 * m + 1
-    # offsets drawn on the CPU (a seeded CPU generator works for any device), one per sample
-    offsets = torch.randint(0, span * span, (n,), generator=generator).to(x.device)
+    # one offset per sample, drawn where `x` is (a seeded `generator` lives on that device too)
+    offsets = torch.randint(0, span * span, (n,), generator=generator, device=x.device)
     padded = F.pad(x, (m, m, m, m))
     out = torch.zeros_like(x)
     shape = (n,) + (1,) * (x.dim() - 1)

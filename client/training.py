@@ -8,6 +8,7 @@ family's grad_sample_mode through fedsafe.client.dp_modes.make_private. GANs tra
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -110,11 +111,46 @@ def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: 
 
 
 def resolve_device(device: str) -> torch.device:
+    """The training device named `device` (auto: CUDA when there is one); ValueError, in one line, when
+    the machine cannot train there."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU "
+                             "(torch.cuda.is_available() is False)")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return torch.device(device)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts`, different whenever any part differs (a hash, not arithmetic, so
+    that no two tuples of parts can land on one seed)."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class RandomStreams:
+    """The seeded random streams of one round of local training (simulations and tests only; a real
+    node draws from PyTorch's unseeded default generators).
+
+    A generator draws only for its own device: Opacus draws the DP noise with
+    ``torch.normal(..., device=<the parameter's device>, generator=g)``, which raises when `g` lives
+    elsewhere. So two streams: record sampling on the host, where the records and Opacus' Poisson
+    sampler are, and noise, augmentation and GAN latents on the training device, where the model is.
+    """
+
+    sampling: torch.Generator  # the CPU: which records join each batch
+    device: torch.Generator  # the training device: DP noise, augmentation shifts, GAN latents
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> RandomStreams:
+        return cls(sampling=torch.Generator(device="cpu").manual_seed(derive_seed(seed, "sampling")),
+                   device=torch.Generator(device=device).manual_seed(derive_seed(seed, "device")))
 
 
 def _tensor_dataset(data: ArrayDataset) -> TensorDataset:
@@ -148,9 +184,10 @@ def train(
     data: ArrayDataset,
     settings: TrainSettings,
     device: torch.device,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> TrainOutcome:
-    """Train `model` in place for `settings.local_epochs` epochs over `data`.
+    """Train `model` in place for `settings.local_epochs` epochs over `data` on `device`; `seed` makes
+    the round's sampling and noise reproducible (RandomStreams), None draws them unseeded.
 
     Under DP the outcome's `steps` counts the DP-SGD steps the optimizer took, an empty Poisson
     batch (a noise-only step) included: exactly what the ledger composes.
@@ -164,7 +201,10 @@ def train(
     if task.name == "generation":
         from .gan_training import train_gan
 
-        return train_gan(model, task, data, settings, device, generator)
+        return train_gan(model, task, data, settings, device, seed)
+    streams = None if seed is None else RandomStreams.seeded(seed, device)
+    sampling = None if streams is None else streams.sampling
+    on_device = None if streams is None else streams.device
     model.to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -172,16 +212,16 @@ def train(
     mu = float(settings.proximal_mu)
     anchors = [p.detach().clone() for p in trainable] if mu > 0 else []
     if settings.noise_multiplier is None:
-        loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=generator)
+        loader = DataLoader(_tensor_dataset(data), batch_size=settings.batch_size, shuffle=True, generator=sampling)
         wrapped, recorder, criterion, private = model, None, task.loss, None
     else:
-        loader = poisson_loader(data, settings.batch_size, generator)
+        loader = poisson_loader(data, settings.batch_size, sampling)
         private = make_private(
             model, optimizer, task.per_sample_loss, settings.grad_sample_mode,
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=max(1, round(len(data) * loader.sample_rate)),
-            generator=generator,
+            generator=on_device,
         )
         wrapped, optimizer, criterion = private.module, private.optimizer, private.criterion
 
@@ -205,7 +245,7 @@ def train(
                     private.noise_only_step()
                 else:
                     if settings.augment:
-                        x = random_shifts(x, generator)
+                        x = random_shifts(x, on_device)
                     optimizer.zero_grad(set_to_none=True)
                     loss = criterion(wrapped(x), task.targets(x, y))
                     losses.append(float(loss.detach()))

@@ -269,7 +269,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from fedsafe.simulations.sweep import SweepGrid, parse_list, run_sweep
+    from fedsafe.simulations.sweep import RAN, SweepGrid, parse_list, run_sweep
 
     grid = SweepGrid(
         epsilons=parse_list(args.epsilon, float, "epsilon"),
@@ -281,8 +281,11 @@ def _sweep(args: argparse.Namespace) -> int:
     out = Path(_default_out(args, "sweep-"))
     base = _run_config(args, listed=True, model=grid.models[0], strategy=grid.strategies[0], out_dir=str(out))
     rows = run_sweep(base, grid, _simulation_options(args, grid.nodes[0]), out)
-    print(f"{len(rows)} runs; table: {out}/privacy_utility.csv, plot: {out}/privacy_utility.png")
-    return 0
+    ran = sum(row["status"] == RAN for row in rows)
+    print(f"{ran} of {len(rows)} settings ran" + (f" ({len(rows) - ran} could not: see the status column)"
+                                                  if ran < len(rows) else "")
+          + f"; table: {out}/privacy_utility.csv, plot: {out}/privacy_utility.png")
+    return 0 if ran else 1
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -314,14 +317,14 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _partitions(args: argparse.Namespace) -> int:
     from fedsafe.client.data import PartitionScheme, load_dataset
-    from fedsafe.simulations.partition_report import print_partition_table, write_partition_report
+    from fedsafe.simulations.partition_report import histogram_columns, print_partition_table, write_partition_report
 
     scheme = PartitionScheme(kind=args.partitioner, num_partitions=args.nodes, alpha=args.alpha,
                              classes_per_node=args.classes_per_node, partition_by=args.partition_by or None,
                              seed=args.seed)
     data = load_dataset(args.dataset, scheme.partition_by).train
     counts = write_partition_report(data, scheme, Path(args.out))
-    print_partition_table(counts)
+    print_partition_table(counts, histogram_columns(data))
     print(f"written: {args.out}/partitions.csv, {args.out}/partitions.png")
     return 0
 
@@ -447,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsafe.client.policy import PolicyError
     from fedsafe.server.checkpoint import CheckpointError
     from fedsafe.server.config import ConfigError
+    from fedsafe.simulations.engine import RayStartError
 
     from .deploy import DeployError
 
@@ -461,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    **after_training.HANDLERS}[args.command]
         return handler(args)
     except (CliError, ConfigError, DataError, PolicyError, LedgerError, CheckpointError, DeployError,
-            *after_training.errors()) as err:
+            RayStartError, *after_training.errors()) as err:
         message = str(err)
         print(message if message.startswith("fedsafe") else f"fedsafe: error: {message}", file=sys.stderr)
         return EXIT_USAGE

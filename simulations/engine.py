@@ -43,6 +43,10 @@ def start_local_ray(ray_address: str | None, verbose: bool) -> LocalRay | None:
 SIMULATED_GRID_POLL_SECONDS = 0.02
 
 
+class RayStartError(RuntimeError):
+    """The private Ray instance of a simulation did not start (e.g. its raylet timed out on a loaded machine)."""
+
+
 class LocalRay:
     """Ray on this machine, started in a background thread so that its processes boot while the driver
     validates the run and prepares the federation (3-4 s on 2 cores, otherwise spent waiting).
@@ -56,6 +60,10 @@ class LocalRay:
 
     def __init__(self, num_cpus: int, verbose: bool) -> None:
         self._kwargs = {
+            # A private instance, always: without an address Ray joins a cluster it finds on this machine
+            # (RAY_ADDRESS, or the last `ray start`) and then refuses num_cpus; fedsafe joins a cluster
+            # only when told to (--ray-address), and never stops one it did not start.
+            "address": "local",
             "num_cpus": num_cpus,
             "include_dashboard": False,
             "log_to_driver": verbose,  # the virtual nodes' own lines; the coordinator reports refusals
@@ -86,8 +94,11 @@ class LocalRay:
         self._released.wait()
 
     def ready(self) -> None:
-        """Wait until Ray is up; Ray's own error if it could not start (the caller still releases)."""
+        """Wait until Ray is up; RayStartError, in one line, if it could not start (the caller still releases)."""
         self._up.wait()
+        if isinstance(self._error, Exception):
+            first_line = (str(self._error).strip().splitlines() or [type(self._error).__name__])[0]
+            raise RayStartError(f"Ray could not start on this machine: {first_line}") from self._error
         if self._error is not None:
             raise self._error
 

@@ -12,11 +12,34 @@ from fedsafe.client.data import ArrayDataset, PartitionScheme, partition_indices
 MAX_PLOTTED_NODES = 100
 
 
+TARGET_BINS = 5  # continuous targets (regression) are counted in this many quantile bins
+
+
+def _continuous(data: ArrayDataset) -> bool:
+    return not np.issubdtype(data.y.dtype, np.integer)
+
+
+def _target_edges(data: ArrayDataset) -> np.ndarray:
+    """Quantile bin edges of a continuous target over the whole training split (inner edges only)."""
+    return np.unique(np.quantile(data.y, np.linspace(0, 1, TARGET_BINS + 1)[1:-1]))
+
+
+def histogram_columns(data: ArrayDataset) -> list[str]:
+    """What each histogram column counts: a class label, or a range of a continuous target."""
+    if not _continuous(data):
+        return [str(c) for c in range(max(data.spec.num_classes, int(data.y.max(initial=0)) + 1, 1))]
+    bounds = [f"{e:.2g}" for e in _target_edges(data)]
+    return [f"<{bounds[0]}", *[f"{a}..{b}" for a, b in zip(bounds, bounds[1:])], f">={bounds[-1]}"] if bounds \
+        else ["all"]
+
+
 def label_histograms(data: ArrayDataset, scheme: PartitionScheme, parts: list[np.ndarray] | None = None) -> np.ndarray:
-    """(nodes × classes) sample counts; `parts`: the nodes' indices, if already computed."""
+    """(nodes × columns) sample counts, per class label or, for a continuous target, per quantile bin
+    (histogram_columns); `parts`: the nodes' indices, if already computed."""
     parts = partition_indices(data, scheme) if parts is None else parts
-    classes = max(data.spec.num_classes, 1)
-    return np.stack([np.bincount(data.y[p], minlength=classes) for p in parts])
+    columns = len(histogram_columns(data))
+    column = np.digitize(data.y, _target_edges(data)) if _continuous(data) else data.y
+    return np.stack([np.bincount(column[p], minlength=columns) for p in parts])
 
 
 def write_partition_report(data: ArrayDataset, scheme: PartitionScheme, directory: Path,
@@ -31,7 +54,8 @@ def write_partition_report(data: ArrayDataset, scheme: PartitionScheme, director
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "partitions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["node", "samples", *[f"label_{c}" for c in range(counts.shape[1])]])
+        prefix = "target_" if _continuous(data) else "label_"
+        writer.writerow(["node", "samples", *[prefix + c for c in histogram_columns(data)]])
         for node, row in enumerate(counts):
             writer.writerow([node, int(row.sum()), *map(int, row)])
 
@@ -39,9 +63,9 @@ def write_partition_report(data: ArrayDataset, scheme: PartitionScheme, director
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.15 * len(shown)), 4))
     bottom = np.zeros(len(shown))
     cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
-    for label in range(counts.shape[1]):
+    for label, name in enumerate(histogram_columns(data)):
         ax.bar(np.arange(len(shown)), shown[:, label], bottom=bottom, color=cmap(label % cmap.N),
-               label=str(label), width=0.9)
+               label=name, width=0.9)
         bottom += shown[:, label]
     title = f"{scheme.kind} partition over {scheme.num_partitions} nodes"
     if scheme.kind == "dirichlet":
@@ -52,22 +76,22 @@ def write_partition_report(data: ArrayDataset, scheme: PartitionScheme, director
     ax.set_xlabel("node")
     ax.set_ylabel("samples")
     if counts.shape[1] <= 20:
-        ax.legend(title="label", ncol=2, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+        ax.legend(title="target" if _continuous(data) else "label", ncol=2, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(directory / "partitions.png", dpi=110)
     plt.close(fig)
     return counts
 
 
-def print_partition_table(counts: np.ndarray, limit: int = 20) -> None:
+def print_partition_table(counts: np.ndarray, columns: list[str] | None = None, limit: int = 20) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"samples per node and label ({len(counts)} nodes)")
+    table = Table(title=f"samples per node and label or target range ({len(counts)} nodes)")
     table.add_column("node", justify="right")
     table.add_column("samples", justify="right")
-    for label in range(counts.shape[1]):
-        table.add_column(str(label), justify="right")
+    for name in columns or [str(c) for c in range(counts.shape[1])]:
+        table.add_column(name, justify="right")
     for node, row in enumerate(counts[:limit]):
         table.add_row(str(node), str(int(row.sum())), *[str(int(v)) for v in row])
     console = Console()

@@ -55,6 +55,12 @@ class SimulationOptions:
             raise ConfigError(f"attackers ({self.attackers}) exceed nodes ({self.num_nodes})")
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ConfigError(f"client CPUs must be > 0 and GPUs >= 0; got {self.client_cpus}, {self.client_gpus}")
+        if self.client_gpus > 0 and self.ray_address is None:
+            import torch
+
+            if not torch.cuda.is_available():  # Ray would wait forever for a GPU to place the nodes on
+                raise ConfigError(f"--client-gpus {self.client_gpus:g} asks for a GPU per node, but this machine "
+                                  "has no CUDA GPU (torch.cuda.is_available() is False)")
 
     def attack_spec(self):
         from .attacks import Attack

@@ -36,39 +36,74 @@ class SweepGrid:
             yield setting, cfg, replace(options, num_nodes=nodes)
 
 
-COLUMNS = ("epsilon", "strategy", "model", "alpha", "nodes", "accuracy", "loss", "epsilon_max", "epsilon_mean",
-           "seconds", "out_dir")
+COLUMNS = ("epsilon", "strategy", "model", "alpha", "nodes", "status", "accuracy", "loss", "epsilon_max",
+           "epsilon_mean", "seconds", "out_dir")
+RAN = "ran"
 
 
 def run_sweep(base: RunConfig, grid: SweepGrid, options: SimulationOptions, out: Path) -> list[dict[str, Any]]:
+    """Run every point of the grid; a point that cannot run (refused by its checks, or failing) is a row
+    whose status says why, and the sweep goes on with the rest."""
     points = list(grid.points(base, options, out))
-    for _, cfg, point_options in points:  # every point is checked before the first one runs
-        validate_against_data(cfg, point_options)
+    # Every point is checked before the first one runs: what cannot run is known (and said) up front.
+    refused = {index: _why_not(cfg, point_options) for index, (_, cfg, point_options) in enumerate(points)}
+    refused = {index: reason for index, reason in refused.items() if reason is not None}
+    if refused:
+        print(f"{len(refused)} of {len(points)} settings cannot run; they are recorded with the reason and "
+              "skipped", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for index, (setting, cfg, point_options) in enumerate(points, start=1):
+    for index, (setting, cfg, point_options) in enumerate(points):
         label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
-        print(f"[{index}/{len(points)}] {label}", flush=True)
-        started = time.perf_counter()
-        outcome = simulate(cfg, point_options, progress=None)
-        final = outcome.history[-1]
-        row = {
-            **setting,
-            "accuracy": final.get("eval", {}).get("accuracy"),
-            "loss": final.get("eval", {}).get("loss"),
-            "epsilon_max": max(outcome.node_epsilon.values()) if outcome.node_epsilon else None,
-            "epsilon_mean": (sum(outcome.node_epsilon.values()) / len(outcome.node_epsilon))
-            if outcome.node_epsilon else None,
-            "seconds": round(time.perf_counter() - started, 1),
-            "out_dir": cfg.out_dir,
-        }
+        print(f"[{index + 1}/{len(points)}] {label}", flush=True)
+        row = _failed_row(setting, refused[index]) if index in refused else _run_point(setting, cfg, point_options)
         rows.append(row)
-        print(f"      accuracy {row['accuracy']:.3f}, ε max "
-              + ("off" if row["epsilon_max"] is None else f"{row['epsilon_max']:.2f}")
-              + f", {row['seconds']}s", flush=True)
+        if row["status"] != RAN:
+            print(f"      {row['status']}", flush=True)
+        else:
+            accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+            print(f"      accuracy {accuracy}, ε max "
+                  + ("off" if row["epsilon_max"] is None else f"{row['epsilon_max']:.2f}")
+                  + f", {row['seconds']}s", flush=True)
         write_table(rows, out)  # after every point: an interrupted sweep keeps what it finished
-    plot_privacy_utility(rows, out)
+    plot_privacy_utility([r for r in rows if r["status"] == RAN and r["accuracy"] is not None], out)
     return rows
+
+
+def _why_not(cfg: RunConfig, options: SimulationOptions) -> str | None:
+    try:
+        validate_against_data(cfg, options)
+    except ConfigError as err:
+        return f"cannot run: {err}"
+    return None
+
+
+def _failed_row(setting: dict[str, Any], status: str) -> dict[str, Any]:
+    return {**setting, "status": " ".join(status.split())}  # one line, for the table and the terminal
+
+
+def _run_point(setting: dict[str, Any], cfg: RunConfig, options: SimulationOptions) -> dict[str, Any]:
+    from fedsafe.client.data import DataError
+
+    started = time.perf_counter()
+    try:
+        outcome = simulate(cfg, options, progress=None)
+    except (ConfigError, DataError) as err:  # found only when the federation is built (e.g. a partition)
+        return _failed_row(setting, f"cannot run: {err}")
+    except RuntimeError as err:  # the run started and broke off (Ray, the simulation engine)
+        return _failed_row(setting, f"failed: {type(err).__name__}: {err}")
+    final = outcome.history[-1]
+    eps = outcome.node_epsilon
+    return {
+        **setting,
+        "status": RAN,
+        "accuracy": final.get("eval", {}).get("accuracy"),
+        "loss": final.get("eval", {}).get("loss"),
+        "epsilon_max": max(eps.values()) if eps else None,
+        "epsilon_mean": sum(eps.values()) / len(eps) if eps else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "out_dir": cfg.out_dir,
+    }
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> Path:

@@ -100,3 +100,20 @@ def test_batch_size_help_says_the_expected_batch_is_below_b(capsys):
         main(["simulate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "expected batch is n/ceil(n/B) <= B" in out and "expected Poisson batch size" not in out
+
+
+def test_partitions_of_a_regression_target_count_quantile_bins(tmp_path, capsys):
+    """diabetes' targets are continuous: counted per quantile bin of the target, not np.bincount'ed."""
+    import numpy as np
+
+    from fedsafe.client.data import load_dataset
+
+    assert main(["partitions", "--dataset", "diabetes", "--nodes", "3", "--out", str(tmp_path)]) == 0
+    rows = [line.split(",") for line in (tmp_path / "partitions.csv").read_text().splitlines()]
+    header, counts = rows[0], np.array([[int(v) for v in row[1:]] for row in rows[1:]])
+    assert header[:2] == ["node", "samples"] and all(c.startswith("target_") for c in header[2:])
+    assert len(header) == 2 + 5 and len(counts) == 3
+    assert (counts[:, 0] == counts[:, 1:].sum(axis=1)).all()  # every record in exactly one bin
+    assert counts[:, 0].sum() == len(load_dataset("diabetes", None).train)
+    assert counts[:, 1:].sum(axis=0).min() > 0.15 * counts[:, 0].sum()  # quantile bins: about a fifth each
+    assert "Traceback" not in capsys.readouterr().err

@@ -90,17 +90,25 @@ def test_a_thousand_virtual_clients_cost_only_what_is_sampled(tmp_path):
     assert not (tmp_path / "run" / "partitions.png").exists()  # no per-node report at this scale
 
 
-def test_sweep_writes_a_privacy_utility_table_and_plot(tmp_path):
+def test_sweep_writes_a_privacy_utility_table_and_plot_and_records_what_cannot_run(tmp_path, capsys):
     from fedsafe.simulations.sweep import SweepGrid, run_sweep
 
-    grid = SweepGrid(epsilons=(1.0, float("inf")), strategies=("fedavg",), models=("mlp",), alphas=(0.5,), nodes=(3,))
+    # 5000 nodes: more than breast-cancer's training records, so those two settings cannot run.
+    grid = SweepGrid(epsilons=(1.0, float("inf")), strategies=("fedavg",), models=("mlp",), alphas=(0.5,),
+                     nodes=(3, 5000))
     base = RunConfig(num_rounds=1, dataset="breast-cancer", out_dir=str(tmp_path))
     rows = run_sweep(base, grid, SimulationOptions(num_nodes=3), tmp_path)
-    private, baseline = rows
+    private, too_many, baseline, too_many_baseline = rows
+    assert private["status"] == baseline["status"] == "ran"
     assert 0.9 <= private["epsilon_max"] <= 1.0 and baseline["epsilon_max"] is None
     assert baseline["accuracy"] > 0.9 and private["accuracy"] > 0.6
+    for row in (too_many, too_many_baseline):
+        assert row["status"] == "cannot run: more nodes (5000) than training samples (426) in breast-cancer"
+        assert row.get("accuracy") is None
+    assert "2 of 4 settings cannot run" in capsys.readouterr().out
     lines = (tmp_path / "privacy_utility.csv").read_text().splitlines()
-    assert len(lines) == 3 and lines[1].startswith("1.0,fedavg,mlp,0.5,3,")
+    assert len(lines) == 5 and lines[1].startswith("1.0,fedavg,mlp,0.5,3,ran,")
+    assert lines[2].startswith("1.0,fedavg,mlp,0.5,5000,cannot run: more nodes")
     assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
 
 

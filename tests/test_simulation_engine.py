@@ -59,3 +59,25 @@ def test_a_split_flwr_datasets_cannot_draw_is_one_clear_error(tmp_path, capsys):
     assert "the dirichlet partitioner cannot divide this data over 150 nodes" in err and "raise alpha" in err
     assert "min_partition_size" not in err and "Traceback" not in err
     assert not ray.is_initialized()
+
+
+def test_ray_that_cannot_start_is_one_clear_line_not_a_traceback(monkeypatch, tmp_path, capsys):
+    """Ray's own start-up failure (its raylet timing out on an overloaded machine, measured on a 2-core
+    machine at load 22) reaches the operator as one line, and the private Ray is never joined elsewhere."""
+    import ray
+
+    from fedsafe.cli import EXIT_USAGE, main
+
+    calls = []
+
+    def failing_init(**kwargs):
+        calls.append(kwargs)
+        raise Exception("The current node timed out during startup. This could happen because ...\nmore")
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    code = main(["simulate", "--nodes", "2", "--rounds", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert err.strip() == ("fedsafe: error: Ray could not start on this machine: The current node timed out "
+                           "during startup. This could happen because ...")
+    assert calls and calls[0]["address"] == "local"  # a private instance, never a cluster found on the machine

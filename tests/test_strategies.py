@@ -133,7 +133,7 @@ def _distance_after_training(mu: float, private: bool) -> float:
     settings = TrainSettings(local_epochs=2, batch_size=32, lr=0.5, proximal_mu=mu,
                              noise_multiplier=0.8 if private else None)
     train(model, task_for("classification", 2), split.train.subset(np.arange(120)), settings,
-          torch.device("cpu"), torch.Generator().manual_seed(0))
+          torch.device("cpu"), seed=0)
     return float(sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start)) ** 0.5)
 
 

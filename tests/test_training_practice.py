@@ -15,7 +15,7 @@ from torch import nn
 
 from fedsafe.client.data import ArrayDataset, DataError, fit_view, load_dataset
 from fedsafe.client.regularize import l1_proximal_step, random_shifts
-from fedsafe.client.training import TrainSettings, poisson_loader, train
+from fedsafe.client.training import RandomStreams, TrainSettings, poisson_loader, train
 from fedsafe.models import DataSpec, build_model, parse_model_options, preferred_grad_sample_mode, resolve_spec, task_for
 from fedsafe.models.registry import ModelConfigError, ModelFamily, _FAMILIES
 from fedsafe.server.app import global_model_setup
@@ -102,10 +102,10 @@ def test_dp_training_counts_every_step_empty_poisson_batches_included(family):
                              grad_sample_mode=preferred_grad_sample_mode(family),
                              optimizer="adam" if family == "gan" else "sgd")
     before = [p.detach().clone() for p in model.parameters()]
-    generator = torch.Generator().manual_seed(0)
-    sizes = [len(y) for _, y in poisson_loader(data, 1, torch.Generator().manual_seed(0))]
+    sampling = RandomStreams.seeded(0, torch.device("cpu")).sampling
+    sizes = [len(y) for _, y in poisson_loader(data, 1, sampling)]
     assert 0 in sizes  # the first epoch, as the training loop will draw it, has empty batches
-    outcome = train(model, task, data, settings, torch.device("cpu"), generator)
+    outcome = train(model, task, data, settings, torch.device("cpu"), seed=0)
     assert outcome.steps == 2 * len(poisson_loader(data, 1)) == 40
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
@@ -118,7 +118,7 @@ def test_gan_node_trains_the_discriminator_privately_and_the_generator_from_it()
     g_before = [p.detach().clone() for p in model.generator.parameters()]
     settings = TrainSettings(local_epochs=1, batch_size=16, optimizer="adam", lr=1e-3, noise_multiplier=1.0,
                              grad_sample_mode="ghost")
-    outcome = train(model, task, data, settings, torch.device("cpu"), torch.Generator().manual_seed(1))
+    outcome = train(model, task, data, settings, torch.device("cpu"), seed=1)
     assert outcome.steps == len(poisson_loader(data, 16)) == 4  # the discriminator's DP-SGD steps
     assert all(not torch.equal(a, b) for a, b in zip(model.discriminator.parameters(), d_before))
     assert all(not torch.equal(a, b) for a, b in zip(model.generator.parameters(), g_before))
@@ -131,7 +131,7 @@ def test_plain_training_uses_the_tasks_targets(family):
     with torch.no_grad():
         loss_before = float(task.loss(model(x), task.targets(x, y)))
     outcome = train(model, task, data, TrainSettings(local_epochs=3, batch_size=16, optimizer="adam", lr=3e-3),
-                    torch.device("cpu"), torch.Generator().manual_seed(0))
+                    torch.device("cpu"), seed=0)
     assert outcome.mean_loss < loss_before
 
 
@@ -162,7 +162,7 @@ def test_l1_training_gives_sparser_weights():
         model, task, data = _family_data("mlp", 300)
         settings = TrainSettings(local_epochs=3, batch_size=32, lr=0.5, l1=l1, noise_multiplier=1.0,
                                  grad_sample_mode="ew")
-        train(model, task, data, settings, torch.device("cpu"), torch.Generator().manual_seed(0))
+        train(model, task, data, settings, torch.device("cpu"), seed=0)
         zeros[l1] = float((model[1].weight == 0).float().mean())
     assert zeros[0.0] == 0.0 and zeros[0.02] > 0.2
 
