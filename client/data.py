@@ -84,8 +84,10 @@ def _record_rows(data: ArrayDataset) -> np.ndarray:
     """Each record as bytes, one row per record: its features (float32) and target (float64), flattened —
     the same whatever file or view they came from (CSV spacing and number formatting, .csv or .npz)."""
     n = len(data)
-    features = np.asarray(data.x, dtype="<f4").reshape(n, -1)
-    targets = np.asarray(data.y, dtype="<f8").reshape(n, -1)
+    # Contiguous first: a table reader may hand over column-major (Fortran-ordered) arrays, whose rows
+    # cannot be viewed as bytes.
+    features = np.ascontiguousarray(data.x, dtype="<f4").reshape(n, -1)
+    targets = np.ascontiguousarray(data.y, dtype="<f8").reshape(n, -1)
     return np.ascontiguousarray(np.concatenate([features.view(np.uint8).reshape(n, -1),
                                                 targets.view(np.uint8).reshape(n, -1)], axis=1))
 

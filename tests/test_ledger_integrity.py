@@ -227,7 +227,7 @@ def test_fedsafe_node_refuses_a_nan_ledger_quickly(tmp_path, capsys):
     ledger = PrivacyLedger.open(policy.state_dir, policy.data_key(None))
     ledger.reserve("r", 1, (1.25, 0.1, 20), max_epsilon=9.0, delta=1e-5)
     ledger.path.write_text(ledger.path.read_text().replace("1.25", "NaN"))
-    argv = ["node", "--superlink", "127.0.0.1:8000", "--insecure", "--data-path", str(data),
+    argv = ["node", "--superlink", "127.0.0.1:8000", "--insecure", "--allow-app", "a" * 64, "--data-path", str(data),
             "--state-dir", policy.state_dir, "--max-epsilon", "3"]
     with _deadline(60):
         assert main(argv) == 2
@@ -389,7 +389,7 @@ def test_fedsafe_node_refuses_to_start_beside_any_damaged_ledger(tmp_path, capsy
     PrivacyLedger.open(state_dir, "another-dataset").reserve("r", 1, (1.0, 0.1, 5), max_epsilon=9.0, delta=1e-5)
     old = state_dir / "file__srv_data.npz-0123456789ab.json"  # what an older fedsafe wrote
     old.write_text(json.dumps({"version": 1, "data_key": "file:/srv/data.npz", "accountant": {"history": []}}))
-    argv = ["node", "--superlink", "127.0.0.1:8000", "--insecure", "--data-path", str(data),
+    argv = ["node", "--superlink", "127.0.0.1:8000", "--insecure", "--allow-app", "a" * 64, "--data-path", str(data),
             "--state-dir", str(state_dir), "--max-epsilon", "3"]
     assert main(argv) == 2
     err = capsys.readouterr().err
