@@ -37,6 +37,7 @@ from fedsafe.protocol import (
     INTERNAL_ERROR,
     LEDGER_DAMAGED,
     MODEL_UNAVAILABLE,
+    NOISE_TOO_HIGH,
     REFUSALS,
     REQUEST_REFUSED,
 )
@@ -72,11 +73,13 @@ def refusal_code(err: BaseException) -> int:
 
     from .data import DataError
     from .dp_modes import NotPrivatisable
-    from .ledger import BudgetExhausted, LedgerError
+    from .ledger import BudgetExhausted, LedgerError, NoiseTooHigh
     from .policy import PolicyError
 
     if isinstance(err, BudgetExhausted):
         return BUDGET_EXHAUSTED
+    if isinstance(err, NoiseTooHigh):
+        return NOISE_TOO_HIGH
     if isinstance(err, LedgerError):
         return LEDGER_DAMAGED
     if isinstance(err, DataError):
@@ -164,8 +167,8 @@ class PrivacyGate:
 
     # ---- the ledger ---------------------------------------------------------------------------
     def reserve(self, num_examples: int) -> Plan:
-        """Fix the run's σ (once per run) and record this round's spend before training; BudgetExhausted
-        leaves the ledger untouched."""
+        """Fix the run's σ (once per run) and record this round's spend before training; BudgetExhausted,
+        and NoiseTooHigh (σ above the policy's max-noise-multiplier), leave the ledger untouched."""
         from .training import poisson_schedule
 
         request, terms = self.request, self.terms
@@ -183,6 +186,7 @@ class PrivacyGate:
             request.run_id, sample_rate=sample_rate, steps_per_round=steps,
             planned_rounds=request.num_rounds, run_epsilon=terms.run_epsilon,
             max_epsilon=terms.max_epsilon, delta=terms.delta, accountant=request.accountant,
+            max_noise_multiplier=self.policy.max_noise_multiplier,
         )
         plan = Plan(True, run_plan.noise_multiplier, sample_rate, steps)
         before = ledger.epsilon(terms.delta, request.accountant)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .accounting import Spend, calibrate_noise, check_spend, epsilon
+from .accounting import CalibrationError, Spend, calibrate_noise, check_spend, epsilon
 from .files import atomic_write
 from .identity import NodeIdentity
 
@@ -40,6 +40,10 @@ LEDGER_VERSION = 2
 
 class BudgetExhausted(RuntimeError):
     """The round asked for would take the node past its privacy budget."""
+
+
+class NoiseTooHigh(RuntimeError):
+    """The run's σ is above the node's max-noise-multiplier: its updates would be noise."""
 
 
 class LedgerError(RuntimeError):
@@ -409,15 +413,24 @@ class PrivacyLedger:
         max_epsilon: float,
         delta: float,
         accountant: str = "rdp",
+        max_noise_multiplier: float = math.inf,
     ) -> RunPlan:
         """Fix σ for a run, once: the run alone stays within `run_epsilon`, and everything this
-        dataset has ever spent, this run included, within `max_epsilon`."""
+        dataset has ever spent, this run included, within `max_epsilon`. NoiseTooHigh, leaving the
+        ledger untouched, where that σ is above `max_noise_multiplier` (checked on every round: the
+        operator may have lowered the bound since the run began)."""
         with self._transaction():
             existing = self.run_plan(run_id)
             if existing is not None:
+                _check_noise(existing.noise_multiplier, max_noise_multiplier)
                 return existing
             steps = steps_per_round * planned_rounds
-            sigma_run = calibrate_noise([], sample_rate, steps, run_epsilon, delta, accountant)
+            try:
+                sigma_run = calibrate_noise([], sample_rate, steps, run_epsilon, delta, accountant)
+            except CalibrationError:
+                # No σ the accountant tries meets so small a grant: it would need more noise than any bound.
+                _check_noise(math.inf, max_noise_multiplier)
+                raise
             if epsilon([*self.history, (sigma_run, sample_rate, steps)], delta, accountant) <= max_epsilon:
                 # σ_run already keeps the lifetime cap, so the cap's own (smaller) σ cannot be the larger:
                 # skip its calibration (seconds of RDP evaluations, in every fresh ClientApp process).
@@ -431,6 +444,7 @@ class PrivacyLedger:
                     raise BudgetExhausted(
                         f"privacy budget exhausted: node cap ε={max_epsilon:g} cannot fund this run ({err})"
                     ) from None
+            _check_noise(max(sigma_run, sigma_cap), max_noise_multiplier)
             plan = RunPlan(
                 noise_multiplier=max(sigma_run, sigma_cap),
                 sample_rate=sample_rate,
@@ -572,3 +586,13 @@ def forget(state_dir: str | Path, data_key: str, by: str) -> Path:
         raise LedgerError(f"{identity.path} records no training on data {data_key!r}: nothing to forget")
     identity.record_forgotten(data_key, path.name, by)
     return identity.path
+
+
+def _check_noise(noise_multiplier: float, bound: float) -> None:
+    """Raise NoiseTooHigh (inside a transaction: nothing is written) where σ is above the node's bound."""
+    if noise_multiplier > bound:
+        needed = f"σ={noise_multiplier:.3g}" if math.isfinite(noise_multiplier) else "σ beyond any the accountant tries"
+        raise NoiseTooHigh(
+            f"the run's grant needs noise multiplier {needed}, above this node's max-noise-multiplier="
+            f"{bound:g}: its updates would be noise (grant the run more ε, or plan fewer rounds)"
+        )

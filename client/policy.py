@@ -16,6 +16,7 @@ NODE_DEFAULTS = {s.key: s.default for s in NODE_SETTINGS}
 DEFAULT_STATE_DIR = NODE_DEFAULTS["state-dir"]
 DEFAULT_MAX_EPSILON = NODE_DEFAULTS["max-epsilon"]
 DEFAULT_DELTA = NODE_DEFAULTS["delta"]
+DEFAULT_MAX_NOISE_MULTIPLIER = NODE_DEFAULTS["max-noise-multiplier"]
 POISONS = ("nan", "shape", "norm")  # debug-poison kinds (tests of the coordinator's update validation)
 
 
@@ -38,6 +39,7 @@ class NodePolicy:
     state_dir: str = DEFAULT_STATE_DIR
     max_epsilon: float = DEFAULT_MAX_EPSILON
     delta: float = DEFAULT_DELTA
+    max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER  # a run needing a larger σ is refused
     device: str = "auto"
     allow_non_private: bool = False  # a run may turn DP off only where the operator said so
     seed_noise: bool = False  # seeded DP noise is reproducible, and so predictable: simulations and tests only
@@ -53,7 +55,8 @@ class NodePolicy:
 
     def __post_init__(self) -> None:
         try:
-            check_settings(NODE_SETTINGS, {"max-epsilon": self.max_epsilon, "delta": self.delta})
+            check_settings(NODE_SETTINGS, {"max-epsilon": self.max_epsilon, "delta": self.delta,
+                                           "max-noise-multiplier": self.max_noise_multiplier})
         except SettingError as err:
             raise PolicyError(str(err)) from None
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -76,6 +79,7 @@ class NodePolicy:
             state_dir=values["state_dir"],
             max_epsilon=values["max_epsilon"],
             delta=values["delta"],
+            max_noise_multiplier=values["max_noise_multiplier"],
             device=values["device"],
             allow_non_private=values["allow_non_private"],
             seed_noise=values["seed_noise"],

@@ -140,6 +140,8 @@ def _add_node(sub) -> None:
     p.add_argument("--max-epsilon", type=float, required=True, help="lifetime ε cap on this data, over all runs")
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-noise-multiplier", type=float, default=None,
+                   help="refuse a run whose noise multiplier σ is above this: its update would be noise (default 20)")
     p.add_argument("--dataset-id", default=None,
                    help="name the ledger keys on (default: the digest of the data file's records, so a moved or "
                         "copied file keeps its ledger); e.g. for data that grows, whose records change")
@@ -400,7 +402,8 @@ def _node(args: argparse.Namespace) -> int:
         superlink=args.superlink, root_cert=Path(args.root_cert) if args.root_cert else None,
         key=Path(args.key).expanduser() if args.key else None, data_path=Path(args.data_path).expanduser(),
         state_dir=Path(args.state_dir).expanduser(), max_epsilon=args.max_epsilon, delta=args.delta,
-        device=args.device, port=args.port, dataset_id=args.dataset_id, insecure=args.insecure,
+        device=args.device, max_noise_multiplier=args.max_noise_multiplier, port=args.port,
+        dataset_id=args.dataset_id, insecure=args.insecure,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time, poll_interval=args.poll_interval,
         seed_noise=args.test_seed_noise, debug_poison=args.test_poison,
         allowed_apps=tuple(args.allow_app), allow_any_app=args.allow_any_app,

@@ -252,6 +252,7 @@ class NodeOptions:
     max_epsilon: float
     delta: float
     device: str = "auto"
+    max_noise_multiplier: float | None = None  # None: the node-config default (fedsafe.settings.NODE_SETTINGS)
     port: int = 9094
     dataset_id: str | None = None
     insecure: bool = False
@@ -296,6 +297,7 @@ def node_config(opts: NodeOptions) -> dict[str, Any]:
         "delta": float(opts.delta),
         "device": opts.device,
         "dataset-id": opts.dataset_id,
+        "max-noise-multiplier": None if opts.max_noise_multiplier is None else float(opts.max_noise_multiplier),
     }
     if opts.seed_noise:
         values["seed-noise"] = True

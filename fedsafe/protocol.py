@@ -14,6 +14,7 @@ DATA_UNUSABLE = 4003  # the node's data does not fit the request (file, shape, l
 LEDGER_DAMAGED = 4004  # the node's privacy ledger cannot be trusted: it refuses rather than forget spend
 INTERNAL_ERROR = 4005  # anything else that went wrong on the node
 MODEL_UNAVAILABLE = 4006  # the node cannot import the run's model code (a user's module it lacks)
+NOISE_TOO_HIGH = 4007  # the run's σ is above the node's max-noise-multiplier: its update would be noise; nothing was spent
 # The whole reason an error reply carries, per code: a fixed category, never the exception's text
 # (which can quote a cell of the node's data, a label or a file path). The detail stays on the node.
 REFUSALS = {
@@ -23,6 +24,7 @@ REFUSALS = {
     LEDGER_DAMAGED: "the node's privacy ledger is damaged",
     INTERNAL_ERROR: "internal error on the node",
     MODEL_UNAVAILABLE: "the node does not have the run's model code installed",
+    NOISE_TOO_HIGH: "noise would drown the update",
 }
 
 # ---- records of a train message and of its reply ---------------------------------------------

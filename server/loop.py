@@ -19,7 +19,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NUM_EXAMPLES, RUN_EPSILON, RUN_KEY, STARTUP_SECONDS,
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_TOO_HIGH, NUM_EXAMPLES, REFUSALS, RUN_EPSILON, RUN_KEY,
+    STARTUP_SECONDS,
 )
 from fedsafe.strategies import (
     NormBound,
@@ -410,6 +411,7 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "replies": len(checked.valid),
         "failures": len(checked.failures),
         "budget_refusals": len(checked.refusals),
+        "noise_refusals": len(noise_refusals(checked)),
         "rejected": len(checked.rejected),
         "epsilon_max": max(round_eps.values()) if round_eps else None,
         "epsilon_mean": mean(round_eps.values()) if round_eps else None,
@@ -427,11 +429,34 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
     }
 
 
+def noise_refusals(checked: Checked) -> list[dict[str, Any]]:
+    """The nodes that refused the round because the run's σ is above their max-noise-multiplier."""
+    return [entry for entry in checked.failures if entry["code"] == NOISE_TOO_HIGH]
+
+
+def futile_round(rnd: int, messages: list[Message], checked: Checked, aggregated: bool) -> str | None:
+    """Why the run cannot make progress, when every node refused the round for noise (or budget); else None.
+    σ is fixed for a run, so every later round would be refused the same way: stop rather than loop."""
+    noise = noise_refusals(checked)
+    if aggregated or not noise or len(noise) + len(checked.refusals) < len(messages):
+        return None
+    reason = (f"round {rnd}: every node refused, {len(noise)} because {REFUSALS[NOISE_TOO_HIGH]} (σ above their "
+              "max-noise-multiplier) and the rest out of budget; the round was not aggregated and the global "
+              "model is unchanged. Grant the run more ε or plan fewer rounds")
+    log.warning("run stopped: %s", reason)
+    return reason
+
+
 def evaluate_round(run: _Run, rnd: int, record: dict[str, Any], evaluator: Evaluator | None) -> None:
-    """Central evaluation of the new global model, and early stopping's view of it."""
+    """Central evaluation of the new global model; a round markedly worse than the best so far is flagged,
+    and the keeper of the best model (early stopping's, or best_model.pt alone) sees it."""
     if evaluator is None:
         return
     record["eval"] = evaluator(run.arrays)
+    worse = run.stopper.regression(rnd, record["eval"]) if run.stopper is not None else None
+    if worse:
+        record["worse_than_best"] = worse
+        log.warning("%s", worse)
     if run.stopper is not None and run.stopper.observe(rnd, record["eval"], run.arrays):
         record["early_stopped"] = rnd < run.cfg.num_rounds
 
@@ -463,6 +488,10 @@ def finish_run(run: _Run, stop_reason: str | None) -> dict[str, Any]:
     if run.stopper is not None:
         summary["best"] = run.stopper.summary()
         summary["best"]["stopped_early"] = any(h.get("early_stopped") for h in history)
+        if history and history[-1].get("round") != run.stopper.best_round:
+            log.warning("the final global model (round %s) is not the best one seen: %s holds round %s's (%s %.3f)",
+                        history[-1].get("round"), summary["best"]["path"], run.stopper.best_round,
+                        run.stopper.key, run.stopper.best_value)
     run.results.write(history, summary)
     run.results.write_node_epsilon(history)
     run.results.plot(history)
@@ -500,12 +529,15 @@ def run_rounds(
         checked = validate_replies(collected, run.arrays, cfg, run.masked, run.frozen)
         report_problems(strategy, rnd, checked)
         aggregated = aggregate_round(run, rnd, checked)
+        stop_reason = futile_round(rnd, messages, checked, aggregated)
         record = round_record(run, rnd, messages, collected, checked, aggregated)
         evaluate_round(run, rnd, record, evaluator)
         record["seconds"] = time.perf_counter() - started
         record_and_checkpoint(run, rnd, record)
         if progress is not None:
             progress(record, cfg)
+        if stop_reason is not None:
+            break
     summary = finish_run(run, stop_reason)
     return RunOutcome(arrays=run.arrays, history=run.history, node_epsilon=run.node_epsilon, started_at=started_at,
                       finished_at=time.perf_counter(), stop_reason=stop_reason, best=summary.get("best"))
@@ -519,11 +551,12 @@ def _frozen_keys(arrays: ArrayRecord, cfg: RunConfig) -> list[str]:
 
 
 def _early_stopping(cfg: RunConfig, history, arrays: ArrayRecord, evaluator) -> EarlyStopping | None:
-    """The run's early stopping (None when off), caught up with `history`; best_model.pt written for
-    the initial model of a new run."""
-    if not cfg.early_stopping_patience:
-        return None
+    """The run's keeper of the best model (early stopping where a patience is set; without one it never
+    stops the run), caught up with `history`; best_model.pt written for the initial model of a new run.
+    None without central evaluation."""
     if evaluator is None:
+        if not cfg.early_stopping_patience:
+            return None
         from .config import ConfigError
 
         raise ConfigError("early stopping needs the coordinator's held-out data (central evaluation)")
@@ -558,6 +591,12 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
         parts.append(f"{record['skipped']} skipped (budget)")
     if record["budget_refusals"]:
         parts.append(f"{record['budget_refusals']} out of budget")
+    if record.get("noise_refusals"):
+        parts.append(f"{record['noise_refusals']} refused: noise would drown the update")
+    if not record.get("aggregated", True):
+        parts.append("not aggregated")
+    if record.get("worse_than_best"):
+        parts.append("WORSE than the best round (best_model.pt keeps it)")
     if record.get("num_examples_cap") and record["num_examples_cap"]["capped"]:
         parts.append(f"{len(record['num_examples_cap']['capped'])} weight(s) capped")
     if record["failures"] or record["rejected"]:

@@ -52,8 +52,10 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, command_started: float) -
     if outcome.best is not None:
         best = outcome.best
         stopped = "stopped early; " if best.get("stopped_early") else ""
+        seen = ("on the held-out half the choice did not see" if best["metric"].startswith("val_")
+                else "(picked on the held-out set itself, so optimistic; early stopping picks on a separate half)")
         console.print(f"{stopped}best round {best['round']} by {best['metric']} {best['value']:.3f}: "
-                      f"{headline_text(best['eval'])} on the held-out half the choice did not see")
+                      f"{headline_text(best['eval'])} {seen}")
         files += ", best_model.pt"
     console.print(f"results: {cfg.out_path}/{files}")
 

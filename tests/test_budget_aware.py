@@ -16,11 +16,13 @@ def test_nodes_report_their_cap_and_projection_and_an_exhausted_node_is_skipped_
     assert all(m["epsilon-next"] > m["epsilon"] for m in reply_metrics)
     assert first.history[-1]["skipped"] == 0
 
-    # Run B on the same ledgers: node 0's operator has lowered its cap below what it already spent.
+    # Run B on the same ledgers: node 0's operator has lowered its cap below what it already spent; the
+    # others raised theirs to fund run B (at a cap of 1 their σ would drown the update: refused for noise).
     # (A new run may not overwrite run A's checkpoint: remove it, keep the ledgers beside it.)
     (tmp_path / "run" / "checkpoint.pt").unlink()
     cfg_b, grid, strategy = federation(tmp_path, num_rounds=3, epsilon=1.0, budget_aware=True,
-                                       node_caps={0: 0.9}, out_dir=str(tmp_path / "run"))
+                                       node_caps={0: 0.9, 1: 3.0, 2: 3.0, 3: 3.0, 4: 3.0},
+                                       out_dir=str(tmp_path / "run"))
     second = run(cfg_b, grid, strategy)
     r1, r2, r3 = second.history[1:]
     assert r1["budget_refusals"] == 1 and r1["skipped"] == 0  # it had not told us yet
