@@ -50,7 +50,7 @@ def test_ledger_command_reports_spend(tmp_path, capsys):
         (["simulate", "--fraction", "0"], "fraction-train must be in (0, 1]"),
         (["simulate", "--partitioner", "natural"], "partition-by"),
         (["sweep", "--epsilon", "1,x"], "comma-separated list of float"),
-        (["sweep", "--nodes", "3,999999"], "more nodes (999999)"),
+        (["sweep", "--nodes", "3,x"], "comma-separated list of int"),
         (["partitions", "--partitioner", "zipf"], "unknown partitioner 'zipf'"),
         (["simulate", "--client-cpus", "0"], "client CPUs must be > 0"),
         (["simulate", "--client-gpus", "-0.5"], "GPUs >= 0"),
@@ -60,6 +60,15 @@ def test_bad_simulation_config_is_named(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_sweep_whose_every_setting_cannot_run_says_why_and_fails(tmp_path, capsys):
+    """A setting that cannot run is recorded with its reason (the sweep goes on with the rest, see
+    test_simulation_e2e); when none can run, the sweep exits 1 having trained nothing."""
+    assert main(["sweep", "--nodes", "999999", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "cannot run: more nodes (999999)" in out and "0 of 1 settings ran" in out
+    assert "cannot run: more nodes (999999)" in (tmp_path / "privacy_utility.csv").read_text()
 
 
 def test_partitions_command_writes_report(tmp_path, capsys):
