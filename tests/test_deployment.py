@@ -72,11 +72,32 @@ def fed(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def reference(fed: Federation) -> Path:
-    """An uninterrupted 2-node run of RUN."""
+    """An uninterrupted 2-node run of RUN, after which the nodes' state is put back as it was before it.
+
+    Seeded (test-only) noise is keyed on each release's place in its ledger, so that a second run on the
+    same ledger never redraws a noise stream already charged (issue 10.6). A run compared bit for bit
+    with this one must therefore start from the same ledger state: the one this run started from."""
     out = fed.root / "reference"
+    kept = {name: _copy_node_state(fed.root / "ledgers" / name, fed.root / "before-reference" / name)
+            for name in ("a", "b")}
     status, output = fed.run({**RUN, "out-dir": str(out)}, timeout=RUN_TIMEOUT, name="reference")
     assert status == 0, output[-4000:]
+    for name, copy in kept.items():
+        _copy_node_state(copy, fed.root / "ledgers" / name)
     return out
+
+
+def _copy_node_state(source: Path, target: Path) -> Path:
+    """The node's ledgers, identity file, record hashes and replay cache (not Flower's app store under
+    flwr/, which the running SuperNode owns), copied from `source` over `target`."""
+    for entry in target.iterdir() if target.exists() else ():
+        if entry.name != "flwr":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name != "flwr":
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target / entry.name)
+    return target
 
 
 def test_two_node_run_completes_over_tls_with_node_auth(fed: Federation, reference: Path) -> None:
