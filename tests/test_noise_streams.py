@@ -31,11 +31,12 @@ def noise_draws(monkeypatch):
 
 
 def _run(tmp_path, name: str, ledgers, draws) -> dict[int, torch.Tensor]:
-    """Run one round over two nodes; the standard-normal noise each stream drew, by stream."""
+    """Run one round over two nodes; the standard-normal noise each stream drew, by stream. The nodes'
+    lifetime cap (20) funds several such runs on one ledger, each at the σ of a full grant."""
     first = len(draws)
     cfg = RunConfig(num_rounds=1, dataset="breast-cancer", model="mlp", epsilon=8.0, local_epochs=1,
                     seed=5, out_dir=str(tmp_path / name))
-    outcome = simulate_in_process(cfg, SimulationOptions(num_nodes=2, ledger_dir=str(ledgers)))
+    outcome = simulate_in_process(cfg, SimulationOptions(num_nodes=2, ledger_dir=str(ledgers)), max_epsilon=20.0)
     assert outcome.history[-1]["replies"] == 2  # both nodes trained (and drew noise)
     streams: dict[int, list[torch.Tensor]] = {}
     for seed, noise in draws[first:]:
