@@ -72,18 +72,15 @@ def fed(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def reference(fed: Federation) -> Path:
-    """An uninterrupted 2-node run of RUN, after which the nodes' state is put back as it was before it.
-
-    Seeded (test-only) noise is keyed on each release's place in its ledger, so that a second run on the
-    same ledger never redraws a noise stream already charged (issue 10.6). A run compared bit for bit
-    with this one must therefore start from the same ledger state: the one this run started from."""
+    """An uninterrupted 2-node run of RUN. The nodes' state before it is kept under before-reference/:
+    seeded (test-only) noise is keyed on each release's place in its ledger, so that a second run on the
+    same ledger never redraws a noise stream already charged (issue 10.6), and a run compared bit for bit
+    with this one must start from the state this one started from."""
     out = fed.root / "reference"
-    kept = {name: _copy_node_state(fed.root / "ledgers" / name, fed.root / "before-reference" / name)
-            for name in ("a", "b")}
+    for name in ("a", "b"):
+        _copy_node_state(fed.root / "ledgers" / name, fed.root / "before-reference" / name)
     status, output = fed.run({**RUN, "out-dir": str(out)}, timeout=RUN_TIMEOUT, name="reference")
     assert status == 0, output[-4000:]
-    for name, copy in kept.items():
-        _copy_node_state(copy, fed.root / "ledgers" / name)
     return out
 
 
@@ -94,7 +91,7 @@ def _copy_node_state(source: Path, target: Path) -> Path:
         if entry.name != "flwr":
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     target.mkdir(parents=True, exist_ok=True)
-    for entry in source.iterdir():
+    for entry in source.iterdir() if source.exists() else ():
         if entry.name != "flwr":
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target / entry.name)
     return target
@@ -178,6 +175,8 @@ def test_unregistered_node_is_refused_with_a_clear_error(fed: Federation) -> Non
 
 def test_coordinator_killed_mid_run_resumes_to_the_identical_model(fed: Federation, reference: Path) -> None:
     out = fed.root / "crashed"
+    for name in ("a", "b"):  # the ledgers as the reference run found them: the same seeded noise streams
+        _copy_node_state(fed.root / "before-reference" / name, fed.root / "ledgers" / name)
     start = len(read(fed.logs["a"]))
     run = fed.start_run({**RUN, "out-dir": str(out)}, name="crashed")
     # Mid-round: node a is training round 2 (round 1 is checkpointed).

@@ -52,6 +52,9 @@ def test_roles_import_as_fedsafe_only():
     probe = subprocess.run(
         [sys.executable, "-c", "import importlib.util as u; print([u.find_spec(r) for r in %r])" % (ROLES,)],
         cwd="/", capture_output=True, text=True, timeout=60,
+        # Without PYTHONPATH: a simulation run earlier in this process exports the driver's import path
+        # (this checkout included) for its Ray workers; what is *installed* is the question here.
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert probe.stdout.strip() == str([None] * len(ROLES)), probe.stderr  # nothing generic installed
 

@@ -81,6 +81,15 @@ def write_my_csv(directory: Path) -> None:
     (directory / "my.csv").write_text("\n".join(rows) + "\n")
 
 
+def write_new_csv(directory: Path) -> None:
+    """The README's `new.csv` for `fedsafe predict`: records with breast-cancer's columns, no label."""
+    from sklearn.datasets import load_breast_cancer
+
+    x = load_breast_cancer().data[:20]
+    rows = [",".join(f"f{i}" for i in range(x.shape[1])), *(",".join(f"{v:.6g}" for v in row) for row in x)]
+    (directory / "new.csv").write_text("\n".join(rows) + "\n")
+
+
 def fill_placeholders(argv: list[str], workdir: Path) -> list[str]:
     """`results/<run>`: the run the earlier commands in this directory wrote last."""
     runs = sorted((workdir / "results").glob("*/ledgers"), key=lambda p: p.stat().st_mtime)
@@ -105,6 +114,7 @@ def test_the_readme_has_the_commands_this_test_runs():
 def workdir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("readme")
     write_my_csv(directory)
+    write_new_csv(directory)
     return directory
 
 
