@@ -75,10 +75,9 @@ class ResultsWriter:
         step = record["round"]
         for name, value in record.get("eval", {}).items():
             self._tensorboard.add_scalar(f"eval/{name}", value, step)
-        for name in ("epsilon_max", "epsilon_mean", "train_loss"):
+        for name in ("epsilon_max", "epsilon_mean"):
             if record.get(name) is not None:
-                self._tensorboard.add_scalar(f"privacy/{name}" if "epsilon" in name else f"train/{name}",
-                                             record[name], step)
+                self._tensorboard.add_scalar(f"privacy/{name}", record[name], step)
         if record.get("node_epsilon"):
             self._tensorboard.add_histogram("privacy/node_epsilon", np.array(list(record["node_epsilon"].values())), step)
         self._tensorboard.flush()

@@ -202,8 +202,6 @@ class ClientLevelDP(StrategyWrapper):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = [r for r in replies if not r.has_error()]
         by_node = {r.metadata.src_node_id: r for r in replies if r.metadata.src_node_id in self._sent}
-        losses = [float(r.content["metrics"]["train-loss"]) for r in by_node.values()
-                  if "train-loss" in r.content["metrics"]]
         uniform = []
         for node, sent in self._sent.items():
             arrays = by_node[node].content["arrays"] if node in by_node else _zero_update(self.current_arrays)
@@ -223,8 +221,7 @@ class ClientLevelDP(StrategyWrapper):
                 "zero_updates_for_missing": len(self._sent) - len(by_node), "releases": self.releases(),
             },
         }
-        metrics = MetricRecord({"train-loss": float(np.mean(losses))}) if losses else None
-        return arrays, metrics
+        return arrays, None  # nodes send no training loss (client/gate.py): nothing else to aggregate
 
     def round_report(self, server_round: int) -> dict[str, Any]:
         return self._report.pop(server_round, {"client_level_epsilon": self.epsilon(),

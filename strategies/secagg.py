@@ -290,10 +290,6 @@ class SecAggPlusAggregation(StrategyWrapper):
             new[key] = Array(np.asarray(start + update.reshape(start.shape), dtype=start.dtype))
         examples = sum(float(m["num-examples"]) for m in metrics_by_node.values())
         metrics = {"num-examples": examples}
-        losses = [(float(m["num-examples"]), float(m["train-loss"])) for m in metrics_by_node.values()
-                  if "train-loss" in m and np.isfinite(float(m["train-loss"]))]
-        if losses:
-            metrics["train-loss"] = sum(w * v for w, v in losses) / sum(w for w, _ in losses)
         aggregate = Message(RecordDict({"arrays": new, "metrics": MetricRecord(metrics)}),
                             reply_to=next(iter(state.stage2_sent.values())))
         self._report[server_round] = {"secagg": {
