@@ -19,8 +19,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_TOO_HIGH, NUM_EXAMPLES, REFUSALS, RUN_EPSILON, RUN_KEY,
-    STARTUP_SECONDS,
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_TOO_HIGH, NUM_EXAMPLES, QUANTISATION, REFUSALS, RUN_EPSILON,
+    RUN_KEY, STARTUP_SECONDS,
 )
 from fedsafe.strategies import (
     NormBound,
@@ -127,6 +127,7 @@ class Collected:
     replies: list[tuple[int, Message]]  # (the node a message went to, its reply)
     silent: list[int]  # nodes that did not reply within the round timeout
     wait_seconds: float  # pushing the messages until the last reply (or the timeout)
+    upload_bytes: int = 0  # what the replies' contents take on the wire (Flower's serialised objects)
 
 
 @dataclass
@@ -156,10 +157,29 @@ class RunStopped(RuntimeError):
     """The run ends cleanly before a round (a privacy budget, every node excluded); the message says why."""
 
 
+def _decode_compressed(content, global_arrays: ArrayRecord) -> None:
+    """compress-updates: replace the node's 8-bit codes by the update they encode, against the global model
+    this coordinator sent (fedsafe.update_compression; post-processing of the node's DP output, no ε).
+    UpdateRejected names what is malformed: a strike like any invalid update."""
+    from fedsafe.update_compression import CompressionError, decode
+
+    if not isinstance(content.get(ARRAYS), ArrayRecord) or not isinstance(content.get(QUANTISATION), ConfigRecord):
+        raise UpdateRejected(f"compress-updates is on: the reply must hold the '{ARRAYS}' codes and their "
+                             f"'{QUANTISATION}' ranges")
+    try:
+        content[ARRAYS] = decode(content[ARRAYS], content[QUANTISATION], global_arrays)
+    except CompressionError as err:
+        raise UpdateRejected(f"malformed compressed update: {err}") from None
+    del content[QUANTISATION]
+
+
 def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> float | None:
-    """Raise UpdateRejected unless `reply` is an update fit to aggregate (completes frozen arrays in place);
-    returns its norm (None under secure aggregation), which the round's bound is checked against later."""
+    """Raise UpdateRejected unless `reply` is an update fit to aggregate (decodes a compressed update and
+    completes frozen arrays in place); returns its norm (None under secure aggregation), which the round's
+    bound is checked against later."""
     content = reply.content
+    if cfg.compress_updates and not masked:
+        _decode_compressed(content, global_arrays)
     if METRICS not in content or (not masked and ARRAYS not in content):
         raise UpdateRejected(f"reply lacks '{ARRAYS}' or '{METRICS}'")
     # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)
@@ -361,7 +381,16 @@ def sample_round(run: _Run, grid, rnd: int) -> list[Message]:
 def send_and_collect(grid, messages: list[Message], cfg: RunConfig) -> Collected:
     sent_at = time.perf_counter()
     replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
-    return Collected(replies, silent, time.perf_counter() - sent_at)
+    return Collected(replies, silent, time.perf_counter() - sent_at, upload_bytes(replies))
+
+
+def upload_bytes(replies: list[tuple[int, Message]]) -> int:
+    """Bytes of the replies' contents as Flower serialises them for transfer (every nested record and array,
+    deflated): what the nodes uploaded, compressed or not, without the transport's framing."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for _, reply in replies if not reply.has_error()
+               for obj in get_all_nested_objects(reply.content).values())
 
 
 def report_problems(strategy, rnd: int, checked: Checked) -> None:
@@ -426,6 +455,7 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "num_examples_cap": checked.examples_cap,
         **round_report(run.strategy, rnd),
         "wait_seconds": collected.wait_seconds,
+        "upload_bytes": collected.upload_bytes,  # the replies' serialised contents (compress-updates shrinks them)
     }
 
 
