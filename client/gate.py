@@ -55,6 +55,8 @@ PUBLIC_METRICS: dict[str, str] = {
     protocol.DELTA: "policy: the δ of the guarantee",
     protocol.DP_STEPS: "ledger: DP-SGD steps taken on this data over all runs",
     protocol.NOISE_MULTIPLIER: "ledger: σ of this run (fixed from ε, δ, q, steps)",
+    protocol.SAMPLE_RATE: "ledger: q of this run, 1/ceil(n/B): a function of num-examples and the run's batch-size, "
+                          "both already public",
     protocol.MAX_EPSILON: "policy: the node's lifetime cap",
     protocol.RUN_EPSILON: "policy: ε granted to this run",
     protocol.EPSILON_NEXT: "ledger: ε after one more round like this one",
@@ -235,6 +237,7 @@ class PrivacyGate:
             protocol.DELTA: terms.delta,
             protocol.DP_STEPS: ledger.total_steps,
             protocol.NOISE_MULTIPLIER: plan.noise_multiplier,
+            protocol.SAMPLE_RATE: plan.sample_rate,
             protocol.MAX_EPSILON: terms.max_epsilon,
             protocol.RUN_EPSILON: terms.run_epsilon,
             protocol.EPSILON_NEXT: lifetime_next,

@@ -19,8 +19,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_TOO_HIGH, NUM_EXAMPLES, QUANTISATION, REFUSALS, RUN_EPSILON,
-    RUN_KEY, STARTUP_SECONDS,
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_MULTIPLIER, NOISE_TOO_HIGH, NUM_EXAMPLES, QUANTISATION, REFUSALS,
+    RUN_EPSILON, RUN_KEY, SAMPLE_RATE, STARTUP_SECONDS,
 )
 from fedsafe.strategies import (
     NormBound,
@@ -143,6 +143,7 @@ class Checked:
     # so what one node reports never depends on what the others sent.
     epsilon: dict[int, float] = field(default_factory=dict)  # lifetime ε: the node's ledger, all runs on its data
     run_grant: dict[int, float] = field(default_factory=dict)  # the ε each node granted this run
+    noise: dict[int, dict[str, float]] = field(default_factory=dict)  # each node's σ and q, as its ledger fixed them
     startup_seconds: dict[int, float] = field(default_factory=dict)
     norm_bound: NormBound | None = None  # the bound the round's updates were held to (None: SecAgg+)
     update_norms: dict[int, float] = field(default_factory=dict)  # each checked update's distance from the model
@@ -271,6 +272,9 @@ def validate_replies(
             checked.epsilon[node] = float(metrics[EPSILON])
         if RUN_EPSILON in metrics:
             checked.run_grant[node] = float(metrics[RUN_EPSILON])
+        if NOISE_MULTIPLIER in metrics:
+            checked.noise[node] = {"noise_multiplier": float(metrics[NOISE_MULTIPLIER]),
+                                   **({"sample_rate": float(metrics[SAMPLE_RATE])} if SAMPLE_RATE in metrics else {})}
         if STARTUP_SECONDS in metrics:
             checked.startup_seconds[node] = float(metrics[STARTUP_SECONDS])
     checked.failures += [
@@ -445,6 +449,7 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "epsilon_max": max(round_eps.values()) if round_eps else None,
         "epsilon_mean": mean(round_eps.values()) if round_eps else None,
         "node_epsilon": {str(k): v for k, v in sorted(round_eps.items())},
+        "node_noise": {str(k): v for k, v in sorted(checked.noise.items())},  # σ and q per node (model card)
         # the ε the nodes granted this run (their lifetime ε above also counts earlier runs on their data)
         "run_epsilon_grant": ({"min": min(checked.run_grant.values()), "max": max(checked.run_grant.values())}
                               if checked.run_grant else None),

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from fedsafe import protocol
 from fedsafe.client.app import train_round
-from fedsafe.client.gate import update_reply
+from fedsafe.client.gate import PUBLIC_METRICS, update_reply
 from fedsafe.client.policy import NodePolicy
 from fedsafe.server.app import global_model_setup
 from fedsafe.server.config import ConfigError, RunConfig
@@ -170,6 +170,11 @@ def test_the_setting_travels_in_the_message_and_a_node_without_it_refuses(tmp_pa
     policy = NodePolicy(state_dir=str(tmp_path / "ledgers"), max_epsilon=cfg.epsilon, seed_noise=True)
     reply = train_round(train_message(cfg, 1), node_context(), policy)
     assert not reply.has_error() and list(reply.content[protocol.ARRAYS].keys()) == [CODES]
+    # the gate's allowlist: the codes, their ranges (names, offsets, steps) and the public metrics, nothing else
+    assert set(reply.content.keys()) == {protocol.ARRAYS, protocol.QUANTISATION, protocol.METRICS}
+    assert set(reply.content[protocol.QUANTISATION].keys()) == {"arrays", "offsets", "steps"}
+    assert set(reply.content[protocol.QUANTISATION]["arrays"]) == set(train_message(cfg, 1).content["arrays"].keys())
+    assert set(reply.content[protocol.METRICS].keys()) <= set(PUBLIC_METRICS)
 
     message = train_message(cfg, 1)
     del message.content["config"]["compress-updates"]
