@@ -13,9 +13,9 @@ What leaves the node is decided here and nowhere else:
 * an update reply holds the trained arrays (the DP output; parameter names are the architecture) and a
   MetricRecord whose keys are exactly those of `PUBLIC_METRICS`, each public by declaration (README,
   "What leaves a node"); any other key is dropped before sending;
-* with compress-updates, the trained arrays leave as their 8-bit codes relative to the global model the
-  node was sent, plus a QUANTISATION record of each array's (offset, step) (fedsafe.update_compression):
-  a function of the DP output and of what the coordinator sent, so post-processing, no ε;
+* with compress-updates, the trained arrays leave as one deflated stream of their 8-bit codes relative to
+  the global model the node was sent, with each array's (offset, step) (fedsafe.update_compression): a
+  function of the DP output and of what the coordinator sent, so post-processing, no ε;
 * an error reply holds a fixed code and a fixed category (fedsafe.protocol.REFUSALS), never exception text: a
   message can quote a cell of the private data, a label or a file path. The detail goes to the node's
   own stderr and log.
@@ -128,17 +128,15 @@ def public_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def update_reply(msg: Message, arrays: ArrayRecord, metrics: Mapping[str, float], compress: bool = False) -> Message:
-    """The one builder of a successful reply: the update's arrays (compressed, with their QUANTISATION
-    record, where the run asks for it) and the public metrics, nothing else."""
-    records = {protocol.ARRAYS: arrays}
+    """The one builder of a successful reply: the update's arrays (compressed where the run asks for it) and
+    the public metrics, nothing else."""
     if compress:
         # Post-processing of the noised arrays (already charged to the ledger): no ε.
         from fedsafe.update_compression import encode
 
         start = msg.content[protocol.ARRAYS]
-        records[protocol.ARRAYS], records[protocol.QUANTISATION] = encode(
-            {k: arrays[k].numpy() for k in arrays.keys()}, {k: start[k].numpy() for k in start.keys()})
-    content = RecordDict({**records, protocol.METRICS: MetricRecord(public_metrics(metrics))})
+        arrays = encode({k: arrays[k].numpy() for k in arrays.keys()}, {k: start[k].numpy() for k in start.keys()})
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(public_metrics(metrics))})
     return Message(content, reply_to=msg)
 
 

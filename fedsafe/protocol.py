@@ -31,7 +31,6 @@ REFUSALS = {
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
-QUANTISATION = "quantisation"  # compress-updates: each compressed array's (offset, step) (fedsafe.update_compression)
 
 # ---- keys of a train message's config besides the run settings (fedsafe.settings.RUN_SETTINGS) --
 SERVER_ROUND = "server-round"  # set by Flower's strategies

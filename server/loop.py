@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_MULTIPLIER, NOISE_TOO_HIGH, NUM_EXAMPLES, QUANTISATION, REFUSALS,
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_MULTIPLIER, NOISE_TOO_HIGH, NUM_EXAMPLES, REFUSALS,
     RUN_EPSILON, RUN_KEY, SAMPLE_RATE, STARTUP_SECONDS,
 )
 from fedsafe.strategies import (
@@ -158,20 +158,18 @@ class RunStopped(RuntimeError):
     """The run ends cleanly before a round (a privacy budget, every node excluded); the message says why."""
 
 
-def _decode_compressed(content, global_arrays: ArrayRecord) -> None:
+def _decode_compressed(content, global_arrays: ArrayRecord, frozen) -> None:
     """compress-updates: replace the node's 8-bit codes by the update they encode, against the global model
     this coordinator sent (fedsafe.update_compression; post-processing of the node's DP output, no ε).
     UpdateRejected names what is malformed: a strike like any invalid update."""
     from fedsafe.update_compression import CompressionError, decode
 
-    if not isinstance(content.get(ARRAYS), ArrayRecord) or not isinstance(content.get(QUANTISATION), ConfigRecord):
-        raise UpdateRejected(f"compress-updates is on: the reply must hold the '{ARRAYS}' codes and their "
-                             f"'{QUANTISATION}' ranges")
+    if not isinstance(content.get(ARRAYS), ArrayRecord):
+        raise UpdateRejected(f"reply lacks '{ARRAYS}'")
     try:
-        content[ARRAYS] = decode(content[ARRAYS], content[QUANTISATION], global_arrays)
+        content[ARRAYS] = decode(content[ARRAYS], global_arrays, frozen)
     except CompressionError as err:
         raise UpdateRejected(f"malformed compressed update: {err}") from None
-    del content[QUANTISATION]
 
 
 def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> float | None:
@@ -180,7 +178,7 @@ def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, mas
     bound is checked against later."""
     content = reply.content
     if cfg.compress_updates and not masked:
-        _decode_compressed(content, global_arrays)
+        _decode_compressed(content, global_arrays, frozen)
     if METRICS not in content or (not masked and ARRAYS not in content):
         raise UpdateRejected(f"reply lacks '{ARRAYS}' or '{METRICS}'")
     # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)

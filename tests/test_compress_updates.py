@@ -31,18 +31,20 @@ from node_harness import node_context, train_message
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-def by_hand(reply: Message, reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A compressed reply decoded from its parts: inflate the codes, then g + offset + code·step."""
-    ranges = reply.content[protocol.QUANTISATION]
-    codes = np.frombuffer(zlib.decompress(reply.content[protocol.ARRAYS][CODES].data), np.uint8)
-    decoded, position = {}, 0
-    for name, offset, step in zip(ranges["arrays"], ranges["offsets"], ranges["steps"]):
-        base = reference[name]
+def by_hand(reply: Message, reference: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """A compressed reply decoded from its parts: inflate the stream, read (offset, step) per array of the
+    model (in its order), then g + offset + code·step; and each array's step."""
+    raw = zlib.decompress(reply.content[protocol.ARRAYS][CODES].data)
+    ranges = np.frombuffer(raw[:16 * len(reference)], "<f8").reshape(-1, 2)
+    codes = np.frombuffer(raw[16 * len(reference):], np.uint8)
+    decoded, steps, position = {}, {}, 0
+    for (name, base), (offset, step) in zip(reference.items(), ranges):
         decoded[name] = (base.astype(np.float64) + offset
                          + codes[position:position + base.size].reshape(base.shape) * step).astype(base.dtype)
+        steps[name] = step
         position += base.size
     assert position == codes.size
-    return decoded
+    return decoded, steps
 
 
 def test_the_server_aggregates_the_mean_of_the_nodes_dequantised_updates(tmp_path, monkeypatch):
@@ -62,23 +64,23 @@ def test_the_server_aggregates_the_mean_of_the_nodes_dequantised_updates(tmp_pat
     initial, _, _ = global_model_setup(cfg)
     reference = {k: initial[k].numpy() for k in initial.keys()}
 
-    decoded, weights = [], []
+    decoded, steps, weights = [], [], []
     for reply in grid.replies:
         arrays = reply.content[protocol.ARRAYS]
         assert list(arrays.keys()) == [CODES] and arrays[CODES].stype == STYPE  # no weight in the clear
-        decoded.append(by_hand(reply, reference))
+        values, step = by_hand(reply, reference)
+        decoded.append(values)
+        steps.append(step)
         weights.append(float(reply.content[protocol.METRICS][protocol.NUM_EXAMPLES]))
     mean = {k: sum(w * d[k].astype(np.float64) for w, d in zip(weights, decoded)) / sum(weights) for k in reference}
     for key, value in outcome.arrays.items():
         np.testing.assert_allclose(value.numpy(), mean[key], rtol=0, atol=1e-6, err_msg=key)
 
     assert len(trained) == 2
-    for compressed, sent_plain, node, update in zip(grid.replies, plain_grid.replies, decoded, trained):
-        steps = dict(zip(compressed.content[protocol.QUANTISATION]["arrays"],
-                         compressed.content[protocol.QUANTISATION]["steps"]))
-        assert set(steps) == set(update) == set(reference)
+    for compressed, sent_plain, node, update, step in zip(grid.replies, plain_grid.replies, decoded, trained, steps):
+        assert set(update) == set(reference)
         for key, value in update.items():
-            assert np.max(np.abs(node[key] - value)) <= steps[key] / 2 + 1e-6, key
+            assert np.max(np.abs(node[key] - value)) <= step[key] / 2 + 1e-6, key
         assert any(np.any(node[key] != value) for key, value in update.items())  # quantised, not a copy
         # the same ledger figures: compression is post-processing, the privacy record is unchanged
         ledger = [k for k in protocol.LEDGER_METRICS if k in sent_plain.content[protocol.METRICS]]
@@ -96,7 +98,7 @@ def test_a_federated_run_with_compressed_updates_learns(tmp_path):
     history = outcome.history
     assert all(h["replies"] == 2 and not h["problems"] for h in history[1:])
     assert history[-1]["eval"]["accuracy"] >= max(0.85, history[0]["eval"]["accuracy"] + 0.15)
-    assert all(protocol.QUANTISATION in reply.content for reply in grid.replies)
+    assert all(list(reply.content[protocol.ARRAYS].keys()) == [CODES] for reply in grid.replies)
 
 
 def _reply_for(global_arrays: ArrayRecord, update: dict[str, np.ndarray]) -> Message:
@@ -106,11 +108,8 @@ def _reply_for(global_arrays: ArrayRecord, update: dict[str, np.ndarray]) -> Mes
                         {protocol.NUM_EXAMPLES: 50.0}, compress=True)
 
 
-def _tampered(reply: Message, arrays=None, ranges=None, drop_ranges=False) -> Message:
-    content = RecordDict({protocol.ARRAYS: arrays if arrays is not None else reply.content[protocol.ARRAYS],
-                          protocol.METRICS: reply.content[protocol.METRICS]})
-    if not drop_ranges:
-        content[protocol.QUANTISATION] = ranges if ranges is not None else reply.content[protocol.QUANTISATION]
+def _tampered(reply: Message, arrays: ArrayRecord) -> Message:
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: reply.content[protocol.METRICS]})
     return Message(content, reply_to=Message(RecordDict(), dst_node_id=5, message_type=MessageType.TRAIN))
 
 
@@ -121,9 +120,12 @@ def test_a_malformed_compressed_update_is_rejected_with_a_strike():
     rng = np.random.default_rng(0)
     update = {k: v + 0.01 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in reference.items()}
     good = _reply_for(initial, update)
-    codes, ranges = good.content[protocol.ARRAYS][CODES], good.content[protocol.QUANTISATION]
+    codes = good.content[protocol.ARRAYS][CODES]
     size = sum(v.size for v in reference.values())
     first = next(iter(reference))
+    raw = zlib.decompress(codes.data)
+    negative_step = np.frombuffer(raw, np.uint8).copy()
+    negative_step[8:16] = np.frombuffer(np.array([-1.0], "<f8").tobytes(), np.uint8)  # the first array's step
 
     def codes_as(**changes) -> ArrayRecord:
         fields = {"dtype": codes.dtype, "shape": tuple(codes.shape), "stype": codes.stype, "data": codes.data, **changes}
@@ -131,21 +133,20 @@ def test_a_malformed_compressed_update_is_rejected_with_a_strike():
 
     nan_update = {**update, first: np.full_like(update[first], np.nan)}
     bad = {
-        "wrong dtype": (_tampered(good, arrays=codes_as(dtype="float32")), "must be uint8 codes"),
-        "wrong shape": (_tampered(good, arrays=codes_as(shape=(size + 1,))), f"of shape ({size},)"),
+        "wrong dtype": (_tampered(good, codes_as(dtype="float32")), "must be uint8 codes"),
+        "wrong shape": (_tampered(good, codes_as(shape=(size + 1,))), f"of shape ({size},)"),
+        "wrong stype": (_tampered(good, codes_as(stype="numpy.ndarray")), "and stype 'fedsafe.q8-deflate'"),
         "NaN offset": (_reply_for(initial, nan_update), "must be finite"),  # the real builder, a NaN update
-        "negative step": (_tampered(good, ranges=ConfigRecord({**ranges, "steps": [-1.0] * len(ranges["steps"])})),
-                          "step >= 0"),
-        "inflates too far": (_tampered(good, arrays=codes_as(data=zlib.compress(bytes(10**7)))),
-                             f"does not inflate to {size} codes"),
-        "not deflate": (_tampered(good, arrays=codes_as(data=b"not a stream")), "not a deflate stream"),
-        "no ranges": (_tampered(good, drop_ranges=True), "'quantisation' ranges"),
-        "a name twice": (_tampered(good, ranges=ConfigRecord({**ranges, "arrays": [first] * len(ranges["arrays"])})),
-                         "names an array twice"),
-        "plain weights": (_tampered(good, arrays=ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in update.items()}),
-                                    drop_ranges=True), "'quantisation' ranges"),
+        "negative step": (_tampered(good, codes_as(data=zlib.compress(negative_step.tobytes()))), "step >= 0"),
+        "inflates too far": (_tampered(good, codes_as(data=zlib.compress(bytes(10**7)))), f"and {size} codes"),
+        "one byte short": (_tampered(good, codes_as(data=zlib.compress(raw[:-1]))), f"and {size} codes"),
+        "not deflate": (_tampered(good, codes_as(data=b"not a stream")), "not a deflate stream"),
+        "plain weights": (_tampered(good, ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in update.items()})),
+                          "the reply has no '(q8-codes)'"),
+        "a weight in the clear": (_tampered(good, ArrayRecord({CODES: codes, first: Array.from_numpy_ndarray(update[first])})),
+                                  f"floating-point array {first!r} is not compressed"),
     }
-    hand = by_hand(good, reference)  # (validation decodes the accepted reply in place)
+    hand, steps = by_hand(good, reference)  # (validation decodes the accepted reply in place)
     nodes = {node: name for node, name in enumerate(bad, start=1)}
     collected = Collected([(node, bad[name][0]) for node, name in nodes.items()] + [(99, good)], [], 0.0)
     checked = validate_replies(collected, initial, cfg)
@@ -159,10 +160,10 @@ def test_a_malformed_compressed_update_is_rejected_with_a_strike():
         assert strikes.strikes(node) == 1, name
     assert strikes.strikes(99) == 0
     accepted = checked.valid[0].content
-    assert protocol.QUANTISATION not in accepted.keys()  # decoded in place; aggregation sees plain arrays
+    assert list(accepted[protocol.ARRAYS].keys()) == list(reference)  # decoded in place: aggregation sees arrays
     for key in reference:
         np.testing.assert_array_equal(accepted[protocol.ARRAYS][key].numpy(), hand[key])
-        assert np.max(np.abs(hand[key] - update[key])) <= np.ptp(update[key] - reference[key]) / 255 / 2 + 1e-6
+        assert np.max(np.abs(hand[key] - update[key])) <= steps[key] / 2 + 1e-6
 
 
 def test_the_setting_travels_in_the_message_and_a_node_without_it_refuses(tmp_path):
@@ -170,10 +171,8 @@ def test_the_setting_travels_in_the_message_and_a_node_without_it_refuses(tmp_pa
     policy = NodePolicy(state_dir=str(tmp_path / "ledgers"), max_epsilon=cfg.epsilon, seed_noise=True)
     reply = train_round(train_message(cfg, 1), node_context(), policy)
     assert not reply.has_error() and list(reply.content[protocol.ARRAYS].keys()) == [CODES]
-    # the gate's allowlist: the codes, their ranges (names, offsets, steps) and the public metrics, nothing else
-    assert set(reply.content.keys()) == {protocol.ARRAYS, protocol.QUANTISATION, protocol.METRICS}
-    assert set(reply.content[protocol.QUANTISATION].keys()) == {"arrays", "offsets", "steps"}
-    assert set(reply.content[protocol.QUANTISATION]["arrays"]) == set(train_message(cfg, 1).content["arrays"].keys())
+    # the gate's allowlist: the one stream of codes and the public metrics, nothing else
+    assert set(reply.content.keys()) == {protocol.ARRAYS, protocol.METRICS}
     assert set(reply.content[protocol.METRICS].keys()) <= set(PUBLIC_METRICS)
 
     message = train_message(cfg, 1)
