@@ -145,6 +145,29 @@ def deterministic_node_ids(seed: int):
         yield
 
 
+@contextlib.contextmanager
+def named_virtual_nodes():
+    """Flower registers simulated nodes without a name; name each after its partition (`node-3`) in the
+    link state, as a deployment's registration names a node, so that results and log lines name it
+    (fedsafe.server.node_names reads the names back through the grid)."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedsafe.server.node_names import virtual_node_name
+
+    register = vce_api._register_nodes
+
+    def register_named(num_nodes, state_factory):
+        mapping = register(num_nodes, state_factory)
+        nodes = getattr(state_factory.state(), "nodes", {})  # InMemoryLinkState: node id -> NodeInfo
+        for node_id, partition in mapping.items():
+            if node_id in nodes:
+                nodes[node_id].name = virtual_node_name(partition)
+        return mapping
+
+    with mock.patch.object(vce_api, "_register_nodes", register_named):
+        yield
+
+
 def _dispatch_pending_messages(state, queue, nodes_mapping, f_stop) -> None:
     """Flower's simulation engine polls every registered node for messages ten times a second, and
     each poll scans every stored message: O(nodes × messages) under one lock, which stalls 10,000

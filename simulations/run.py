@@ -18,6 +18,7 @@ from .engine import (
     SIMULATED_GRID_POLL_SECONDS,
     LocalRay,
     deterministic_node_ids,
+    named_virtual_nodes,
     quiet_flower_environment,
     scalable_engine,
     start_local_ray,
@@ -236,7 +237,7 @@ def _run_on_ray(federation: SimulatedFederation, options: SimulationOptions,
         # and logs refusals and rejected updates under "fedsafe.*".
         logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(os.cpu_count() or 1)  # the driver: central evaluation
-    with deterministic_node_ids(cfg.seed), scalable_engine(), warm_actors(federation.warm_up):
+    with deterministic_node_ids(cfg.seed), named_virtual_nodes(), scalable_engine(), warm_actors(federation.warm_up):
         run_simulation(
             server_app=server_app,
             client_app=federation.client_app,
