@@ -117,6 +117,10 @@ def test_simulated_nodes_are_named_after_their_partition(tmp_path, caplog):
     assert record["problems"][0]["node_name"] == "node-0"
     assert any(r.getMessage().startswith("node node-0 excluded from sampling") for r in caplog.records)
     assert "1 rejected (node-0)" in lines[-1]
+    # The model card's per-node table names them too.
+    card = json.loads((cfg.out_path / "model_card.json").read_text())["privacy"]["nodes_reported"]
+    assert {node: entry["name"] for node, entry in card.items()} == {str(nodes[1]): "node-1", str(nodes[2]): "node-2"}
+    assert f"| node-1 ({nodes[1]}) |" in (cfg.out_path / "MODEL_CARD.md").read_text()
 
 
 def test_the_simulation_engine_names_its_virtual_nodes():
