@@ -131,7 +131,7 @@ def test_the_simulation_engine_names_its_virtual_nodes():
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.superlink.federation import NoOpFederationManager
 
-    from fedsafe.simulations.engine import named_virtual_nodes
+    from fedsafe.flower.simulation import named_virtual_nodes
 
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     with named_virtual_nodes():
