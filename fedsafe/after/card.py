@@ -238,6 +238,7 @@ def privacy_record(directory: Path, document: dict[str, Any], cfg, ledger_dir: P
     summary = document.get("summary", {})
     reported = reported_epsilon(history)
     noise = reported_noise(history)
+    names = summary.get("node_names", {})  # {id: the name the coordinator registered it under}
     record: dict[str, Any] = {
         "record_level_dp": bool(cfg.dp),
         "accountant": cfg.accountant,
@@ -248,7 +249,8 @@ def privacy_record(directory: Path, document: dict[str, Any], cfg, ledger_dir: P
         "local_epochs": cfg.local_epochs,
         "nodes_reported": {node: {"epsilon": eps, "delta": cfg.delta,
                                   "noise_multiplier": noise.get(node, {}).get("noise_multiplier"),
-                                  "sample_rate": noise.get(node, {}).get("sample_rate")}
+                                  "sample_rate": noise.get(node, {}).get("sample_rate"),
+                                  **({"name": names[node]} if node in names else {})}
                            for node, eps in sorted(reported.items())},
         "epsilon_max_over_nodes": max(reported.values()) if reported else None,
         "secagg": bool(cfg.secagg),
@@ -373,8 +375,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     if p["nodes_reported"]:
         lines += ["| node (as the coordinator knows it) | ε reported | δ | σ | sampling rate q |", "|---|---|---|---|---|"]
-        lines += [f"| {node} | {_number(v['epsilon'])} | {v['delta']:g} | {_number(v.get('noise_multiplier'))} "
-                  f"| {_number(v.get('sample_rate'))} |" for node, v in p["nodes_reported"].items()]
+        lines += [f"| {v['name'] + f' ({node})' if 'name' in v else node} | {_number(v['epsilon'])} | {v['delta']:g} "
+                  f"| {_number(v.get('noise_multiplier'))} | {_number(v.get('sample_rate'))} |"
+                  for node, v in p["nodes_reported"].items()]
         lines.append("")
     if p["ledgers"]:
         lines += ["| node's data (ledger) | σ | sampling rate q | steps | rounds | ε this run | ε all runs on this data |",
