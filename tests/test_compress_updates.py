@@ -9,7 +9,6 @@ fedsafe's own decoder.
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
