@@ -131,10 +131,3 @@ def decode(arrays: ArrayRecord, reference: ArrayRecord, frozen=()) -> ArrayRecor
         decoded[key] = Array.from_numpy_ndarray((base.astype(np.float64) + offset + code * step).astype(base.dtype))
     return ArrayRecord(decoded)
 
-
-def dequantised(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What the coordinator gets from `update` after encoding and decoding: each value moved by at most
-    half a quantisation step."""
-    record = ArrayRecord({k: Array.from_numpy_ndarray(np.asarray(v)) for k, v in reference.items()})
-    decoded = decode(encode(update, reference), record, frozen=set(reference) - set(update))
-    return {k: decoded[k].numpy() for k in decoded.keys()}

@@ -193,3 +193,23 @@ def test_compress_updates_with_secagg_is_refused_by_the_coordinator_and_the_node
     reply = secagg_mod(message, node_context(), lambda m, c: pytest.fail("the round must not be served"))
     assert reply.has_error() and reply.error.code == protocol.REQUEST_REFUSED
     assert "compress-updates cannot be combined with SecAgg+" in reply.error.reason
+
+
+def test_frozen_arrays_stay_out_of_the_stream_and_integer_buffers_travel_as_they_are():
+    from fedsafe.update_compression import CompressionError, decode, encode
+
+    rng = np.random.default_rng(1)
+    reference = {"head.weight": rng.standard_normal((4, 3)).astype(np.float32),
+                 "body.weight": rng.standard_normal((5, 5)).astype(np.float32),  # frozen: never uploaded
+                 "steps": np.array([7], dtype=np.int64)}
+    update = {"head.weight": reference["head.weight"] + 0.1 * rng.standard_normal((4, 3)).astype(np.float32),
+              "steps": np.array([8], dtype=np.int64)}
+    sent = encode(update, reference)
+    assert sorted(sent.keys()) == sorted([CODES, "steps"])
+    record = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in reference.items()})
+    decoded = decode(sent, record, frozen={"body.weight"})
+    assert sorted(decoded.keys()) == ["head.weight", "steps"] and decoded["steps"].numpy().tolist() == [8]
+    step = np.ptp(update["head.weight"].astype(np.float64) - reference["head.weight"]) / 255
+    assert np.max(np.abs(decoded["head.weight"].numpy() - update["head.weight"])) <= step / 2 + 1e-6
+    with pytest.raises(CompressionError, match=r"must be uint8 codes of shape \(37,\)"):
+        decode(sent, record)  # a coordinator expecting the frozen array too: too few codes
