@@ -319,10 +319,11 @@ def evaluate(
         return task.evaluate_model(model, x, y)
     was_training = model.training
     model.eval()
-    outputs = []
+    outputs, targets = [], []
+    # Targets batch by batch too: `x` may be an image folder read lazily (fedsafe.client.image_folder).
     for start in range(0, len(x), batch_size):
-        batch = torch.as_tensor(x[start : start + batch_size], device=device)
-        outputs.append(model(batch).cpu())
+        batch = torch.as_tensor(x[start : start + batch_size])
+        outputs.append(model(batch.to(device)).cpu())
+        targets.append(task.targets(batch, torch.as_tensor(y[start : start + batch_size])))
     model.train(was_training)
-    targets = task.targets(torch.as_tensor(x), torch.as_tensor(y))
-    return task.metrics(torch.cat(outputs), targets)
+    return task.metrics(torch.cat(outputs), torch.cat(targets))
