@@ -120,6 +120,7 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
     terms = resolve_terms(policy, request)
     policy.check_model(request.model)  # the model code the run names: only what the operator allows
+    policy.check_model(request.task)  # and its task code, under the same allow-list
     partition = simulated_partition(context, request)
     device = node_device(policy)
     startup = _startup_seconds()

@@ -20,6 +20,7 @@ from fedsafe.models import DataSpec, UnknownModelError, UserModelError, build_mo
 from fedsafe.models.registry import model_family, model_names
 from fedsafe.protocol import MODEL_UNAVAILABLE, REFUSALS
 from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.server.app import global_model_setup
 from tests.inprocess import InProcessGrid, federate
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -44,6 +45,35 @@ USER_MODULE = """
 
     def not_a_model(spec, options):
         return "a string"
+
+    PER_SAMPLE_CALLS = []  # how often DP-SGD asked this task for per-sample losses
+
+    class MarginTask:
+        # A multi-class hinge loss, where the built-in cross-entropy does not fit the user.
+
+        def __init__(self, num_classes):
+            self.num_classes = num_classes
+
+        def targets(self, x, y):
+            return y
+
+        def per_sample_loss(self, outputs, targets):
+            PER_SAMPLE_CALLS.append(len(targets))
+            return nn.functional.multi_margin_loss(outputs, targets, reduction="none")
+
+        def loss(self, outputs, targets):
+            return nn.functional.multi_margin_loss(outputs, targets)
+
+        def metrics(self, outputs, targets):
+            return {"loss": float(self.loss(outputs, targets)),
+                    "accuracy": float((outputs.argmax(1) == targets).float().mean()),
+                    "margin_violations": float((self.per_sample_loss(outputs, targets) > 0).float().mean())}
+
+    def build_task(num_classes):
+        return MarginTask(num_classes)
+
+    def build_half_task(num_classes):
+        return object()
 """
 
 
@@ -159,3 +189,26 @@ def test_a_node_imports_only_the_model_code_its_operator_allows(user_package):
     policy = NodePolicy.from_node_config({"allow-models": f"{model}, other.pkg"})
     assert policy.allow_models == (model, "other.pkg")
     NodePolicy().check_model("mlp")
+
+
+def test_a_users_task_trains_under_dp_and_judges_the_model(user_package, tmp_path):
+    """--task package.module:factory: the nodes' DP-SGD clips the user's per-sample losses and the coordinator
+    reports the user's metrics; a node imports the task only under allow-models, as a model."""
+    import importlib
+
+    task = f"{user_package}:build_task"
+    cfg, outcome, _ = federate(tmp_path, nodes=3, model=f"{user_package}:build_model", task=task,
+                               dataset="breast-cancer", num_rounds=2, epsilon=3.0, lr=0.2)
+    assert importlib.import_module(user_package).PER_SAMPLE_CALLS  # the nodes trained on the user's loss
+    rounds = outcome.history[1:]
+    assert [r["replies"] for r in rounds] == [3, 3] and 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
+    first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
+    assert "margin_violations" in last and last["accuracy"] >= 0.8 and last["accuracy"] > first["accuracy"]
+    with pytest.raises(PolicyError, match=f"import model or task code '{task}'; node-config allow-models"):
+        NodePolicy(allow_models=(f"{user_package}:build_model",)).check_model(task)
+    with pytest.raises(ConfigError, match="task 'no_such_pkg.losses:build_task': module 'no_such_pkg' is not installed"):
+        RunConfig(task="no_such_pkg.losses:build_task")
+    with pytest.raises(ConfigError, match="unknown task 'ranking'"):
+        RunConfig(task="ranking")
+    with pytest.raises(ConfigError, match="its object lacks targets, loss, per_sample_loss, metrics"):
+        global_model_setup(RunConfig(task=f"{user_package}:build_half_task", out_dir=str(tmp_path / "half")))
