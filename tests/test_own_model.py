@@ -212,3 +212,60 @@ def test_a_users_task_trains_under_dp_and_judges_the_model(user_package, tmp_pat
         RunConfig(task="ranking")
     with pytest.raises(ConfigError, match="its object lacks targets, loss, per_sample_loss, metrics"):
         global_model_setup(RunConfig(task=f"{user_package}:build_half_task", out_dir=str(tmp_path / "half")))
+
+
+def test_nodes_with_their_own_image_folders_train_a_user_model_and_one_lacking_its_code_refuses(
+        user_package, tmp_path, monkeypatch, capsys):
+    """Nodes set up as `fedsafe node` sets them up — the real ClientApp (its mods included), the policy from
+    node-config: their own image folder (data-path), ledger (state-dir), ε cap and allow-models — train the
+    user's model under DP-SGD; one node whose operator never installed the module refuses each round with
+    4006 and a line naming the module, one whose allow-models omits it with 4002, and the run goes on."""
+    from fedsafe.client.app import app
+    from fedsafe.protocol import REQUEST_REFUSED
+    from fedsafe.server.app import build_run_strategy
+    from fedsafe.simulations.local import LocalGrid
+    from tests.fed_harness import run
+    from tests.test_image_folder import SCHEMA, image_folder
+
+    model = f"{user_package}:build_model"
+    package_dir = str(tmp_path / "userpkg")
+    names = ("a", "b", "lacking", "unlisted")
+    for seed, name in enumerate(names):
+        image_folder(tmp_path / "sites" / name, per_class=40, seed=seed)
+    held_out = image_folder(tmp_path / "held-out", per_class=40, seed=9)
+    cfg = RunConfig(model=model, dataset="own", eval_path=str(held_out), num_rounds=2, local_epochs=1,
+                    batch_size=16, lr=0.5, epsilon=3.0, min_nodes=4, out_dir=str(tmp_path / "run"))
+
+    class NodesOnLoopback(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            lacking = [m for m in messages if m.metadata.dst_node_id == self.node_of["lacking"]]
+            replies = super().send_and_receive([m for m in messages if m not in lacking], timeout=timeout)
+            with monkeypatch.context() as without:  # this operator never installed the user's package
+                for name in [m for m in sys.modules if m.startswith("hospital_models")]:
+                    without.delitem(sys.modules, name)
+                without.setattr(sys, "path", [p for p in sys.path if p != package_dir])
+                replies += super().send_and_receive(lacking, timeout=timeout)
+            return replies
+
+    grid = NodesOnLoopback(app, len(names))
+    grid.node_of = dict(zip(names, grid.contexts))
+    for name, node in grid.node_of.items():
+        grid.contexts[node].node_config = {
+            "data-path": str(tmp_path / "sites" / name), "state-dir": str(tmp_path / "ledgers" / name),
+            "max-epsilon": 10.0, "device": "cpu", "allow-models": "" if name == "unlisted" else "hospital_models"}
+    outcome = run(cfg, grid, build_run_strategy(cfg))
+
+    errors = {node: {r.error.code for r in grid.received if r.has_error() and r.metadata.src_node_id == node}
+              for node in grid.contexts}
+    assert errors[grid.node_of["lacking"]] == {MODEL_UNAVAILABLE}
+    assert errors[grid.node_of["unlisted"]] == {REQUEST_REFUSED}
+    assert not errors[grid.node_of["a"]] and not errors[grid.node_of["b"]]
+    operator_lines = capsys.readouterr().err
+    assert "module 'hospital_models' is not installed here" in operator_lines
+    assert f"import model or task code '{model}'; node-config allow-models does not list it" in operator_lines
+    rounds = outcome.history[1:]
+    assert [r["replies"] for r in rounds] == [2, 2]
+    assert 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
+    first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
+    assert last["accuracy"] >= 0.85 and last["loss"] < 0.8 * first["loss"], (first, last)
+    assert (tmp_path / "ledgers" / "a").is_dir()  # each node kept its own ledger, where its operator said
