@@ -269,3 +269,18 @@ def test_nodes_with_their_own_image_folders_train_a_user_model_and_one_lacking_i
     first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
     assert last["accuracy"] >= 0.85 and last["loss"] < 0.8 * first["loss"], (first, last)
     assert (tmp_path / "ledgers" / "a").is_dir()  # each node kept its own ledger, where its operator said
+
+
+def test_fedsafe_node_hands_allow_models_to_its_node_config(tmp_path):
+    from fedsafe.cli import build_parser
+    from fedsafe.deploy import NodeOptions, node_config
+
+    args = build_parser().parse_args(["node", "--superlink", "127.0.0.1:8000", "--data-path", str(tmp_path),
+                                      "--max-epsilon", "3", "--allow-models", "hospital_models, lab.nets:build"])
+    values = node_config(NodeOptions(superlink=args.superlink, root_cert=None, key=None, data_path=tmp_path,
+                                     state_dir=tmp_path, max_epsilon=3.0, delta=1e-5, allow_models=args.allow_models))
+    policy = NodePolicy.from_node_config({k: v for k, v in values.items() if v is not None})
+    assert policy.allow_models == ("hospital_models", "lab.nets:build")
+    policy.check_model("hospital_models.nets:build_model")
+    with pytest.raises(PolicyError, match="allow-models does not list it"):
+        policy.check_model("os:system")
