@@ -17,11 +17,8 @@ import numpy as np
 
 from fedsafe.models.registry import DataSpec
 
-from .image_folder import ImageFolderDataset, ImageFolderError, is_image_folder, load_image_folder
-
-
-class DataError(ValueError):
-    """Data that cannot be used as asked: a missing file, a bad column, too few samples."""
+from .data_error import DataError
+from .image_folder import ImageFolderDataset, is_image_folder, load_image_folder
 
 
 @dataclass(frozen=True)
@@ -230,10 +227,7 @@ def load_file(path: str | Path, label_column: str = "label",
     if not is_hf_dataset_dir(path) and is_image_folder(path):
         if group_column is not None:
             raise DataError(f"{path}: an image folder has no group column {group_column!r}")
-        try:
-            return load_image_folder(path, schema_path(path))
-        except ImageFolderError as err:
-            raise DataError(str(err)) from None
+        return load_image_folder(path, schema_path(path))
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             if "x" not in arrays or "y" not in arrays:

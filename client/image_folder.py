@@ -28,14 +28,23 @@ import numpy as np
 
 from fedsafe.models.registry import DataSpec
 
+from .data_error import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Files an operating system leaves in folders; never images, never worth refusing a folder for.
 IGNORED_NAMES = ("Thumbs.db", "desktop.ini")
 SCHEMA_KEYS = {"classes", "size", "channels", "mean", "std"}
 
 
-class ImageFolderError(ValueError):
-    """An image folder or its schema that cannot be used (fedsafe.client.data re-raises it as a DataError)."""
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot decode: OSError, and for an image whose pixel count is a
+    decompression bomb (over twice Image.MAX_IMAGE_PIXELS), DecompressionBombError."""
+    from PIL import Image
+
+    return (OSError, ValueError, Image.DecompressionBombError)
+
+
+UNREADABLE = _unreadable()
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,8 @@ class ImageTransform:
                 pixels = image.convert("L" if self.channels == 1 else "RGB").resize(
                     (self.size[1], self.size[0]), Image.Resampling.BILINEAR)
                 array = np.asarray(pixels, dtype=np.float32) / 255.0
-        except OSError as err:
-            raise ImageFolderError(f"{path}: not a readable image ({type(err).__name__})") from None
+        except UNREADABLE as err:
+            raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]
@@ -110,8 +119,8 @@ class ImageFolderDataset:
                     image.load()
                     header = f"{int(label)}|{image.mode}|{image.size}|".encode()
                     digest = hashlib.sha256(header + image.tobytes()).digest()
-            except OSError as err:
-                raise ImageFolderError(f"{path}: not a readable image ({type(err).__name__})") from None
+            except UNREADABLE as err:
+                raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
             digests[row] = np.frombuffer(digest, np.uint8)
         return digests
 
@@ -143,14 +152,14 @@ def is_image_folder(path: Path) -> bool:
 
 
 def load_image_folder(path: Path, schema_file: Path) -> ImageFolderDataset:
-    """The folder's images, lazily; ImageFolderError naming what is wrong (an undeclared class, a file that
+    """The folder's images, lazily; DataError naming what is wrong (an undeclared class, a file that
     is no image, a bad schema)."""
     schema = _read_schema(schema_file) if schema_file.exists() else {}
     found = sorted(child.name for child in path.iterdir() if child.is_dir() and not child.name.startswith("."))
     classes = tuple(schema.get("classes", found))
     unknown = [name for name in found if name not in classes]
     if unknown:
-        raise ImageFolderError(f"{path}: class folder(s) {unknown} are not among the classes {list(classes)} "
+        raise DataError(f"{path}: class folder(s) {unknown} are not among the classes {list(classes)} "
                                f"declared in {schema_file.name}")
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -161,11 +170,11 @@ def load_image_folder(path: Path, schema_file: Path) -> ImageFolderDataset:
             if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
                 continue
             if not entry.is_file() or entry.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ImageFolderError(f"{entry}: not a PNG/JPEG image; a class folder holds images only")
+                raise DataError(f"{entry}: not a PNG/JPEG image; a class folder holds images only")
             files.append(str(entry))
             labels.append(label)
     if not files:
-        raise ImageFolderError(f"{path}: no PNG/JPEG images in its class folders")
+        raise DataError(f"{path}: no PNG/JPEG images in its class folders")
     transform = _transform(schema, files[0], schema_file)
     spec = DataSpec(input_shape=(transform.channels, *transform.size), num_classes=len(classes))
     return ImageFolderDataset(tuple(files), np.asarray(labels, np.int64), spec, transform, classes)
@@ -181,13 +190,13 @@ def _transform(schema: dict, first_image: str, schema_file: Path) -> ImageTransf
             with Image.open(first_image) as image:
                 width, height = image.size
                 channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
-        except OSError as err:
-            raise ImageFolderError(f"{first_image}: not a readable image ({type(err).__name__})") from None
+        except UNREADABLE as err:
+            raise DataError(f"{first_image}: not a readable image ({type(err).__name__})") from None
         schema = {"size": [height, width], "channels": channels, **schema}
     channels = schema["channels"]
     mean, std = schema.get("mean", [0.0] * channels), schema.get("std", [1.0] * channels)
     if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
-        raise ImageFolderError(f"{schema_file}: mean and std need one value per channel ({channels}), std > 0")
+        raise DataError(f"{schema_file}: mean and std need one value per channel ({channels}), std > 0")
     return ImageTransform(tuple(schema["size"]), channels, tuple(map(float, mean)), tuple(map(float, std)))
 
 
@@ -195,7 +204,7 @@ def _read_schema(path: Path) -> dict:
     try:
         schema = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ImageFolderError(f"{path}: not a readable JSON schema ({type(err).__name__})") from None
+        raise DataError(f"{path}: not a readable JSON schema ({type(err).__name__})") from None
 
     def positive_ints(value, count) -> bool:
         return (isinstance(value, list) and len(value) == count
@@ -212,7 +221,7 @@ def _read_schema(path: Path) -> dict:
             or schema.get("channels", 1) not in (1, 3) or isinstance(schema.get("channels"), bool)
             or ("size" in schema) != ("channels" in schema)
             or not numbers(schema.get("mean", [])) or not numbers(schema.get("std", []))):
-        raise ImageFolderError(
+        raise DataError(
             f"{path}: an image schema is {{\"classes\": [distinct folder names], \"size\": [height, width], "
             f"\"channels\": 1 or 3, \"mean\": [one per channel], \"std\": [one per channel]}} (size and channels "
             f"together)")

@@ -153,3 +153,14 @@ def test_a_simulation_partitions_the_folder_by_index_and_learns_under_dp(tmp_pat
     assert 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
     first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
     assert last["accuracy"] >= 0.85 and last["loss"] < 0.8 * first["loss"], (first, last)
+
+
+def test_an_unreadable_image_is_named_before_any_round_spends(tmp_path):
+    """A damaged file is found by the record digest a node computes before it reserves ε (its ledger key)."""
+    folder = image_folder(tmp_path / "imgs", per_class=3)
+    (folder / "right" / "zz-damaged.png").write_bytes(b"\x89PNG not really")
+    data = load_file(folder)
+    with pytest.raises(DataError, match=r"zz-damaged.png: not a readable image \(UnidentifiedImageError\)"):
+        records_digest(data)
+    with pytest.raises(DataError, match="zz-damaged.png: not a readable image"):
+        data[len(data) - 1]
