@@ -7,8 +7,9 @@ is then trained on by a fresh process as a node does: load the data (fedsafe.cli
 records (the privacy ledger's key and overlap check), and one epoch of DP-SGD with Poisson sampling (batch 256,
 one torch thread). The model is a small one on purpose (8x8 average pooling, then a linear layer): what is
 measured is the memory the data takes, and one epoch over the 10x set must stay minutes on two cores. Each
-process reports its peak resident set size (resource.getrusage: ru_maxrss), the size its images would take
-as float32 arrays, and the ε its spend gives.
+process reports its peak resident set size (Linux: VmHWM of /proc/self/status, this process' own high-water
+mark; ru_maxrss would also count the parent's RSS at the fork), the size its images would take as float32
+arrays, and the ε its spend gives.
 
     python benchmarks/larger_than_memory.py [--images 20000] [--size 64] [--keep DIR]
 """
@@ -104,7 +105,12 @@ def _accuracy(model, data, batch: int = 1024) -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):  # not Linux: getrusage (macOS: bytes; it counts the parent's RSS too)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _run_child(path: Path) -> dict:
