@@ -215,14 +215,15 @@ def _read_schema(path: Path) -> dict:
 
     classes = schema.get("classes", []) if isinstance(schema, dict) else None
     if (not isinstance(schema, dict) or set(schema) - SCHEMA_KEYS
-            or not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes)
+            or not isinstance(classes, list)
+            or not all(isinstance(c, str) and c == Path(c).name and c not in ("", ".", "..") for c in classes)
             or len(set(classes)) != len(classes) or ("classes" in schema and not classes)
             or ("size" in schema and not positive_ints(schema["size"], 2))
             or schema.get("channels", 1) not in (1, 3) or isinstance(schema.get("channels"), bool)
             or ("size" in schema) != ("channels" in schema)
             or not numbers(schema.get("mean", [])) or not numbers(schema.get("std", []))):
         raise DataError(
-            f"{path}: an image schema is {{\"classes\": [distinct folder names], \"size\": [height, width], "
+            f"{path}: an image schema is {{\"classes\": [distinct sub-folder names], \"size\": [height, width], "
             f"\"channels\": 1 or 3, \"mean\": [one per channel], \"std\": [one per channel]}} (size and channels "
             f"together)")
     return schema

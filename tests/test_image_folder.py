@@ -75,6 +75,9 @@ def test_classes_are_numbered_by_the_schema_and_an_unknown_class_is_refused(tmp_
     schema_path(tmp_path / "c").write_text(json.dumps({**SCHEMA, "std": [0]}))
     with pytest.raises(DataError, match="std > 0"):
         load_file(tmp_path / "c")
+    schema_path(tmp_path / "c").write_text(json.dumps({**SCHEMA, "classes": ["left", "../right"]}))
+    with pytest.raises(DataError, match="distinct sub-folder names"):  # a class is a sub-folder, nothing above it
+        load_file(tmp_path / "c")
     schema_path(tmp_path / "c").write_text(json.dumps({"classes": ["left"], "size": [8, 8]}))
     with pytest.raises(DataError, match="size and channels together"):
         load_file(tmp_path / "c")
