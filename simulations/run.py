@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.flower.linkstate import deterministic_node_ids
-from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, scalable_engine, warm_actors
+from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, named_virtual_nodes, scalable_engine, warm_actors
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
 
@@ -230,7 +230,7 @@ def _run_on_ray(federation: SimulatedFederation, options: SimulationOptions,
         # and logs refusals and rejected updates under "fedsafe.*".
         logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(os.cpu_count() or 1)  # the driver: central evaluation
-    with deterministic_node_ids(cfg.seed), scalable_engine(), warm_actors(federation.warm_up):
+    with deterministic_node_ids(cfg.seed), named_virtual_nodes(), scalable_engine(), warm_actors(federation.warm_up):
         run_simulation(
             server_app=server_app,
             client_app=federation.client_app,
