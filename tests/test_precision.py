@@ -146,3 +146,16 @@ def test_a_node_refuses_bf16_for_a_gan_before_reserving_epsilon():
 
     with pytest.raises(PolicyError, match="not supported for GANs"):
         _grad_sample_mode(Request(), DataSpec(input_shape=(6,), num_classes=0, task="generation"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
+def test_a_bf16_dp_round_on_cuda_clips_in_fp32(family):
+    """Where a GPU exists: bf16 autocast on CUDA, seeded noise drawn there, per-sample gradients fp32
+    (train() checks them before every step and would raise)."""
+    spec, data = _separable(128)
+    model = build_model(family, spec)
+    settings = TrainSettings(local_epochs=1, batch_size=32, noise_multiplier=1.0, grad_sample_mode="hooks",
+                             precision="bf16")
+    outcome = train(model, task_for("classification", 2), data, settings, torch.device("cuda"), seed=1)
+    assert outcome.steps > 0 and next(model.parameters()).device.type == "cuda"
