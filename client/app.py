@@ -139,6 +139,8 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     outcome = _train_locally(model, task, data, request, plan, device, seed, dp_mode)
     figures = gate.settle(plan, outcome)
     update = _update(model, frozen, policy, request)
+    if _debug_poison(policy, request) == "no-dp":  # TEST ONLY: the reply of a node that trains without DP
+        figures = {}
     return gate.release(digest, update, {protocol.NUM_EXAMPLES: len(data), **startup, **figures})
 
 
@@ -239,11 +241,18 @@ def _train_locally(model, task, data, request: TrainRequest, plan, device, seed:
 def _update(model, frozen: set[str], policy: NodePolicy, request: TrainRequest) -> dict:
     """The trained tensors to upload: every parameter and buffer but the frozen ones."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
-    if policy.debug_poison:
-        kind = policy.debug_poison[(request.server_round - 1) % len(policy.debug_poison)]
+    kind = _debug_poison(policy, request)
+    if kind is not None:
         say(f"TEST ONLY: debug-poison={kind}: round {request.server_round} sends a deliberately bad update")
         state = poison_update(state, kind)
     return state
+
+
+def _debug_poison(policy: NodePolicy, request: TrainRequest) -> str | None:
+    """TEST ONLY: the bad update this round sends (node-config debug-poison, cycling by round), if any."""
+    if not policy.debug_poison:
+        return None
+    return policy.debug_poison[(request.server_round - 1) % len(policy.debug_poison)]
 
 
 def poison_update(state: dict, kind: str) -> dict:
@@ -260,6 +269,8 @@ def poison_update(state: dict, kind: str) -> dict:
         for key, value in state.items():
             if value.is_floating_point():
                 state[key] = value + 1e6
+    elif kind == "no-dp":
+        pass  # the update is as trained; its reply lacks the DP fields (_serve_round)
     else:
         raise ValueError(f"unknown debug-poison {kind!r}")
     return state

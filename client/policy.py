@@ -17,7 +17,9 @@ DEFAULT_STATE_DIR = NODE_DEFAULTS["state-dir"]
 DEFAULT_MAX_EPSILON = NODE_DEFAULTS["max-epsilon"]
 DEFAULT_DELTA = NODE_DEFAULTS["delta"]
 DEFAULT_MAX_NOISE_MULTIPLIER = NODE_DEFAULTS["max-noise-multiplier"]
-POISONS = ("nan", "shape", "norm")  # debug-poison kinds (tests of the coordinator's update validation)
+# debug-poison kinds (tests of the coordinator's update validation); no-dp: the reply without the DP fields
+# (ε, δ, steps, σ), as a node training without DP (a stock Flower client) sends it
+POISONS = ("nan", "shape", "norm", "no-dp")
 
 
 class PolicyError(ValueError):

@@ -11,7 +11,7 @@ exits with the child's status — to Flower it is the ClientApp process.
 
 What the child runs is unchanged: Flower's entry point loads the app from the FAB exactly as a fresh
 process would. That FAB is one the node's operator approved (`fedsafe node --allow-app`, checked by the
-SuperNode before anything of it is installed: fedsafe/supernode.py), and it is that package's code that
+SuperNode before anything of it is installed: fedsafe/flower/supernode.py), and it is that package's code that
 runs, warm or cold: the zygote is itself started as `python -m fedsafe.warmstart`, so each child first
 drops the zygote's own `fedsafe` modules from `sys.modules` — otherwise `fedsafe.client.app` would
 resolve to the zygote's installed copy instead of the approved package. Each child re-seeds PyTorch's and NumPy's global generators from the OS, so no
@@ -202,19 +202,15 @@ def _child(fds: list[int], request: dict, program: str) -> None:  # pragma: no c
 def serve(program: str, socket_path: str) -> None:
     """Import what `program` needs, then fork one `program` per shim connection until SIGTERM/SIGINT."""
     import importlib
-    import logging
 
     started = time.perf_counter()
-    root_handlers = list(logging.root.handlers)
     if program == "flwr-serverapp":
         import matplotlib
 
         matplotlib.use("Agg")
     for name in PRELOAD[program] + ENTRY_POINTS[program][:1]:
         importlib.import_module(name)
-    # Opacus' import adds a root log handler, which would print every Flower DEBUG record twice in the
-    # children; a cold ClientApp has imported Flower, and logged its start, before Opacus.
-    logging.root.handlers[:] = root_handlers
+    # (Opacus' import leaves the root logger's handlers alone: fedsafe/opacus_logging.py.)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     Path(socket_path).unlink(missing_ok=True)
     listener.bind(socket_path)

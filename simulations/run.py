@@ -11,18 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsafe.flower.linkstate import deterministic_node_ids
+from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, named_virtual_nodes, scalable_engine, warm_actors
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
 
-from .engine import (
-    SIMULATED_GRID_POLL_SECONDS,
-    LocalRay,
-    deterministic_node_ids,
-    quiet_flower_environment,
-    scalable_engine,
-    start_local_ray,
-    warm_actors,
-)
+from .engine import LocalRay, quiet_flower_environment, start_local_ray
 
 PARTITION_REPORT_MAX_NODES = 200  # above this the per-node report costs more than it tells
 PARTITION_STORE_DIR = "federation"  # under the out-dir: the partitioned training split the virtual nodes read
@@ -250,7 +244,7 @@ def _run_on_ray(federation: SimulatedFederation, options: SimulationOptions,
         # and logs refusals and rejected updates under "fedsafe.*".
         logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(os.cpu_count() or 1)  # the driver: central evaluation
-    with deterministic_node_ids(cfg.seed), scalable_engine(), warm_actors(federation.warm_up):
+    with deterministic_node_ids(cfg.seed), named_virtual_nodes(), scalable_engine(), warm_actors(federation.warm_up):
         run_simulation(
             server_app=server_app,
             client_app=federation.client_app,

@@ -297,111 +297,18 @@ def test_insecure_node_needs_no_certificate_or_key_and_says_so(site, capsys, mon
     assert seen["warm_program"] == "flwr-clientapp" and seen["explain"]
 
 
-def test_supernode_idle_poll_is_shortened_and_nothing_else(monkeypatch):
-    import inspect
-    import time
-
-    from flwr.supernode import start_client_internal
-
-    from fedsafe.supernode import IDLE_POLL_SECONDS, REPLY_POLL_SECONDS, pace
-
-    source = inspect.getsource(start_client_internal)
-    # The waits fedsafe.supernode shortens must still be Flower's: an upgrade that changes them fails here.
-    assert f"time.sleep({IDLE_POLL_SECONDS:g})" in source and f"time.sleep({REPLY_POLL_SECONDS})" in source
-    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored after the test
-    pace(0.05)
-    paced = start_client_internal.time
-    slept = []
-    monkeypatch.setattr(time, "sleep", slept.append)
-    paced.sleep(IDLE_POLL_SECONDS)
-    paced.sleep(REPLY_POLL_SECONDS)
-    paced.sleep(7)
-    assert slept == [0.05, 0.1, 7]
-    assert paced.time is time.time and paced.monotonic is time.monotonic
-    with pytest.raises(ValueError, match="poll interval must be > 0"):
-        pace(0)
-
-
 def test_node_poll_interval_must_be_positive(site, capsys):
     assert main([*_node_args(site), "--poll-interval", "0"]) == 2
     assert "--poll-interval must be > 0 seconds" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- which app a node runs
-def _app_package(body: bytes) -> bytes:
-    import io
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as fab:
-        fab.writestr("pyproject.toml", '[project]\nname = "app"\nversion = "1.0.0"\n[tool.flwr.app]\n'
-                     'publisher = "p"\n[tool.flwr.app.components]\nserverapp = "app:server"\n'
-                     'clientapp = "app:client"\n[tool.flwr.app.config]\nk = 1\n')
-        fab.writestr("app.py", body)
-    return buffer.getvalue()
-
-
-def test_supernode_runs_only_pinned_app_packages(monkeypatch, flower_task_identity, capsys):
-    """The guard of fedsafe.supernode.pin_apps: Flower's own SuperNode step (`_pull_and_store_message`) with its
-    in-memory NodeState, fed a train message of a run whose app is one byte off, then of the approved one."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.common.constant import ErrorCode
-    from flwr.supercore.fab import Fab
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supernode import start_client_internal
-    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
-
-    from fedsafe.supernode import app_digest, pin_apps
-
-    approved, tampered = _app_package(b"def client(): pass\n"), _app_package(b"def client(): pass\n#")
-    assert len(approved) == len(tampered) - 1
-    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", start_client_internal._pull_and_store_message)
-    pin_apps([app_digest(approved)])
-    store = ObjectStoreFactory().store()
-    state = InMemoryNodeState(store)
-    state.set_node_id(7)
-
-    def deliver(run_id: int, content: bytes, claimed_hash: str | None = None) -> tuple[int | None, list[str]]:
-        message = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=7, message_type="train")
-        message.metadata.__dict__["_run_id"] = run_id
-        message.metadata.__dict__["_message_id"] = message.object_id
-        tree = get_object_tree(message)
-        objects = {key: obj.deflate() for key, obj in get_all_nested_objects(message).items()}
-        run = Run.create_empty(run_id)
-        run.fab_hash = claimed_hash or app_digest(content)
-        fetched = []
-        result = start_client_internal._pull_and_store_message(
-            state=state, object_store=store, node_config={}, receive=lambda: (message, tree),
-            get_run=lambda _: run, get_fab=lambda h, _: fetched.append(h) or Fab(h, content, {}),
-            pull_object=lambda _, key: objects[key], confirm_message_received=lambda *_: None, trusted_entities=None)
-        return result, fetched
-
-    # One byte changed: refused before anything is stored; an error reply is queued for the coordinator.
-    assert deliver(1, tampered) == (1, [app_digest(tampered)])
-    assert state.get_run(1) is None and state.get_fab(app_digest(tampered)) is None
-    (reply,) = state.get_messages_legacy(run_ids=[1], is_reply=True)
-    assert reply.error.code == ErrorCode.INVALID_FAB and app_digest(tampered) in reply.error.reason
-    assert f"REFUSED run 1: its app package (sha256 {app_digest(tampered)})" in capsys.readouterr().err
-    # A SuperLink that names the approved hash but ships other bytes is refused too (the content is hashed).
-    assert deliver(2, tampered, claimed_hash=app_digest(approved))[0] == 2 and state.get_run(2) is None
-    # The approved package: stored once, fetched once (Flower stores the very bytes that were hashed).
-    assert deliver(3, approved) == (3, [app_digest(approved)])
-    assert state.get_run(3) is not None and state.get_fab(app_digest(approved)).content == approved
-    assert not state.get_messages_legacy(run_ids=[3], is_reply=True)
-
-
 def test_node_must_name_the_apps_it_may_run(site, capsys):
     assert main(_node_args(site, **{"--allow-app": None})) == 2
     err = capsys.readouterr().err
     assert "name the app this node may run: --allow-app <sha256>" in err and err.count("\n") == 1
     assert main(_node_args(site, **{"--allow-app": "abc"})) == 2
     assert "give the app's SHA-256 in hex" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="SHA-256 in hex"):
-        from fedsafe.supernode import pin_apps
-
-        pin_apps([])
 
 
 def test_app_hash_is_the_hash_flwr_run_ships(capsys):
@@ -468,3 +375,58 @@ def test_a_node_not_admitted_is_started_again_with_a_countdown_until_its_patienc
     else:
         assert countdowns == 0 and len(tries.read_text()) == 1  # --max-retries: no waiting, both causes named
         assert "crashed less than a minute ago" in err
+
+
+
+# A cold ClientApp process as Flower starts one: Flower's logger set up first (its own handler; its records
+# also go to the root logger), then the node's ClientApp trains a real round (Opacus imported on the way),
+# then one line from Flower's logger and one warning from fedsafe's.
+CLIENTAPP_PROCESS = """
+import logging, sys
+from flwr.common.logger import log
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+from flwr.app import Context, RecordDict
+from fedsafe.client.app import app
+from fedsafe.server.config import RunConfig
+from tests.node_harness import train_message
+assert "opacus" not in sys.modules
+cfg = RunConfig(num_rounds=1, model="mlp", dataset="breast-cancer", num_partitions=2, epsilon=1.0, local_epochs=1)
+context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 2, "state-dir": sys.argv[1]},
+                  state=RecordDict(), run_config={})
+reply = app(train_message(cfg, 1), context)
+assert not reply.has_error(), reply.error
+assert "opacus.privacy_engine" in sys.modules and "opacus.accountants" in sys.modules
+log(logging.INFO, "flower-line-after-the-round")
+logging.getLogger("fedsafe.client").warning("fedsafe-warning-after-the-round")
+"""
+
+
+def _python_stderr(code: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_a_cold_clientapp_prints_each_log_line_once(tmp_path):
+    """Issue 16.4: Opacus' import calls logging.basicConfig, so on a SuperNode every Flower line of a cold
+    ClientApp after the first Opacus import printed twice (Flower's handler, then the root handler)."""
+    stderr = _python_stderr(CLIENTAPP_PROCESS, str(tmp_path / "state"), cwd=tmp_path)
+    assert "will spend ε" in stderr  # it trained
+    assert stderr.count("flower-line-after-the-round") == 1, stderr[-2000:]
+    assert stderr.count("fedsafe-warning-after-the-round") == 1, stderr[-2000:]
+    # What the guard undoes: Opacus imported before fedsafe is, and the same line prints twice.
+    unguarded = _python_stderr("import logging; from flwr.common.logger import log; import opacus, fedsafe; "
+                               "log(logging.INFO, 'flower-line')", cwd=tmp_path)
+    assert unguarded.count("flower-line") == 2, unguarded
+
+
+def test_importing_opacus_anywhere_leaves_the_root_loggers_handlers_alone(tmp_path):
+    """The coordinator imports Opacus too (its model check): any first import, of any Opacus module."""
+    for module in ("opacus", "opacus.validators", "opacus.accountants", "fedsafe.client.training"):
+        stderr = _python_stderr(f"import logging, fedsafe, importlib; importlib.import_module({module!r}); "
+                                "import opacus; assert logging.root.handlers == [], logging.root.handlers",
+                                cwd=tmp_path)
+        assert "AssertionError" not in stderr
