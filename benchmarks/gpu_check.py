@@ -15,6 +15,8 @@ what would not fit, saying so):
 
     python benchmarks/gpu_check.py [--json results.json]
     python benchmarks/gpu_check.py --device cpu --quick    # tiny sizes: exercises the code on a CPU
+    python benchmarks/gpu_check.py --backend in-process     # nodes in this process: where Ray is missing
+    bash benchmarks/gpu_check_on_device.sh                  # on a lent GPU machine: CUDA tests, then this
 
 Without a CUDA device (and --device cuda, the default) it prints one line, "gpu_check: no CUDA device:
 …", and exits 0: nothing was checked, nothing failed. Exit 1: a check failed (a family did not
@@ -273,13 +275,22 @@ def dp_step_ratios(sizes: Sizes, device: torch.device) -> list[dict]:
 # ---- 2. the built-in families in a simulated federation on the GPU ----------------------------------
 
 
-def federation_check(sizes: Sizes, device: torch.device, families: list[str], deadline: float) -> list[dict]:
+def federation_check(sizes: Sizes, device: torch.device, families: list[str], deadline: float,
+                     backend: str = "ray") -> list[dict]:
+    """`backend` ray: each node a Ray actor holding its GPU share (the issue's check); in-process: the
+    nodes' ClientApp called in this process (fedsafe.simulations.run.simulate_in_process), still on
+    `cuda` — for a machine without Ray, which then checks the nodes' CUDA path but not Ray's GPU sharing."""
     from fedsafe.server.config import RunConfig
-    from fedsafe.simulations.run import SimulationOptions, simulate
+    from fedsafe.simulations.run import SimulationOptions, simulate, simulate_in_process
+
+    def run(cfg, options):
+        if backend == "ray":
+            return simulate(cfg, options, progress=None)
+        return simulate_in_process(cfg, options)
 
     share = f"{sizes.client_gpus:g} GPU each" if sizes.client_gpus else "on the CPU"
-    print(f"\n2. Each family, {sizes.rounds} DP round(s) in simulation: {sizes.nodes} virtual nodes ({share}), "
-          f"coordinator evaluating on {device}, ε = 3 per node")
+    print(f"\n2. Each family, {sizes.rounds} DP round(s) in simulation ({backend}): {sizes.nodes} virtual nodes "
+          f"({share}), coordinator evaluating on {device}, ε = 3 per node")
     print(f"   {'family':<12} {'metric':<17} {'before':>8} {'after':>8} {'ε max':>6} {'seconds':>8}  note")
     rows = []
     for name in families:
@@ -292,8 +303,7 @@ def federation_check(sizes: Sizes, device: torch.device, families: list[str], de
                 with tempfile.TemporaryDirectory() as out:
                     cfg = RunConfig(num_rounds=sizes.rounds, local_epochs=sizes.local_epochs, epsilon=3.0,
                                     server_device=str(device), out_dir=out, **FAMILY_RUNS[name])
-                    outcome = simulate(cfg, SimulationOptions(num_nodes=sizes.nodes, client_gpus=sizes.client_gpus),
-                                       progress=None)
+                    outcome = run(cfg, SimulationOptions(num_nodes=sizes.nodes, client_gpus=sizes.client_gpus))
                 before, after = outcome.history[0]["eval"], outcome.history[-1]["eval"]
                 metric = headline_metric(after)
                 row.update(metric=metric, before=before[metric], after=after[metric],
@@ -335,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of the federation check's runs (default: all: "
                              f"{', '.join(FAMILY_RUNS)})")
     parser.add_argument("--skip-federation", action="store_true")
+    parser.add_argument("--backend", default="ray", choices=("ray", "in-process"),
+                        help="the federation check's simulation backend (in-process: where Ray is not installed)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -356,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     results["dp_step"] = dp_step_ratios(sizes, device)
     if not args.skip_federation:
         results["federation"] = federation_check(sizes, device, args.families.split(","),
-                                                 deadline=started + sizes.budget_s)
+                                                 deadline=started + sizes.budget_s, backend=args.backend)
     results["seconds"] = time.perf_counter() - started
     print(f"\ngpu_check: {results['seconds']:.0f} s in all")
     if args.json:

@@ -59,3 +59,12 @@ def test_quick_run_on_the_cpu_walks_every_variant_and_a_federation(tmp_path):
     (family,) = results["federation"]
     assert family["family"] == "mlp" and family["metric"] == "accuracy" and "note" not in family, family
     assert family["after"] > family["before"] + 0.2 and 0 < family["epsilon"] <= 3.0
+
+
+@pytest.mark.slow
+def test_the_federation_check_runs_in_process_where_ray_is_missing():
+    from benchmarks.gpu_check import QUICK, federation_check
+
+    (row,) = federation_check(QUICK, torch.device("cpu"), ["cnn bf16"], deadline=float("inf"), backend="in-process")
+    assert row["metric"] == "accuracy" and "note" not in row, row
+    assert row["after"] > row["before"] and 0 < row["epsilon"] <= 3.0
