@@ -159,3 +159,14 @@ def test_a_bf16_dp_round_on_cuda_clips_in_fp32(family):
                              precision="bf16")
     outcome = train(model, task_for("classification", 2), data, settings, torch.device("cuda"), seed=1)
     assert outcome.steps > 0 and next(model.parameters()).device.type == "cuda"
+
+
+def test_a_node_refuses_a_precision_it_does_not_know_as_a_malformed_request():
+    from fedsafe.client.policy import RequestError, TrainRequest
+    from fedsafe.server.config import RunConfig
+
+    config = {**RunConfig().train_config(), "server-round": 1, "input-shape": [30], "num-classes": 2,
+              "task": "classification"}
+    assert TrainRequest.from_config(config, run_id="1").precision == "fp32"
+    with pytest.raises(RequestError, match="unknown precision 'fp16'; choose one of: fp32, bf16"):
+        TrainRequest.from_config({**config, "precision": "fp16"}, run_id="1")
