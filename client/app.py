@@ -120,6 +120,7 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
     terms = resolve_terms(policy, request)
     policy.check_model(request.model)  # the model code the run names: only what the operator allows
+    policy.check_model(request.task)  # and its task code, under the same allow-list
     partition = simulated_partition(context, request)
     device = node_device(policy)
     startup = _startup_seconds()
@@ -288,6 +289,12 @@ def _spec_from_request(request: TrainRequest, data):
         data = fit_view(data, spec.input_shape)
     except DataError as err:
         raise DataError(f"local {err}") from None
+    classes = getattr(data, "classes", None)  # an image folder's class names, numbered in their order
+    if spec.task == "classification" and classes is not None and len(classes) != spec.num_classes:
+        # Fewer or more classes than the run's model: numbered in order, they would not mean what they mean
+        # on the other nodes. The names go to the node's log only.
+        raise DataError(f"local image folder has {len(classes)} classes {list(classes)}; the run's model has "
+                        f"{spec.num_classes}: declare the run's classes in the folder's schema")
     if spec.task == "classification" and len(data.y) and int(data.y.max()) >= spec.num_classes:
         # The label value goes to the node's log only: the coordinator learns "does not fit", no label.
         raise DataError(f"local labels reach {int(data.y.max())}; the model has {spec.num_classes} classes")

@@ -104,7 +104,7 @@ class NodePolicy:
                for allowed in self.allow_models):
             return
         raise PolicyError(
-            f"the run asks this node to import model code {model!r}; node-config allow-models does not list it "
+            f"the run asks this node to import model or task code {model!r}; node-config allow-models does not list it "
             f"(add '{model}' or its package there if the operator has installed and reviewed that code)"
         )
 

@@ -23,6 +23,7 @@ from fedsafe.models.tasks import Task
 from fedsafe.settings import RunSettings, check_device_name
 
 from .data import ArrayDataset
+from .image_folder import ImageFolderDataset
 from .dp_modes import make_private
 from .precision import autocast, check_fp32_grad_samples, check_precision, fp32_outputs
 from .regularize import l1_proximal_step, l1_weights, random_shifts
@@ -157,7 +158,11 @@ class RandomStreams:
                    device=torch.Generator(device=device).manual_seed(derive_seed(seed, "device")))
 
 
-def _tensor_dataset(data: ArrayDataset) -> TensorDataset:
+def _tensor_dataset(data: ArrayDataset | ImageFolderDataset):
+    """`data` as a torch Dataset: in-memory arrays as tensors; an image folder is one already, reading each
+    image when a batch draws it (Poisson sampling draws indices over its length alike)."""
+    if isinstance(data, ImageFolderDataset):
+        return data
     return TensorDataset(torch.as_tensor(data.x), torch.as_tensor(data.y))
 
 

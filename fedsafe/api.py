@@ -92,7 +92,7 @@ def _model_name(model: str | ModelFactory, engine: str) -> str:
         raise ModelConfigError(f"model must be a name, 'package.module:function' or a factory; got {model!r}")
     reference = f"{model.__module__}:{model.__qualname__}"
     try:
-        if registry._import_factory(reference) is model:
+        if registry.import_reference(reference) is model:
             return reference
     except registry.UserModelError:
         pass

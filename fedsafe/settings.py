@@ -119,6 +119,9 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             "built-in dataset (breast-cancer, digits, digits-seq, digits-anomaly, diabetes, synthetic) "
             "or a data file: .npz, .csv/.parquet with a 'label' column, a saved Hugging Face dataset", BOTH),
     Setting("model-options", "", "the family's options, e.g. 'hidden=128,dropout=0.2'", BOTH),
+    # The coordinator puts it in the model's spec, which every train message carries (fedsafe.protocol.TASK).
+    Setting("task", "", "what the model is trained for when the data's own task does not fit: classification, "
+            "regression, reconstruction, generation, or a user's task factory package.module:function", in_sweep=False),
     Setting("partitioner", "iid", "iid, dirichlet, pathological or natural", BOTH),
     Setting("alpha", 0.5, "Dirichlet concentration, smaller is more skewed", BOTH, "> 0", listable=True),
     Setting("classes-per-node", 2, "pathological partitioner: labels per node", BOTH, ">= 1"),
@@ -244,7 +247,7 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("delta", 1e-5, "δ of the (ε, δ) guarantee; a run asking a larger δ gets this one", NODE, "(0, 1)"),
     Setting("device", "auto", "auto, cpu, cuda or cuda:N", NODE),
     Setting("allow-non-private", False, "a run may turn DP off only where the operator allows it", NODE),
-    Setting("allow-models", "", "user model factories this node may import: comma list of "
+    Setting("allow-models", "", "user model and task factories this node may import: comma list of "
             "package.module:function or package names (built-in and entry-point models need none)", NODE),
     # Simulations: set by the driver for each virtual node.
     Setting("partition-id", -1, "simulated node: which partition of the run's dataset it holds", NODE),

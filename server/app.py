@@ -56,6 +56,8 @@ def central_data(cfg: RunConfig):
         if test is not None and len(test.y) and int(test.y.max()) >= cfg.num_classes:
             raise ConfigError(f"num-classes={cfg.num_classes} but the evaluation data has label {int(test.y.max())}")
         spec = replace(spec, num_classes=cfg.num_classes)
+    if cfg.task:  # the run's own task (a user's loss and metrics) instead of the data's
+        spec = replace(spec, task=cfg.task)
     if test is None:
         return spec, None
     test = replace(test, spec=spec)

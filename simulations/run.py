@@ -159,7 +159,7 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         max_epsilon=max_epsilon or (cfg.epsilon if cfg.dp else DEFAULT_MAX_EPSILON),
         delta=cfg.delta,
         allow_non_private=not cfg.dp,
-        allow_models=(cfg.model,),  # the researcher's own model code, if the run names one
+        allow_models=(cfg.model, cfg.task),  # the researcher's own model and task code, if the run names them
         seed_noise=True,
         simulated=True,
         device=options.node_device,
