@@ -134,9 +134,10 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
         return replayed
 
     model, task, frozen = _global_model(msg, request, spec)
+    dp_mode = _grad_sample_mode(request, spec)  # before any ε is reserved: a precision it cannot train in
     plan = gate.reserve(len(data))
     seed = _noise_seed(policy, request, gate)
-    outcome = _train_locally(model, task, data, request, plan, device, seed)
+    outcome = _train_locally(model, task, data, request, plan, device, seed, dp_mode)
     figures = gate.settle(plan, outcome)
     update = _update(model, frozen, policy, request)
     if _debug_poison(policy, request) == "no-dp":  # TEST ONLY: the reply of a node that trains without DP
@@ -216,13 +217,24 @@ def _noise_seed(policy: NodePolicy, request: TrainRequest, gate: PrivacyGate) ->
     return seed
 
 
-def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None):
-    """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
+def _grad_sample_mode(request: TrainRequest, spec) -> str:
+    """The family's Opacus mode at the run's precision (fedsafe.client.precision); PolicyError where the
+    model cannot train correctly at that precision."""
     from fedsafe.models import preferred_grad_sample_mode
 
+    from .precision import PrecisionError, grad_sample_mode
+
+    try:
+        return grad_sample_mode(preferred_grad_sample_mode(request.model), request.precision, spec.task)
+    except PrecisionError as err:
+        raise PolicyError(str(err)) from None
+
+
+def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None, dp_mode: str):
+    """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
     from .training import TrainSettings, train
 
-    settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model),
+    settings = TrainSettings.of(request, grad_sample_mode=dp_mode,
                                 noise_multiplier=plan.noise_multiplier if plan.private else None)
     return train(model, task, data, settings, device, seed)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fedsafe import protocol
 from fedsafe.settings import (
-    NODE_SETTINGS, RUN_SETTINGS, SentSettings, SettingError, by_key, check_settings, parse_settings,
+    NODE_SETTINGS, RUN_SETTINGS, SentSettings, SettingError, by_key, check_device_name, check_settings, parse_settings,
 )
 
 NODE_DEFAULTS = {s.key: s.default for s in NODE_SETTINGS}
@@ -61,8 +61,10 @@ class NodePolicy:
                                            "max-noise-multiplier": self.max_noise_multiplier})
         except SettingError as err:
             raise PolicyError(str(err)) from None
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise PolicyError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        try:
+            check_device_name(self.device)
+        except ValueError as err:
+            raise PolicyError(str(err)) from None
         bad = [p for p in self.debug_poison if p not in POISONS]
         if bad:
             raise PolicyError(f"debug-poison takes a comma list of {', '.join(POISONS)}; got {bad}")

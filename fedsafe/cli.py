@@ -396,6 +396,18 @@ def _superlink(args: argparse.Namespace) -> int:
     return supervise(command, env, warm_program="flwr-serverapp")
 
 
+def _check_node_device(device: str) -> None:
+    """--device names a device this machine lacks: refused at start, not by every round."""
+    from fedsafe.client.training import resolve_device
+
+    from .deploy import DeployError
+
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        raise DeployError(f"--device: {err}") from None
+
+
 def _node(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -413,6 +425,7 @@ def _node(args: argparse.Namespace) -> int:
         allowed_apps=tuple(args.allow_app), allow_any_app=args.allow_any_app, allow_models=args.allow_models,
     )
     command = node_command(opts)
+    _check_node_device(opts.device)
     summary = check_node_data_and_ledger(opts)
     if args.insecure:
         print(INSECURE_WARNING.format(what=""), file=sys.stderr, flush=True)

@@ -330,11 +330,11 @@ def evaluate(
     x: np.ndarray,
     y: np.ndarray,
     batch_size: int = 512,
-    device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Metrics of `model` on the whole of (x, y), computed in batches."""
+    """Metrics of `model` on the whole of (x, y), computed in batches on the model's device."""
     if hasattr(task, "evaluate_model"):
         return task.evaluate_model(model, x, y)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs, targets = [], []

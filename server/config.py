@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.settings import (
-    RUN_SETTINGS, RunSettings, SettingError, check_settings, parse_settings, sent_keys, strategy_params,
+    RUN_SETTINGS, RunSettings, SettingError, check_device_name, check_settings, parse_settings, sent_keys,
+    strategy_params,
 )
 
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
@@ -54,6 +55,10 @@ class RunConfig(RunSettings):
              "the natural partitioner needs partition-by=<group column>")
         need(self.accountant in ACCOUNTANTS,
              f"unknown accountant {self.accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}")
+        try:
+            check_device_name(self.server_device)  # whether this machine has it: server.evaluation.server_device
+        except ValueError as err:
+            raise ConfigError(f"server-device: {err}") from None
         self._check_aggregation(need)
         self._check_training_practice(need)
         need(not self.input_shape or all(p.strip().isdigit() and int(p) > 0 for p in self.input_shape.split("x")),
