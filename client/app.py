@@ -120,6 +120,7 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
     terms = resolve_terms(policy, request)
     policy.check_model(request.model)  # the model code the run names: only what the operator allows
+    policy.check_model(request.task)  # and its task code, under the same allow-list
     partition = simulated_partition(context, request)
     device = node_device(policy)
     startup = _startup_seconds()
@@ -133,9 +134,10 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
         return replayed
 
     model, task, frozen = _global_model(msg, request, spec)
+    dp_mode = _grad_sample_mode(request, spec)  # before any ε is reserved: a precision it cannot train in
     plan = gate.reserve(len(data))
     seed = _noise_seed(policy, request, gate)
-    outcome = _train_locally(model, task, data, request, plan, device, seed)
+    outcome = _train_locally(model, task, data, request, plan, device, seed, dp_mode)
     figures = gate.settle(plan, outcome)
     update = _update(model, frozen, policy, request)
     if _debug_poison(policy, request) == "no-dp":  # TEST ONLY: the reply of a node that trains without DP
@@ -215,13 +217,24 @@ def _noise_seed(policy: NodePolicy, request: TrainRequest, gate: PrivacyGate) ->
     return seed
 
 
-def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None):
-    """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
+def _grad_sample_mode(request: TrainRequest, spec) -> str:
+    """The family's Opacus mode at the run's precision (fedsafe.client.precision); PolicyError where the
+    model cannot train correctly at that precision."""
     from fedsafe.models import preferred_grad_sample_mode
 
+    from .precision import PrecisionError, grad_sample_mode
+
+    try:
+        return grad_sample_mode(preferred_grad_sample_mode(request.model), request.precision, spec.task)
+    except PrecisionError as err:
+        raise PolicyError(str(err)) from None
+
+
+def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None, dp_mode: str):
+    """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
     from .training import TrainSettings, train
 
-    settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model),
+    settings = TrainSettings.of(request, grad_sample_mode=dp_mode,
                                 noise_multiplier=plan.noise_multiplier if plan.private else None)
     return train(model, task, data, settings, device, seed)
 
@@ -276,6 +289,12 @@ def _spec_from_request(request: TrainRequest, data):
         data = fit_view(data, spec.input_shape)
     except DataError as err:
         raise DataError(f"local {err}") from None
+    classes = getattr(data, "classes", None)  # an image folder's class names, numbered in their order
+    if spec.task == "classification" and classes is not None and len(classes) != spec.num_classes:
+        # Fewer or more classes than the run's model: numbered in order, they would not mean what they mean
+        # on the other nodes. The names go to the node's log only.
+        raise DataError(f"local image folder has {len(classes)} classes {list(classes)}; the run's model has "
+                        f"{spec.num_classes}: declare the run's classes in the folder's schema")
     if spec.task == "classification" and len(data.y) and int(data.y.max()) >= spec.num_classes:
         # The label value goes to the node's log only: the coordinator learns "does not fit", no label.
         raise DataError(f"local labels reach {int(data.y.max())}; the model has {spec.num_classes} classes")

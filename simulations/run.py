@@ -56,6 +56,22 @@ class SimulationOptions:
                 raise ConfigError(f"--client-gpus {self.client_gpus:g} asks for a GPU per node, but this machine "
                                   "has no CUDA GPU (torch.cuda.is_available() is False)")
 
+    @property
+    def node_device(self) -> str:
+        """Where each virtual node trains: "cuda" with a GPU share (Ray makes the share's GPU the actor's only
+        visible one, so "cuda" is that GPU), else "cpu" — never "auto": Ray leaves every GPU visible to an
+        actor that reserved none (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0), and "auto" would crowd them all
+        onto GPU 0 beyond what Ray accounts for."""
+        return "cuda" if self.client_gpus > 0 else "cpu"
+
+    def backend_config(self) -> dict:
+        """Flower's Ray backend config: each virtual node's actor reserves client_cpus and client_gpus (a
+        fraction: that many nodes share one GPU); init_args join a cluster when one is named."""
+        return {
+            "client_resources": {"num_cpus": self.client_cpus, "num_gpus": self.client_gpus},
+            "init_args": {} if self.ray_address is None else {"address": self.ray_address},
+        }
+
     def attack_spec(self):
         from .attacks import Attack
 
@@ -143,9 +159,10 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         max_epsilon=max_epsilon or (cfg.epsilon if cfg.dp else DEFAULT_MAX_EPSILON),
         delta=cfg.delta,
         allow_non_private=not cfg.dp,
-        allow_models=(cfg.model,),  # the researcher's own model code, if the run names one
+        allow_models=(cfg.model, cfg.task),  # the researcher's own model and task code, if the run names them
         seed_noise=True,
         simulated=True,
+        device=options.node_device,
         partition_store=None if partition_store is None else str(partition_store),
     )
     attack = options.attack_spec()
@@ -221,10 +238,7 @@ def _run_on_ray(federation: SimulatedFederation, options: SimulationOptions,
     cfg = federation.cfg
     outcomes: list[RunOutcome] = []
     server_app = make_server_app(config_source=lambda _ctx: cfg, on_finish=outcomes.append, progress=progress)
-    backend_config = {
-        "client_resources": {"num_cpus": options.client_cpus, "num_gpus": options.client_gpus},
-        "init_args": {} if options.ray_address is None else {"address": options.ray_address},
-    }
+    backend_config = options.backend_config()
     if not options.verbose:
         # Flower's INFO lines and its run_simulation deprecation notice; fedsafe prints its own progress
         # and logs refusals and rejected updates under "fedsafe.*".

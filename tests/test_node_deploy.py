@@ -50,6 +50,7 @@ def _node_args(site, **overrides) -> list[str]:
     ({"--data-path": "/no/data.npz"}, "--data-path: data file not found: /no/data.npz"),
     ({"--superlink": "https://fl.example.org:8000"}, "give HOST:PORT"),
     ({"--device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"--device": "cuda:99"}, "--device: device 'cuda:99' asked for, but this machine has"),
     ({"--max-epsilon": "0"}, "max-epsilon must be > 0"),
     ({"--test-poison": "sql"}, "debug-poison takes a comma list of nan, shape, norm"),
 ])
