@@ -133,6 +133,13 @@ def deterministic_node_ids(seed: int):
     same seed would still train different nodes. Seeded ids make client sampling reproducible."""
     from flwr.server.superlink.linkstate import in_memory_linkstate
 
+    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded_id_draws(seed)):
+        yield
+
+
+def seeded_id_draws(seed: int) -> Callable[..., int]:
+    """Flower's generate_rand_int_from_bytes(num_bytes, exclude), drawing from a generator seeded by `seed`
+    (the in-process backend draws its node ids from it too, without Flower's link state)."""
     rng = random.Random(seed)
 
     def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
@@ -141,8 +148,7 @@ def deterministic_node_ids(seed: int):
             if value and not (exclude and value in exclude):
                 return value
 
-    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded):
-        yield
+    return seeded
 
 
 def _dispatch_pending_messages(state, queue, nodes_mapping, f_stop) -> None:
