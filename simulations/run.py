@@ -200,8 +200,8 @@ def _run_in_process(federation: SimulatedFederation, options: SimulationOptions,
 
     from .local import LocalGrid
 
-    if not options.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not options.verbose:  # as on Ray: fedsafe prints its own progress and logs refusals under "fedsafe.*"
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     grid = LocalGrid(federation.client_app, options.num_nodes, drop=drop, quiet=not options.verbose,
                      node_ids=simulated_node_ids(federation.cfg.seed, options.num_nodes))
     threads = torch.get_num_threads()
