@@ -268,7 +268,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
         cfg = _run_config(args, out_dir=args.out)
         options = _simulation_options(args, nodes)
-        validate_against_data(cfg, options)
+        if local_ray is not None:  # checked while Ray boots; in process, simulate() checks it (once)
+            validate_against_data(cfg, options)
     except BaseException:
         if local_ray is not None:
             local_ray.release()
