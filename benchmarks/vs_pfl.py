@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -101,15 +102,18 @@ def run_pfl(nodes: int, rounds: int, epsilon: float, seed: int) -> dict:
     return {"accuracy": float(accuracy.overall_value), "sigma": float(accountant.cohort_noise_parameter)}
 
 
-def timed(command: list[str]) -> tuple[float, str]:
-    """Wall seconds of `command` as a fresh process, and its standard output; RuntimeError if it fails."""
+def timed(command: list[str]) -> tuple[float, float, str]:
+    """Wall and CPU (user + system, the process and its children) seconds of `command` as a fresh process,
+    and its standard output; RuntimeError if it fails. On a shared machine the CPU time is the steadier."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"{' '.join(command[:4])}… failed: " + " | ".join(tail))
-    return wall, done.stdout
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done.stdout
 
 
 def fedsafe_command(args, out: str) -> list[str]:
@@ -141,32 +145,37 @@ def main() -> None:
     if not has_pfl:
         print("pfl is not installed (pip install -e '.[pfl]' installs pfl 0.6.0): fedsafe's figures alone")
     load = os.getloadavg()
-    fedsafe_walls, pfl_walls, accuracies, pfl_results = [], [], [], []
+    fedsafe_walls, pfl_walls, fedsafe_cpus, pfl_cpus, accuracies, pfl_results = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             out = f"{tmp}/fedsafe-{repeat}"
-            wall, _ = timed(fedsafe_command(args, out))
+            wall, cpu, _ = timed(fedsafe_command(args, out))
             fedsafe_walls.append(wall)
+            fedsafe_cpus.append(cpu)
             accuracies.append(fedsafe_accuracy(out))
             if has_pfl:
-                wall, stdout = timed([sys.executable, __file__, "--pfl-child", "--nodes", str(args.nodes),
+                wall, cpu, stdout = timed([sys.executable, __file__, "--pfl-child", "--nodes", str(args.nodes),
                                       "--rounds", str(args.rounds), "--epsilon", str(args.epsilon),
                                       "--seed", str(args.seed)])
                 pfl_walls.append(wall)
+                pfl_cpus.append(cpu)
                 pfl_results.append(json.loads(stdout.strip().splitlines()[-1]))
     print(f"workload: digits, {args.nodes} nodes, {args.rounds} rounds, 1 local epoch, MLP, (ε={args.epsilon:g}, "
           f"δ={DELTA:g}); {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start")
     fedsafe_wall = statistics.median(fedsafe_walls)
     print(f"fedsafe simulate --backend {args.backend} {fedsafe_wall:6.1f} s wall (runs: "
-          f"{', '.join(f'{w:.1f}' for w in fedsafe_walls)}), final accuracy {statistics.median(accuracies):.3f} "
+          f"{', '.join(f'{w:.1f}' for w in fedsafe_walls)}), CPU {statistics.median(fedsafe_cpus):.1f} s, final accuracy {statistics.median(accuracies):.3f} "
           "(DP-SGD on every node)")
     if has_pfl:
         pfl_wall = statistics.median(pfl_walls)
         print(f"pfl 0.6.0 {' ' * (len(args.backend) + 19)}{pfl_wall:6.1f} s wall (runs: "
-              f"{', '.join(f'{w:.1f}' for w in pfl_walls)}), final accuracy "
+              f"{', '.join(f'{w:.1f}' for w in pfl_walls)}), CPU {statistics.median(pfl_cpus):.1f} s, final accuracy "
               f"{statistics.median(r['accuracy'] for r in pfl_results):.3f} (central Gaussian mechanism, "
               f"σ={pfl_results[0]['sigma']:.2f})")
-        print(f"ratio fedsafe / pfl {fedsafe_wall / pfl_wall:6.2f}x   (target <= 1.00)")
+        print(f"ratio fedsafe / pfl {fedsafe_wall / pfl_wall:6.2f}x wall (target <= 1.00), "
+              f"{statistics.median(fedsafe_cpus) / statistics.median(pfl_cpus):.2f}x CPU")
+    end = os.getloadavg()
+    print(f"load average at the end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,33 @@ def test_unknown_backends_and_local_with_a_cluster_are_refused_in_one_line(capsy
     assert main(["simulate", "--backend", "local", "--ray-address", "auto", "--nodes", "2"]) != 0
     err = capsys.readouterr().err
     assert "--backend local runs every node in this process" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ten_thousand_nodes_in_process_hold_only_what_is_sampled(tmp_path):
+    """10,000 virtual nodes in one process: a Context each, and a model, random streams and a ledger only
+    for the nodes sampled (here 10 per round)."""
+    import resource
+
+    from fedsafe.simulations import local
+
+    grids = []
+    original = local.LocalGrid.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        grids.append(self)
+
+    cfg = RunConfig(num_rounds=2, model="mlp", dataset="synthetic", fraction_train=0.001, local_epochs=1,
+                    out_dir=str(tmp_path / "run"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS so far (Linux: KiB)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local.LocalGrid, "__init__", keep)
+        outcome = simulate(cfg, SimulationOptions(num_nodes=10_000, backend="local"), progress=None)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    trained = [h for h in outcome.history if h["round"] > 0]
+    assert [h["replies"] for h in trained] == [10, 10] and all(h["failures"] == 0 for h in trained)
+    assert len(grids[0].contexts) == 10_000
+    assert len(grids[0].randomness._states) == len(outcome.node_epsilon) <= 20  # only sampled nodes
+    assert len(list((tmp_path / "run" / "ledgers").glob("*.json"))) == len(outcome.node_epsilon)
+    assert grown < 400 * 2**20, f"peak RSS grew {grown / 2**20:.0f} MiB"
