@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 BACKENDS = ("auto", "local", "ray")
 
-# `auto` runs up to this many virtual nodes in this process. In-process, a federation costs one Context
-# per node (about 2 KB) and the sampled nodes train one after another; Ray costs 8-12 s of start-up on
-# 2 cores (its processes, each actor importing PyTorch, Opacus and Flower) and then trains on every core.
-# Measured on 2 shared cores (README, "Which backend"): 10 digits nodes × 5 rounds took 2-3 s in process
-# against 12-16 s on Ray. Beyond this size a run is a scale experiment, where Ray's parallel actors and
-# its cluster mode are what the researcher wants, and `--backend local` still runs it in one process.
+# `auto` runs up to this many virtual nodes in this process. In process, a node costs one Context until it
+# is sampled, and the sampled nodes train one after another on one core; Ray costs 8-12 s of start-up on
+# 2 cores (issue 18: its processes, each actor importing PyTorch, Opacus and Flower) and then trains on
+# every core. Small federations are where researchers iterate, and where that start-up is most of the
+# run (README, "Which backend", has the measured figures); a federation of thousands of nodes is a
+# scale experiment, where Ray's parallel actors and cluster mode pay, and `--backend local` still runs
+# it in one process when asked.
 LOCAL_MAX_NODES = 1000
 
 
