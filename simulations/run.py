@@ -11,20 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsafe.flower.linkstate import deterministic_node_ids, seeded_ids
+from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, scalable_engine, warm_actors
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
 
 from .backend import BackendChoice, BackendError, choose_backend
-from .engine import (
-    SIMULATED_GRID_POLL_SECONDS,
-    LocalRay,
-    deterministic_node_ids,
-    quiet_flower_environment,
-    scalable_engine,
-    seeded_id_draws,
-    start_local_ray,
-    warm_actors,
-)
+from .engine import LocalRay, quiet_flower_environment, start_local_ray
 
 PARTITION_REPORT_MAX_NODES = 200  # above this the per-node report costs more than it tells
 PARTITION_STORE_DIR = "federation"  # under the out-dir: the partitioned training split the virtual nodes read
@@ -218,7 +211,7 @@ def simulated_node_ids(seed: int, num_nodes: int) -> list[int]:
     the same partitions in process as on Ray."""
     from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID
 
-    draw = seeded_id_draws(seed)  # without Flower's link state, whose import costs 1-3 s
+    draw = seeded_ids(seed)  # Flower's draws under deterministic_node_ids, without importing its link state
     ids: list[int] = []
     taken = {SUPERLINK_NODE_ID, 0}
     for _ in range(num_nodes):
