@@ -192,3 +192,16 @@ def test_ten_thousand_nodes_in_process_hold_only_what_is_sampled(tmp_path):
     assert len(grids[0].randomness._states) == len(outcome.node_epsilon) <= 20  # only sampled nodes
     assert len(list((tmp_path / "run" / "ledgers").glob("*.json"))) == len(outcome.node_epsilon)
     assert grown < 400 * 2**20, f"peak RSS grew {grown / 2**20:.0f} MiB"
+
+
+def test_the_cli_says_which_backend_runs_and_why_before_anything_else(tmp_path, capsys):
+    import ray
+
+    from fedsafe.cli import main
+
+    assert main(["simulate", "--nodes", "2", "--rounds", "1", "--local-epochs", "1", "--dataset", "breast-cancer",
+                 "--out", str(tmp_path / "run")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("fedsafe: backend local (every node in this process): 2 nodes on one host")
+    assert not ray.is_initialized()  # no Ray was started for an in-process run
+    assert (tmp_path / "run" / "metrics.json").exists()
