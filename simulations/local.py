@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import random
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+log = logging.getLogger("fedsafe.simulations")
 
 NODE_ID_BASE = 1000
 
@@ -64,8 +68,10 @@ class LocalGrid:
                 with self.randomness.of(node), self._node_output():
                     reply = copy.deepcopy(self.client_app(delivered, self.contexts[node]))
             except Exception as err:  # noqa: BLE001 - a crashing ClientApp is an error reply, as in Flower
-                reply = Message(Error(code=2, reason=f"ClientApp raised {type(err).__name__}: {err}\n"
-                                      + traceback.format_exc(limit=3)), reply_to=delivered)
+                # As Flower's engine: the error's type and text in the reply, its traceback in the log only.
+                log.debug("virtual node %s: ClientApp raised\n%s", node, traceback.format_exc())
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"ClientApp raised {type(err).__name__}: {err}"), reply_to=delivered)
             if not reply.has_error():
                 self.bytes_up += payload_bytes(reply.content)
             replies.append(reply)

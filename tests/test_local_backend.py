@@ -132,7 +132,7 @@ def test_a_node_that_raises_is_an_error_reply_and_the_run_goes_on(tmp_path):
     assert [h["replies"] for h in trained] == [2, 2] and [h["failures"] for h in trained] == [1, 1]
     errors = [r for r in grid.received if r.has_error()]
     assert len(errors) == 2 and all(int(r.metadata.src_node_id) == crashing for r in errors)
-    assert errors[0].error.code == 2 and "RuntimeError: disk on fire" in errors[0].error.reason
+    assert errors[0].error.code == 2 and errors[0].error.reason == "ClientApp raised RuntimeError: disk on fire"
     assert outcome.history[-1]["eval"]["accuracy"] > 0.5  # the other nodes' updates were aggregated
 
 
