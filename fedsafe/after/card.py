@@ -228,6 +228,7 @@ def privacy_record(directory: Path, document: dict[str, Any], cfg, ledger_dir: P
     history = document.get("rounds", [])
     summary = document.get("summary", {})
     reported = reported_epsilon(history)
+    names = summary.get("node_names", {})  # {id: the name the coordinator registered it under}
     record: dict[str, Any] = {
         "record_level_dp": bool(cfg.dp),
         "accountant": cfg.accountant,
@@ -236,7 +237,9 @@ def privacy_record(directory: Path, document: dict[str, Any], cfg, ledger_dir: P
         "clipping_norm": cfg.max_grad_norm,
         "expected_batch_size": cfg.batch_size,
         "local_epochs": cfg.local_epochs,
-        "nodes_reported": {node: {"epsilon": eps, "delta": cfg.delta} for node, eps in sorted(reported.items())},
+        "nodes_reported": {node: {"epsilon": eps, "delta": cfg.delta,
+                                  **({"name": names[node]} if node in names else {})}
+                           for node, eps in sorted(reported.items())},
         "epsilon_max_over_nodes": max(reported.values()) if reported else None,
         "secagg": bool(cfg.secagg),
         "client_level_dp": cfg.client_dp,
@@ -360,7 +363,8 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     if p["nodes_reported"]:
         lines += ["| node (as the coordinator knows it) | ε reported | δ |", "|---|---|---|"]
-        lines += [f"| {node} | {_number(v['epsilon'])} | {v['delta']:g} |" for node, v in p["nodes_reported"].items()]
+        lines += [f"| {v['name'] + f' ({node})' if 'name' in v else node} | {_number(v['epsilon'])} | {v['delta']:g} |"
+                  for node, v in p["nodes_reported"].items()]
         lines.append("")
     if p["ledgers"]:
         lines += ["| node's data (ledger) | σ | sampling rate q | steps | rounds | ε this run | ε all runs on this data |",
