@@ -194,6 +194,9 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             bounds="(0, 1]", requires="secagg", group=SECAGG_GROUP),
     Setting("secagg-clipping-range", 8.0, "updates are clipped to ±this per coordinate before quantisation",
             bounds="> 0", requires="secagg", flag=None, group=SECAGG_GROUP),
+    # Post-processing of the DP output (the noised update): no ε. fedsafe/update_compression.py.
+    Setting("compress-updates", False, "nodes upload their noised update in 8 bits per value, deflated (~4x fewer "
+            "bytes; post-processing of the DP output, no ε); not with secagg, which quantises itself", BOTH),
     Setting("min-nodes", 2, "connected nodes needed before a round starts", bounds=">= 1", flag=None),
     Setting("max-update-norm", 0.0, "L2 bound on an update's distance from the global model (0: 10 × the round's "
             "lower-median norm, scaled by each node's expected batch; see docs/deployment.md)",

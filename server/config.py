@@ -89,6 +89,9 @@ class RunConfig(RunSettings):
                  f"update. Strategies that work on the sum: "
                  f"{', '.join(n for n in strategy_names() if strategy_spec(n).sums_updates)}")
             need(not self.freeze, "freeze cannot be combined with secagg: the masked sum covers whole models only")
+            need(not self.compress_updates,
+                 "compress-updates cannot be combined with secagg: SecAgg+ quantises the masked updates itself "
+                 "(secagg-clipping-range); use one or the other")
             sampled = self.expected_sample_size()
             need(sampled is None or sampled >= 3, f"secagg needs at least 3 nodes per round; got {sampled}")
 

@@ -19,8 +19,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_TOO_HIGH, NUM_EXAMPLES, REFUSALS, RUN_EPSILON, RUN_KEY,
-    STARTUP_SECONDS,
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_MULTIPLIER, NOISE_TOO_HIGH, NUM_EXAMPLES, REFUSALS,
+    RUN_EPSILON, RUN_KEY, SAMPLE_RATE, STARTUP_SECONDS,
 )
 from fedsafe.strategies import (
     NormBound,
@@ -128,6 +128,7 @@ class Collected:
     replies: list[tuple[int, Message]]  # (the node a message went to, its reply)
     silent: list[int]  # nodes that did not reply within the round timeout
     wait_seconds: float  # pushing the messages until the last reply (or the timeout)
+    upload_bytes: int = 0  # what the replies' contents take on the wire (Flower's serialised objects)
 
 
 @dataclass
@@ -143,6 +144,7 @@ class Checked:
     # so what one node reports never depends on what the others sent.
     epsilon: dict[int, float] = field(default_factory=dict)  # lifetime ε: the node's ledger, all runs on its data
     run_grant: dict[int, float] = field(default_factory=dict)  # the ε each node granted this run
+    noise: dict[int, dict[str, float]] = field(default_factory=dict)  # each node's σ and q, as its ledger fixed them
     startup_seconds: dict[int, float] = field(default_factory=dict)
     norm_bound: NormBound | None = None  # the bound the round's updates were held to (None: SecAgg+)
     update_norms: dict[int, float] = field(default_factory=dict)  # each checked update's distance from the model
@@ -157,10 +159,27 @@ class RunStopped(RuntimeError):
     """The run ends cleanly before a round (a privacy budget, every node excluded); the message says why."""
 
 
+def _decode_compressed(content, global_arrays: ArrayRecord, frozen) -> None:
+    """compress-updates: replace the node's 8-bit codes by the update they encode, against the global model
+    this coordinator sent (fedsafe.update_compression; post-processing of the node's DP output, no ε).
+    UpdateRejected names what is malformed: a strike like any invalid update."""
+    from fedsafe.update_compression import CompressionError, decode
+
+    if not isinstance(content.get(ARRAYS), ArrayRecord):
+        raise UpdateRejected(f"reply lacks '{ARRAYS}'")
+    try:
+        content[ARRAYS] = decode(content[ARRAYS], global_arrays, frozen)
+    except CompressionError as err:
+        raise UpdateRejected(f"malformed compressed update: {err}") from None
+
+
 def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> float | None:
-    """Raise UpdateRejected unless `reply` is an update fit to aggregate (completes frozen arrays in place);
-    returns its norm (None under secure aggregation), which the round's bound is checked against later."""
+    """Raise UpdateRejected unless `reply` is an update fit to aggregate (decodes a compressed update and
+    completes frozen arrays in place); returns its norm (None under secure aggregation), which the round's
+    bound is checked against later."""
     content = reply.content
+    if cfg.compress_updates and not masked:
+        _decode_compressed(content, global_arrays, frozen)
     if METRICS not in content or (not masked and ARRAYS not in content):
         raise UpdateRejected(f"reply lacks '{ARRAYS}' or '{METRICS}'")
     # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)
@@ -255,6 +274,9 @@ def validate_replies(
             checked.epsilon[node] = float(metrics[EPSILON])
         if RUN_EPSILON in metrics:
             checked.run_grant[node] = float(metrics[RUN_EPSILON])
+        if NOISE_MULTIPLIER in metrics:
+            checked.noise[node] = {"noise_multiplier": float(metrics[NOISE_MULTIPLIER]),
+                                   **({"sample_rate": float(metrics[SAMPLE_RATE])} if SAMPLE_RATE in metrics else {})}
         if STARTUP_SECONDS in metrics:
             checked.startup_seconds[node] = float(metrics[STARTUP_SECONDS])
     checked.failures += [
@@ -368,7 +390,16 @@ def sample_round(run: _Run, grid, rnd: int) -> list[Message]:
 def send_and_collect(grid, messages: list[Message], cfg: RunConfig) -> Collected:
     sent_at = time.perf_counter()
     replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
-    return Collected(replies, silent, time.perf_counter() - sent_at)
+    return Collected(replies, silent, time.perf_counter() - sent_at, upload_bytes(replies))
+
+
+def upload_bytes(replies: list[tuple[int, Message]]) -> int:
+    """Bytes of the replies' contents as Flower serialises them for transfer (every nested record and array,
+    deflated): what the nodes uploaded, compressed or not, without the transport's framing."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for _, reply in replies if not reply.has_error()
+               for obj in get_all_nested_objects(reply.content).values())
 
 
 def report_problems(strategy, rnd: int, checked: Checked, names: NodeNames | None = None) -> None:
@@ -427,6 +458,7 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "epsilon_max": max(round_eps.values()) if round_eps else None,
         "epsilon_mean": mean(round_eps.values()) if round_eps else None,
         "node_epsilon": {str(k): v for k, v in sorted(round_eps.items())},
+        "node_noise": {str(k): v for k, v in sorted(checked.noise.items())},  # σ and q per node (model card)
         # the ε the nodes granted this run (their lifetime ε above also counts earlier runs on their data)
         "run_epsilon_grant": ({"min": min(checked.run_grant.values()), "max": max(checked.run_grant.values())}
                               if checked.run_grant else None),
@@ -439,6 +471,7 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "num_examples_cap": checked.examples_cap,
         **strategy_report,
         "wait_seconds": collected.wait_seconds,
+        "upload_bytes": collected.upload_bytes,  # the replies' serialised contents (compress-updates shrinks them)
     }
 
 

@@ -116,6 +116,33 @@ def test_two_node_run_completes_over_tls_with_node_auth(fed: Federation, referen
         assert len(ledgers) == 1 and len(json.loads(ledgers[0].read_text())["rounds"]) >= 3
 
 
+def test_compressed_updates_over_real_processes_learn_and_the_card_carries_each_nodes_sigma_and_q(
+        fed: Federation, reference: Path) -> None:
+    """compress-updates through real SuperNodes and SuperLink: the nodes' 8-bit uploads decode, aggregate
+    and learn, in fewer bytes than the reference run's; the coordinator, which never sees a ledger, writes
+    each node's σ and q into the model card as the node reported them: its own ledger's."""
+    from fedsafe.after.card import run_key_of
+
+    out = fed.root / "compressed"
+    status, output = fed.run({**RUN, "compress-updates": True, "out-dir": str(out)}, timeout=RUN_TIMEOUT,
+                             name="compressed")
+    assert status == 0, output[-4000:]
+    rounds = _rounds(out)
+    for r, plain in zip(rounds[1:], _rounds(reference)[1:]):
+        assert r["aggregated"] and r["replies"] == 2 and r["failures"] == r["rejected"] == 0, r
+        assert 0 < r["upload_bytes"] < plain["upload_bytes"] / 3, (r["upload_bytes"], plain["upload_bytes"])
+    assert rounds[-1]["eval"]["accuracy"] >= 0.85 and _finite(_model(out))
+    privacy = json.loads((out / "model_card.json").read_text())["privacy"]
+    assert privacy["ledgers"] == []  # a deployed coordinator holds none
+    run_key = run_key_of(out)
+    for name in ("a", "b"):
+        (ledger,) = [json.loads(p.read_text()) for p in (fed.root / "ledgers" / name).glob("*.json")]
+        plan = ledger["runs"][run_key]
+        reported = privacy["nodes_reported"][str(fed.node_ids[name])]
+        assert (reported["noise_multiplier"], reported["sample_rate"]) == (plan["noise_multiplier"],
+                                                                          plan["sample_rate"])
+
+
 def test_an_app_package_one_byte_off_the_pinned_one_is_refused_by_every_node(fed: Federation) -> None:
     """The coordinator ships an app that differs from the one the nodes pinned (`--allow-app`) in one byte:
     no node installs or runs it, each says so on its console, and the coordinator gets their refusals at
