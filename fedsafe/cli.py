@@ -52,6 +52,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per virtual node (fractions share one)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--cap-basis", default="own-update", choices=("own-update", "aggregate"),
+                   help="the virtual nodes' node-config cap-basis: which ε of a distributed-dp run counts against "
+                        "their cap (own-update: each node's update alone; aggregate: the SecAgg+ sum)")
 
 
 LISTED = " (comma-separated list)"
@@ -142,6 +145,9 @@ def _add_node(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-noise-multiplier", type=float, default=None,
                    help="refuse a run whose noise multiplier σ is above this: its update would be noise (default 20)")
+    p.add_argument("--cap-basis", default=None, choices=("own-update", "aggregate"),
+                   help="distributed-dp runs: which ε counts against --max-epsilon: own-update (this node's update "
+                        "alone, the default) or aggregate (trusting SecAgg+ and its threshold of honest survivors)")
     p.add_argument("--dataset-id", default=None,
                    help="name the ledger keys on (default: the digest of the data file's records, so a moved or "
                         "copied file keeps its ledger); e.g. for data that grows, whose records change")
@@ -224,7 +230,7 @@ def _simulation_options(args: argparse.Namespace, nodes: int):
 
     return SimulationOptions(num_nodes=nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
                              ray_address=args.ray_address, verbose=args.verbose, attack=args.attack,
-                             attackers=args.attackers, attack_factor=args.attack_factor)
+                             attackers=args.attackers, attack_factor=args.attack_factor, cap_basis=args.cap_basis)
 
 
 def _default_out(args: argparse.Namespace, kind: str) -> str:
@@ -402,7 +408,7 @@ def _node(args: argparse.Namespace) -> int:
         superlink=args.superlink, root_cert=Path(args.root_cert) if args.root_cert else None,
         key=Path(args.key).expanduser() if args.key else None, data_path=Path(args.data_path).expanduser(),
         state_dir=Path(args.state_dir).expanduser(), max_epsilon=args.max_epsilon, delta=args.delta,
-        device=args.device, max_noise_multiplier=args.max_noise_multiplier, port=args.port,
+        device=args.device, max_noise_multiplier=args.max_noise_multiplier, cap_basis=args.cap_basis, port=args.port,
         dataset_id=args.dataset_id, insecure=args.insecure,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time, poll_interval=args.poll_interval,
         seed_noise=args.test_seed_noise, debug_poison=args.test_poison,

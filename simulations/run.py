@@ -43,6 +43,8 @@ class SimulationOptions:
     attack: str = "none"  # none, scale or sign-flip
     attackers: int = 0  # partitions 0 .. attackers-1 send poisoned updates
     attack_factor: float = 10.0
+    # The virtual nodes' node-config cap-basis: which ε of a distributed-DP run their cap (ε) counts.
+    cap_basis: str = "own-update"
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -51,6 +53,8 @@ class SimulationOptions:
             self.attack_spec()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if self.cap_basis not in ("own-update", "aggregate"):
+            raise ConfigError(f"cap-basis must be own-update or aggregate; got {self.cap_basis!r}")
         if self.attackers > self.num_nodes:
             raise ConfigError(f"attackers ({self.attackers}) exceed nodes ({self.num_nodes})")
         if self.client_cpus <= 0 or self.client_gpus < 0:
@@ -152,6 +156,7 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         allow_models=(cfg.model,),  # the researcher's own model code, if the run names one
         seed_noise=True,
         simulated=True,
+        cap_basis=options.cap_basis,
         partition_store=None if partition_store is None else str(partition_store),
     )
     attack = options.attack_spec()
