@@ -174,6 +174,20 @@ def _add_node(sub) -> None:
     p.add_argument("--test-poison", default=None, help=argparse.SUPPRESS)
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="simulation only: hyperparameter search whose privacy cost is charged to the "
+                                    "nodes' ledgers (or tune on public proxy data, then train once)")
+    _add_run_arguments(p)
+    g = p.add_argument_group("tuning (simulations/tune.py)")
+    g.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a run setting and the values to try (repeatable; trials are the product)")
+    g.add_argument("--proxy-dataset", default=None,
+                   help="tune on this public dataset (built-in name or file shaped like the private data), "
+                        "charging nothing to the private ledgers; then train once on --dataset with the best")
+    g.add_argument("--search-epsilon", type=float, default=None,
+                   help="the nodes' lifetime cap for the whole search (default: the sum of the trials' ε)")
+
+
 def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="simulation only: an empirical lower bound on ε from one run with canaries")
     _add_run_arguments(p)
@@ -196,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_sweep(sub)
     _add_audit(sub)
+    _add_tune(sub)
     _add_partitions(sub)
     _add_ledger(sub)
     _add_credentials(sub)
@@ -291,7 +306,23 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"{ran} of {len(rows)} settings ran" + (f" ({len(rows) - ran} could not: see the status column)"
                                                   if ran < len(rows) else "")
           + f"; table: {out}/privacy_utility.csv, plot: {out}/privacy_utility.png")
+    print("note: every setting ran on fresh ledgers, so each row's ε is that run's alone; the search itself was "
+          "not charged (choosing the best row costs the composition of all of them: `fedsafe tune` charges it)")
     return 0 if ran else 1
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from fedsafe.simulations.tune import TuneGrid, summary_lines, tune
+
+    grid = TuneGrid.parse(args.tune)
+    out = Path(_default_out(args, "tune-"))
+    base = _run_config(args, out_dir=str(out))
+    report = tune(base, grid, _simulation_options(args, _number(args.nodes, int, "nodes")), out,
+                  proxy=args.proxy_dataset, search_epsilon=args.search_epsilon)
+    for line in summary_lines(report):
+        print(line)
+    print(f"report: {out}/tune.json")
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -466,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(credentials, DELEGATED[argv[0]])(argv[1:], prog=f"fedsafe {argv[0]}")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"simulate": _simulate, "sweep": _sweep, "audit": _audit, "partitions": _partitions,
+        handler = {"simulate": _simulate, "sweep": _sweep, "audit": _audit, "tune": _tune, "partitions": _partitions,
                    "ledger": _ledger, "superlink": _superlink, "node": _node, "app-hash": _app_hash,
                    **after_training.HANDLERS}[args.command]
         return handler(args)
