@@ -259,7 +259,7 @@ class NodeOptions:
     insecure: bool = False
     max_retries: int | None = None
     max_wait_time: float | None = None
-    # Seconds the SuperNode idles between pulls when the SuperLink has nothing for it (fedsafe/supernode.py);
+    # Seconds the SuperNode idles between pulls when the SuperLink has nothing for it (fedsafe/flower/supernode.py);
     # None: Flower's own 3 s.
     poll_interval: float | None = 0.5
     # Test and simulation only (documented as such): reproducible DP noise; deliberately bad updates.
@@ -350,7 +350,8 @@ def check_node_data_and_ledger(opts: NodeOptions) -> str:
 
 def app_pin_arguments(opts: NodeOptions) -> list[str]:
     """fedsafe.supernode's arguments for the apps this node may run; refuses a node that names none."""
-    from .supernode import ALLOW_ANY_APP_OPTION, ALLOW_APP_OPTION, APP_HASH
+    from .flower.supernode import APP_HASH
+    from .supernode import ALLOW_ANY_APP_OPTION, ALLOW_APP_OPTION
 
     if opts.allow_any_app:
         return [ALLOW_ANY_APP_OPTION]
@@ -371,7 +372,7 @@ def app_hash(project: Path) -> str:
     """The SHA-256 of the app package `flwr run PROJECT` builds and ships: what `--allow-app` pins."""
     from flwr.cli.build import build_fab_from_disk
 
-    from .supernode import app_digest
+    from .flower.supernode import app_digest
 
     project = project.expanduser()
     if not (project / "pyproject.toml").is_file():

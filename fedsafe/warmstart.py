@@ -11,7 +11,7 @@ exits with the child's status — to Flower it is the ClientApp process.
 
 What the child runs is unchanged: Flower's entry point loads the app from the FAB exactly as a fresh
 process would. That FAB is one the node's operator approved (`fedsafe node --allow-app`, checked by the
-SuperNode before anything of it is installed: fedsafe/supernode.py), and it is that package's code that
+SuperNode before anything of it is installed: fedsafe/flower/supernode.py), and it is that package's code that
 runs, warm or cold: the zygote is itself started as `python -m fedsafe.warmstart`, so each child first
 drops the zygote's own `fedsafe` modules from `sys.modules` — otherwise `fedsafe.client.app` would
 resolve to the zygote's installed copy instead of the approved package. Each child re-seeds PyTorch's and NumPy's global generators from the OS, so no

@@ -1,20 +1,15 @@
-"""Flower's simulation engine as fedsafe runs it: Ray started early, actors warmed up, seeded node ids,
-and message dispatch that scales to 10,000 virtual nodes.
+"""Ray for Flower's simulation engine: started early, on this machine, quietly.
 
-Each adjustment replaces one named piece of Flower 1.41 (tests/test_simulation_engine.py fails if a
-Flower upgrade moves it).
+The pieces of Flower's engine that fedsafe replaces (dispatcher, actor warm-up, seeded node ids) are in
+fedsafe/flower/simulation.py and fedsafe/flower/linkstate.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 import sys
 import threading
-from collections.abc import Callable
-from unittest import mock
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -36,11 +31,6 @@ def start_local_ray(ray_address: str | None, verbose: bool) -> LocalRay | None:
     simulation joins the cluster at `ray_address` (Flower connects to it)."""
     quiet_flower_environment()
     return None if ray_address else LocalRay(int(os.cpu_count() or 1), verbose)
-
-
-# The simulated grid is an in-memory store: polling it costs no network request, so replies and new
-# messages are picked up within this many seconds rather than the deployment's poll-interval.
-SIMULATED_GRID_POLL_SECONDS = 0.02
 
 
 class RayStartError(RuntimeError):
@@ -111,58 +101,3 @@ class LocalRay:
             ray.shutdown()
         self._released.set()
         self._thread.join()
-
-
-@contextlib.contextmanager
-def warm_actors(warm_up: Callable[[], None]):
-    """Flower's Ray backend gives its actors an init function only for TensorFlow; this gives them
-    fedsafe's node warm-up, so each actor imports PyTorch and Opacus and loads the federation's data
-    when it is created, while the coordinator prepares round 1, instead of inside round 1."""
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    def actor_arguments(_backend, config):  # noqa: ARG001 (Flower passes config=)
-        return {"on_actor_init_fn": warm_up}
-
-    with mock.patch.object(raybackend.RayBackend, "_validate_actor_arguments", actor_arguments):
-        yield
-
-
-@contextlib.contextmanager
-def deterministic_node_ids(seed: int):
-    """Flower draws simulated node ids from os.urandom, and samples nodes from a set of them, so the
-    same seed would still train different nodes. Seeded ids make client sampling reproducible."""
-    from flwr.server.superlink.linkstate import in_memory_linkstate
-
-    rng = random.Random(seed)
-
-    def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
-        while True:
-            value = rng.getrandbits(8 * num_bytes)
-            if value and not (exclude and value in exclude):
-                return value
-
-    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded):
-        yield
-
-
-def _dispatch_pending_messages(state, queue, nodes_mapping, f_stop) -> None:
-    """Flower's simulation engine polls every registered node for messages ten times a second, and
-    each poll scans every stored message: O(nodes × messages) under one lock, which stalls 10,000
-    virtual nodes. This does the same job by polling only the nodes that have a message waiting,
-    which is cheap enough to do fifty times a second."""
-    while not f_stop.is_set():
-        with state.lock:
-            waiting = {m.metadata.dst_node_id for m in state.message_ins_store.values()
-                       if m.metadata.delivered_at == ""}
-        for node_id in waiting & nodes_mapping.keys():
-            for message in state.get_message_ins(node_id=node_id, limit=1):
-                queue.put(message)
-        f_stop.wait(SIMULATED_GRID_POLL_SECONDS)
-
-
-@contextlib.contextmanager
-def scalable_engine():
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    with mock.patch.object(vce_api, "add_messages_to_queue", _dispatch_pending_messages):
-        yield

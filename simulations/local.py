@@ -19,11 +19,9 @@ NODE_ID_BASE = 1000
 class LocalGrid:
     def __init__(self, client_app, num_nodes: int, run_id: int = 1,
                  drop: Callable[[int, Message], bool] | None = None) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
+        from fedsafe.flower.task_identity import ensure_task_identity
 
-        for attr, value in (("_task_id", 1), ("_run_id", run_id), ("_node_id", 0)):
-            if getattr(TaskIdentity, attr) is None:
-                setattr(TaskIdentity, attr, value)
+        ensure_task_identity(run_id)  # no Flower runtime around these ClientApps sets it
         self.client_app = client_app
         self.drop = drop  # drop(node, message) -> True: the node never answers this message
         self.contexts = {

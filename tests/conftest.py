@@ -12,8 +12,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def flower_task_identity():
     """Messages built outside a Flower runtime need the process' task identity set."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsafe.flower.task_identity import task_identity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+    with task_identity(run_id=7):
+        yield

@@ -59,14 +59,11 @@ def _deadline(seconds: int):
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory) -> Path:
     """A state dir whose simulated node 0 has trained round 1 of run-a (real handler, real ledger)."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsafe.flower.task_identity import task_identity
 
     state_dir = tmp_path_factory.mktemp("trained") / "ledgers"
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    try:
+    with task_identity(run_id=7):
         _ok(train_round(train_message(CFG, 1), node_context(), _policy(state_dir)))
-    finally:
-        TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
     return state_dir
 
 

@@ -296,111 +296,18 @@ def test_insecure_node_needs_no_certificate_or_key_and_says_so(site, capsys, mon
     assert seen["warm_program"] == "flwr-clientapp" and seen["explain"]
 
 
-def test_supernode_idle_poll_is_shortened_and_nothing_else(monkeypatch):
-    import inspect
-    import time
-
-    from flwr.supernode import start_client_internal
-
-    from fedsafe.supernode import IDLE_POLL_SECONDS, REPLY_POLL_SECONDS, pace
-
-    source = inspect.getsource(start_client_internal)
-    # The waits fedsafe.supernode shortens must still be Flower's: an upgrade that changes them fails here.
-    assert f"time.sleep({IDLE_POLL_SECONDS:g})" in source and f"time.sleep({REPLY_POLL_SECONDS})" in source
-    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored after the test
-    pace(0.05)
-    paced = start_client_internal.time
-    slept = []
-    monkeypatch.setattr(time, "sleep", slept.append)
-    paced.sleep(IDLE_POLL_SECONDS)
-    paced.sleep(REPLY_POLL_SECONDS)
-    paced.sleep(7)
-    assert slept == [0.05, 0.1, 7]
-    assert paced.time is time.time and paced.monotonic is time.monotonic
-    with pytest.raises(ValueError, match="poll interval must be > 0"):
-        pace(0)
-
-
 def test_node_poll_interval_must_be_positive(site, capsys):
     assert main([*_node_args(site), "--poll-interval", "0"]) == 2
     assert "--poll-interval must be > 0 seconds" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- which app a node runs
-def _app_package(body: bytes) -> bytes:
-    import io
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as fab:
-        fab.writestr("pyproject.toml", '[project]\nname = "app"\nversion = "1.0.0"\n[tool.flwr.app]\n'
-                     'publisher = "p"\n[tool.flwr.app.components]\nserverapp = "app:server"\n'
-                     'clientapp = "app:client"\n[tool.flwr.app.config]\nk = 1\n')
-        fab.writestr("app.py", body)
-    return buffer.getvalue()
-
-
-def test_supernode_runs_only_pinned_app_packages(monkeypatch, flower_task_identity, capsys):
-    """The guard of fedsafe.supernode.pin_apps: Flower's own SuperNode step (`_pull_and_store_message`) with its
-    in-memory NodeState, fed a train message of a run whose app is one byte off, then of the approved one."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.common.constant import ErrorCode
-    from flwr.supercore.fab import Fab
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supernode import start_client_internal
-    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
-
-    from fedsafe.supernode import app_digest, pin_apps
-
-    approved, tampered = _app_package(b"def client(): pass\n"), _app_package(b"def client(): pass\n#")
-    assert len(approved) == len(tampered) - 1
-    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", start_client_internal._pull_and_store_message)
-    pin_apps([app_digest(approved)])
-    store = ObjectStoreFactory().store()
-    state = InMemoryNodeState(store)
-    state.set_node_id(7)
-
-    def deliver(run_id: int, content: bytes, claimed_hash: str | None = None) -> tuple[int | None, list[str]]:
-        message = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=7, message_type="train")
-        message.metadata.__dict__["_run_id"] = run_id
-        message.metadata.__dict__["_message_id"] = message.object_id
-        tree = get_object_tree(message)
-        objects = {key: obj.deflate() for key, obj in get_all_nested_objects(message).items()}
-        run = Run.create_empty(run_id)
-        run.fab_hash = claimed_hash or app_digest(content)
-        fetched = []
-        result = start_client_internal._pull_and_store_message(
-            state=state, object_store=store, node_config={}, receive=lambda: (message, tree),
-            get_run=lambda _: run, get_fab=lambda h, _: fetched.append(h) or Fab(h, content, {}),
-            pull_object=lambda _, key: objects[key], confirm_message_received=lambda *_: None, trusted_entities=None)
-        return result, fetched
-
-    # One byte changed: refused before anything is stored; an error reply is queued for the coordinator.
-    assert deliver(1, tampered) == (1, [app_digest(tampered)])
-    assert state.get_run(1) is None and state.get_fab(app_digest(tampered)) is None
-    (reply,) = state.get_messages_legacy(run_ids=[1], is_reply=True)
-    assert reply.error.code == ErrorCode.INVALID_FAB and app_digest(tampered) in reply.error.reason
-    assert f"REFUSED run 1: its app package (sha256 {app_digest(tampered)})" in capsys.readouterr().err
-    # A SuperLink that names the approved hash but ships other bytes is refused too (the content is hashed).
-    assert deliver(2, tampered, claimed_hash=app_digest(approved))[0] == 2 and state.get_run(2) is None
-    # The approved package: stored once, fetched once (Flower stores the very bytes that were hashed).
-    assert deliver(3, approved) == (3, [app_digest(approved)])
-    assert state.get_run(3) is not None and state.get_fab(app_digest(approved)).content == approved
-    assert not state.get_messages_legacy(run_ids=[3], is_reply=True)
-
-
 def test_node_must_name_the_apps_it_may_run(site, capsys):
     assert main(_node_args(site, **{"--allow-app": None})) == 2
     err = capsys.readouterr().err
     assert "name the app this node may run: --allow-app <sha256>" in err and err.count("\n") == 1
     assert main(_node_args(site, **{"--allow-app": "abc"})) == 2
     assert "give the app's SHA-256 in hex" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="SHA-256 in hex"):
-        from fedsafe.supernode import pin_apps
-
-        pin_apps([])
 
 
 def test_app_hash_is_the_hash_flwr_run_ships(capsys):

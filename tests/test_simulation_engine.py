@@ -1,28 +1,11 @@
-"""The pieces of Flower 1.41 that simulations/engine.py replaces, and Ray's lifetime around a run."""
+"""Ray's lifetime around a run (the Flower pieces a simulation replaces: tests/test_flower_adapters.py)."""
 
-import inspect
 import threading
 
 import pytest
 
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.simulations.run import SimulationOptions, simulate
-
-
-def test_the_flower_pieces_fedsafe_replaces_are_where_it_expects_them():
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-    from flwr.server.superlink.linkstate import in_memory_linkstate
-    from flwr.simulation.ray_transport.ray_actor import ClientAppActor
-
-    assert list(inspect.signature(vce_api.add_messages_to_queue).parameters) == [
-        "state", "queue", "nodes_mapping", "f_stop"]
-    assert "num_bytes" in inspect.signature(in_memory_linkstate.generate_rand_int_from_bytes).parameters
-    # Flower calls it as self._validate_actor_arguments(config=...) and passes the result to the actors.
-    assert "config" in inspect.signature(RayBackend._validate_actor_arguments).parameters
-    assert "_validate_actor_arguments(config=" in inspect.getsource(RayBackend.__init__)
-    actor_init = ClientAppActor.__ray_metadata__.modified_class.__init__
-    assert "on_actor_init_fn" in inspect.signature(actor_init).parameters
 
 
 def test_a_run_refused_after_ray_started_leaves_no_ray_behind(tmp_path):
