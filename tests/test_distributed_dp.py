@@ -209,3 +209,15 @@ def test_distributed_dp_over_secagg_learns(tmp_path):
     accuracy = outcome.history[-1]["eval"]["accuracy"]
     # breast-cancer's majority class is 63% of the test split: a margin well above chance.
     assert accuracy >= 0.85, accuracy
+
+
+def test_an_update_secagg_would_clip_after_the_noise_is_withheld_and_others_share_one_weight():
+    from fedsafe.client.secagg import SecAggRound, _equal_weight
+
+    secagg = SecAggRound(threshold=M, max_weight=1000.0, clipping_range=8.0)
+    # Every node masks with SecAgg+'s max weight: Flower's weight ratio is then exactly 1 on every node.
+    assert _equal_weight([np.full(3, 7.9), np.zeros(0)], secagg) == 1000
+    with pytest.raises(PolicyError, match="clipping range"):
+        _equal_weight([np.array([0.1, -8.5])], secagg)
+    with pytest.raises(PolicyError, match="clipping range"):
+        _equal_weight([np.array([np.nan])], secagg)
