@@ -120,6 +120,7 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
     terms = resolve_terms(policy, request)
     policy.check_model(request.model)  # the model code the run names: only what the operator allows
+    policy.check_model(request.task)  # and its task code, under the same allow-list
     partition = simulated_partition(context, request)
     device = node_device(policy)
     startup = _startup_seconds()
@@ -133,11 +134,14 @@ def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
         return replayed
 
     model, task, frozen = _global_model(msg, request, spec)
+    dp_mode = _grad_sample_mode(request, spec)  # before any ε is reserved: a precision it cannot train in
     plan = gate.reserve(len(data))
     seed = _noise_seed(policy, request, gate)
-    outcome = _train_locally(model, task, data, request, plan, device, seed)
+    outcome = _train_locally(model, task, data, request, plan, device, seed, dp_mode)
     figures = gate.settle(plan, outcome)
     update = _update(model, frozen, policy, request)
+    if _debug_poison(policy, request) == "no-dp":  # TEST ONLY: the reply of a node that trains without DP
+        figures = {}
     return gate.release(digest, update, {protocol.NUM_EXAMPLES: len(data), **startup, **figures})
 
 
@@ -213,13 +217,24 @@ def _noise_seed(policy: NodePolicy, request: TrainRequest, gate: PrivacyGate) ->
     return seed
 
 
-def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None):
-    """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
+def _grad_sample_mode(request: TrainRequest, spec) -> str:
+    """The family's Opacus mode at the run's precision (fedsafe.client.precision); PolicyError where the
+    model cannot train correctly at that precision."""
     from fedsafe.models import preferred_grad_sample_mode
 
+    from .precision import PrecisionError, grad_sample_mode
+
+    try:
+        return grad_sample_mode(preferred_grad_sample_mode(request.model), request.precision, spec.task)
+    except PrecisionError as err:
+        raise PolicyError(str(err)) from None
+
+
+def _train_locally(model, task, data, request: TrainRequest, plan, device, seed: int | None, dp_mode: str):
+    """DP-SGD (or, where the operator allows it, plain SGD) with exactly the noise the gate reserved."""
     from .training import TrainSettings, train
 
-    settings = TrainSettings.of(request, grad_sample_mode=preferred_grad_sample_mode(request.model),
+    settings = TrainSettings.of(request, grad_sample_mode=dp_mode,
                                 noise_multiplier=plan.noise_multiplier if plan.private else None)
     return train(model, task, data, settings, device, seed)
 
@@ -227,11 +242,18 @@ def _train_locally(model, task, data, request: TrainRequest, plan, device, seed:
 def _update(model, frozen: set[str], policy: NodePolicy, request: TrainRequest) -> dict:
     """The trained tensors to upload: every parameter and buffer but the frozen ones."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
-    if policy.debug_poison:
-        kind = policy.debug_poison[(request.server_round - 1) % len(policy.debug_poison)]
+    kind = _debug_poison(policy, request)
+    if kind is not None:
         say(f"TEST ONLY: debug-poison={kind}: round {request.server_round} sends a deliberately bad update")
         state = poison_update(state, kind)
     return state
+
+
+def _debug_poison(policy: NodePolicy, request: TrainRequest) -> str | None:
+    """TEST ONLY: the bad update this round sends (node-config debug-poison, cycling by round), if any."""
+    if not policy.debug_poison:
+        return None
+    return policy.debug_poison[(request.server_round - 1) % len(policy.debug_poison)]
 
 
 def poison_update(state: dict, kind: str) -> dict:
@@ -248,6 +270,8 @@ def poison_update(state: dict, kind: str) -> dict:
         for key, value in state.items():
             if value.is_floating_point():
                 state[key] = value + 1e6
+    elif kind == "no-dp":
+        pass  # the update is as trained; its reply lacks the DP fields (_serve_round)
     else:
         raise ValueError(f"unknown debug-poison {kind!r}")
     return state
@@ -265,6 +289,12 @@ def _spec_from_request(request: TrainRequest, data):
         data = fit_view(data, spec.input_shape)
     except DataError as err:
         raise DataError(f"local {err}") from None
+    classes = getattr(data, "classes", None)  # an image folder's class names, numbered in their order
+    if spec.task == "classification" and classes is not None and len(classes) != spec.num_classes:
+        # Fewer or more classes than the run's model: numbered in order, they would not mean what they mean
+        # on the other nodes. The names go to the node's log only.
+        raise DataError(f"local image folder has {len(classes)} classes {list(classes)}; the run's model has "
+                        f"{spec.num_classes}: declare the run's classes in the folder's schema")
     if spec.task == "classification" and len(data.y) and int(data.y.max()) >= spec.num_classes:
         # The label value goes to the node's log only: the coordinator learns "does not fit", no label.
         raise DataError(f"local labels reach {int(data.y.max())}; the model has {spec.num_classes} classes")

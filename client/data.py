@@ -17,9 +17,8 @@ import numpy as np
 
 from fedsafe.models.registry import DataSpec
 
-
-class DataError(ValueError):
-    """Data that cannot be used as asked: a missing file, a bad column, too few samples."""
+from .data_error import DataError
+from .image_folder import ImageFolderDataset, is_image_folder, load_image_folder
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,13 @@ def records_of(dataset: str) -> str:
     return SAME_RECORDS.get(dataset, dataset)
 
 
-def _record_rows(data: ArrayDataset) -> np.ndarray:
+def _record_rows(data: ArrayDataset | ImageFolderDataset) -> np.ndarray:
     """Each record as bytes, one row per record: its features (float32) and target (float64), flattened —
-    the same whatever file or view they came from (CSV spacing and number formatting, .csv or .npz)."""
+    the same whatever file or view they came from (CSV spacing and number formatting, .csv or .npz).
+    An image folder's record is the SHA-256 of its class and decoded pixels (ImageFolderDataset.record_digests),
+    so that digests and hashes never need all its images in memory."""
+    if isinstance(data, ImageFolderDataset):
+        return data.record_digests
     n = len(data)
     # Contiguous first: a table reader may hand over column-major (Fortran-ordered) arrays, whose rows
     # cannot be viewed as bytes.
@@ -92,7 +95,7 @@ def _record_rows(data: ArrayDataset) -> np.ndarray:
                                                 targets.view(np.uint8).reshape(n, -1)], axis=1))
 
 
-def records_digest(data: ArrayDataset) -> str:
+def records_digest(data: ArrayDataset | ImageFolderDataset) -> str:
     """SHA-256 of the set of records as loaded (`_record_rows`, sorted: row order does not count), so a
     copied, renamed or re-saved file has the digest of its records. What the privacy ledger of a node's own
     data is keyed on. One sort of the rows: milliseconds for thousands of records."""
@@ -101,7 +104,7 @@ def records_digest(data: ArrayDataset) -> str:
     return hashlib.sha256(f"{len(rows)}x{rows.shape[1]}:".encode() + ordered.tobytes()).hexdigest()
 
 
-def record_hashes(data: ArrayDataset) -> np.ndarray:
+def record_hashes(data: ArrayDataset | ImageFolderDataset) -> np.ndarray:
     """A 64-bit hash of each distinct record (sorted, unique): what the node keeps of the data each ledger
     protects, to notice a dataset that shares records with another ledger's (rows added to a copy, or
     dropped). Not cryptographic — the operator who would craft collisions could as well alter every record."""
@@ -121,7 +124,8 @@ def record_hashes(data: ArrayDataset) -> np.ndarray:
 
 @functools.cache
 def load_dataset(name_or_path: str, group_column: str | None = None) -> DataSplit:
-    """A built-in dataset by name, or a data file (.csv/.npz) split 75/25 into train and held-out test."""
+    """A built-in dataset by name, or a data file (.csv/.npz/.parquet) or folder (images, a saved Hugging Face
+    dataset) split 75/25 into train and held-out test (an image folder's split is of its file list)."""
     if is_builtin(name_or_path):
         if group_column:
             raise DataError(f"built-in dataset {name_or_path!r} has no group column {group_column!r}")
@@ -202,19 +206,28 @@ def fit_view(data: ArrayDataset, input_shape: tuple[int, ...]) -> ArrayDataset:
     shape, want = tuple(data.x.shape[1:]), tuple(input_shape)
     if shape == want:
         return data
+    if isinstance(data, ImageFolderDataset):
+        raise DataError(f"images are shaped {shape} (channels, height, width); the model expects {want}: "
+                        f"set size and channels in the folder's schema")
     if (shape[:1] == (1,) and shape[1:] == want) or (want[:1] == (1,) and want[1:] == shape):
         x = data.x.reshape(len(data.x), *want)
         return ArrayDataset(x, data.y, replace(data.spec, input_shape=want), data.groups)
     raise DataError(f"samples are shaped {shape}; the model expects {want}")
 
 
-def load_file(path: str | Path, label_column: str = "label", group_column: str | None = None) -> ArrayDataset:
+def load_file(path: str | Path, label_column: str = "label",
+              group_column: str | None = None) -> ArrayDataset | ImageFolderDataset:
     """A node's own data: `.npz` (arrays `x`, `y`, optional group array) or a table, `.csv` or `.parquet`
     (feature columns, a label column of class numbers 0..K-1, and optionally a group column for natural
-    partitions; categorical or missing values need a schema file, see _load_table)."""
+    partitions; categorical or missing values need a schema file, see _load_table), or a folder of images,
+    one sub-folder per class, read lazily (fedsafe.client.image_folder)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if not is_hf_dataset_dir(path) and is_image_folder(path):
+        if group_column is not None:
+            raise DataError(f"{path}: an image folder has no group column {group_column!r}")
+        return load_image_folder(path, schema_path(path))
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             if "x" not in arrays or "y" not in arrays:
@@ -380,7 +393,7 @@ class PartitionScheme:
             raise DataError("the natural partitioner needs the name of a group column (partition-by)")
 
 
-def make_partitioner(data: ArrayDataset, scheme: PartitionScheme):
+def make_partitioner(data: ArrayDataset | ImageFolderDataset, scheme: PartitionScheme):
     """A flwr-datasets partitioner over `data`'s indices, ready to `load_partition(i)`.
 
     The rows are shuffled (seeded) first: flwr-datasets' IidPartitioner takes contiguous shards, which
@@ -448,7 +461,7 @@ def _indices(partitioner, partition_id: int, scheme: PartitionScheme) -> np.ndar
                         f"nodes: {err}{hint}") from None
 
 
-def partition_indices(data: ArrayDataset, scheme: PartitionScheme) -> list[np.ndarray]:
+def partition_indices(data: ArrayDataset | ImageFolderDataset, scheme: PartitionScheme) -> list[np.ndarray]:
     """Every node's sample indices (for reports and tests; nodes load only their own)."""
     partitioner = make_partitioner(data, scheme)
     return [_indices(partitioner, i, scheme) for i in range(scheme.num_partitions)]
@@ -470,6 +483,8 @@ def save_partitions(directory: Path, dataset: str, data: ArrayDataset, scheme: P
     memory-mapped, instead of every process loading and partitioning the whole set."""
     from .files import atomic_write
 
+    if not isinstance(data, ArrayDataset):
+        return  # an image folder stays on disk: its nodes take their share of its file list (load_partition)
     order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
     arrays = {"x.npy": data.x[order], "y.npy": data.y[order], "offsets.npy": offsets}

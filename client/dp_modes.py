@@ -15,6 +15,7 @@ The model family's preferred mode is ``models.preferred_grad_sample_mode(name)``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -152,9 +153,10 @@ def check_no_batchnorm(model: nn.Module) -> None:
 
 def check_privatisable(
     model: nn.Module, per_sample_loss: PerSampleLoss, mode: str, input_shape: tuple[int, ...],
-    targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], precision: str = "fp32",
 ) -> None:
-    """Raise NotPrivatisable, naming the layers, unless DP-SGD can train `model` in `mode`.
+    """Raise NotPrivatisable, naming the layers, unless DP-SGD can train `model` in `mode` at `precision`
+    (bf16: the trial step runs as a node's does, and its per-sample gradients must come out fp32).
 
     Opacus' ModuleValidator lists layers that per-sample DP forbids or cannot handle (BatchNorm
     mixes the samples of a batch; nn.LSTM/GRU/MultiheadAttention need Opacus' replacements); a
@@ -170,20 +172,29 @@ def check_privatisable(
     if errors:
         listed = "; ".join(str(e) for e in errors[:5])
         raise NotPrivatisable(f"DP-SGD cannot train this model: {listed}")
+    from .precision import autocast, check_fp32_grad_samples, fp32_outputs
+
     trial = copy.deepcopy(model)
     trial.train()
     params = [p for p in trial.parameters() if p.requires_grad]
+    bf16 = precision == "bf16"
     try:
-        private = make_private(trial, torch.optim.SGD(params, lr=0.0), per_sample_loss, mode,
-                               noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2)
-        try:
-            x = torch.zeros(2, *input_shape)
-            private.optimizer.zero_grad(set_to_none=True)
-            private.criterion(private.module(x), targets(x, torch.zeros(2, dtype=torch.long))).backward()
-            private.optimizer.step()
-        finally:
-            private.close()
+        with fp32_outputs(trial) if bf16 else contextlib.nullcontext():
+            private = make_private(trial, torch.optim.SGD(params, lr=0.0), per_sample_loss, mode,
+                                   noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2)
+            try:
+                x = torch.zeros(2, *input_shape)
+                private.optimizer.zero_grad(set_to_none=True)
+                with autocast(torch.device("cpu"), precision):
+                    outputs = private.module(x)
+                private.criterion(outputs.float(), targets(x, torch.zeros(2, dtype=torch.long))).backward()
+                if bf16:
+                    check_fp32_grad_samples(params)
+                private.optimizer.step()
+            finally:
+                private.close()
     except Exception as err:  # noqa: BLE001 - whatever Opacus raises, the run cannot use this model
+        at = f" at precision {precision}" if bf16 else ""
         raise NotPrivatisable(
-            f"DP-SGD cannot train this model in Opacus grad_sample_mode {mode!r}: {type(err).__name__}: {err}"
+            f"DP-SGD cannot train this model in Opacus grad_sample_mode {mode!r}{at}: {type(err).__name__}: {err}"
         ) from None

@@ -13,6 +13,9 @@ What leaves the node is decided here and nowhere else:
 * an update reply holds the trained arrays (the DP output; parameter names are the architecture) and a
   MetricRecord whose keys are exactly those of `PUBLIC_METRICS`, each public by declaration (README,
   "What leaves a node"); any other key is dropped before sending;
+* with compress-updates, the trained arrays leave as one deflated stream of their 8-bit codes relative to
+  the global model the node was sent, with each array's (offset, step) (fedsafe.update_compression): a
+  function of the DP output and of what the coordinator sent, so post-processing, no ε;
 * an error reply holds a fixed code and a fixed category (fedsafe.protocol.REFUSALS), never exception text: a
   message can quote a cell of the private data, a label or a file path. The detail goes to the node's
   own stderr and log.
@@ -54,6 +57,8 @@ PUBLIC_METRICS: dict[str, str] = {
     protocol.DELTA: "policy: the δ of the guarantee",
     protocol.DP_STEPS: "ledger: DP-SGD steps taken on this data over all runs",
     protocol.NOISE_MULTIPLIER: "ledger: σ of this run (fixed from ε, δ, q, steps)",
+    protocol.SAMPLE_RATE: "ledger: q of this run, 1/ceil(n/B): a function of num-examples and the run's batch-size, "
+                          "both already public",
     protocol.MAX_EPSILON: "policy: the node's lifetime cap",
     protocol.RUN_EPSILON: "policy: ε granted to this run",
     protocol.EPSILON_NEXT: "ledger: ε after one more round like this one",
@@ -128,8 +133,15 @@ def public_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k in PUBLIC_METRICS}
 
 
-def update_reply(msg: Message, arrays: ArrayRecord, metrics: Mapping[str, float]) -> Message:
-    """The one builder of a successful reply: the update's arrays and the public metrics, nothing else."""
+def update_reply(msg: Message, arrays: ArrayRecord, metrics: Mapping[str, float], compress: bool = False) -> Message:
+    """The one builder of a successful reply: the update's arrays (compressed where the run asks for it) and
+    the public metrics, nothing else."""
+    if compress:
+        # Post-processing of the noised arrays (already charged to the ledger): no ε.
+        from fedsafe.update_compression import encode
+
+        start = msg.content[protocol.ARRAYS]
+        arrays = encode({k: arrays[k].numpy() for k in arrays.keys()}, {k: start[k].numpy() for k in start.keys()})
     content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(public_metrics(metrics))})
     return Message(content, reply_to=msg)
 
@@ -170,7 +182,7 @@ class PrivacyGate:
         say(f"round {self.request.server_round}: re-sent by the coordinator; answering with the update this node "
             f"already trained for it (no new privacy spend, ε stays {metrics.get('epsilon', float('nan')):.3f})")
         record = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
-        return update_reply(self.msg, record, {**metrics, protocol.REPLAYED: 1.0})
+        return update_reply(self.msg, record, {**metrics, protocol.REPLAYED: 1.0}, self.request.compress_updates)
 
     # ---- the ledger ---------------------------------------------------------------------------
     def reserve(self, num_examples: int) -> Plan:
@@ -262,6 +274,7 @@ class PrivacyGate:
             protocol.DELTA: terms.delta,
             protocol.DP_STEPS: ledger.total_steps,
             protocol.NOISE_MULTIPLIER: plan.noise_multiplier,
+            protocol.SAMPLE_RATE: plan.sample_rate,
             protocol.MAX_EPSILON: terms.max_epsilon,
             protocol.RUN_EPSILON: terms.run_epsilon,
             protocol.EPSILON_NEXT: lifetime_next,
@@ -274,4 +287,4 @@ class PrivacyGate:
         metrics = public_metrics(metrics)
         self._replay.store(self.request.run_id, self.request.server_round, digest,
                            {k: v.numpy() for k, v in state.items()}, metrics)
-        return update_reply(self.msg, ArrayRecord(dict(state)), metrics)
+        return update_reply(self.msg, ArrayRecord(dict(state)), metrics, self.request.compress_updates)

@@ -9,7 +9,7 @@ from typing import Any
 
 from fedsafe import protocol
 from fedsafe.settings import (
-    NODE_SETTINGS, RUN_SETTINGS, SentSettings, SettingError, by_key, check_settings, parse_settings,
+    NODE_SETTINGS, RUN_SETTINGS, SentSettings, SettingError, by_key, check_device_name, check_settings, parse_settings,
 )
 
 NODE_DEFAULTS = {s.key: s.default for s in NODE_SETTINGS}
@@ -17,7 +17,9 @@ DEFAULT_STATE_DIR = NODE_DEFAULTS["state-dir"]
 DEFAULT_MAX_EPSILON = NODE_DEFAULTS["max-epsilon"]
 DEFAULT_DELTA = NODE_DEFAULTS["delta"]
 DEFAULT_MAX_NOISE_MULTIPLIER = NODE_DEFAULTS["max-noise-multiplier"]
-POISONS = ("nan", "shape", "norm")  # debug-poison kinds (tests of the coordinator's update validation)
+# debug-poison kinds (tests of the coordinator's update validation); no-dp: the reply without the DP fields
+# (ε, δ, steps, σ), as a node training without DP (a stock Flower client) sends it
+POISONS = ("nan", "shape", "norm", "no-dp")
 
 
 class PolicyError(ValueError):
@@ -62,8 +64,10 @@ class NodePolicy:
                                            "cap-basis": self.cap_basis})
         except SettingError as err:
             raise PolicyError(str(err)) from None
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise PolicyError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        try:
+            check_device_name(self.device)
+        except ValueError as err:
+            raise PolicyError(str(err)) from None
         bad = [p for p in self.debug_poison if p not in POISONS]
         if bad:
             raise PolicyError(f"debug-poison takes a comma list of {', '.join(POISONS)}; got {bad}")
@@ -104,7 +108,7 @@ class NodePolicy:
                for allowed in self.allow_models):
             return
         raise PolicyError(
-            f"the run asks this node to import model code {model!r}; node-config allow-models does not list it "
+            f"the run asks this node to import model or task code {model!r}; node-config allow-models does not list it "
             f"(add '{model}' or its package there if the operator has installed and reviewed that code)"
         )
 

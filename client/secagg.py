@@ -59,12 +59,24 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     from flwr.client.mod import secaggplus_mod
 
+    if _asks_compression(msg):
+        from .policy import RequestError
+
+        return refuse(msg, RequestError("compress-updates cannot be combined with SecAgg+, which quantises the "
+                                        "masked update itself"))
     try:
         return secaggplus_mod(msg, context, lambda m, c: _update_as_fitres(m, c, call_next))
     except _Refused as refused:  # keep the node's own error code (e.g. a budget refusal)
         return Message(refused.error, reply_to=msg)
     except Exception as err:  # noqa: BLE001 - Flower would send str(err) to the server
         return refuse(msg, err)
+
+
+def _asks_compression(msg: Message) -> bool:
+    """Whether a SecAgg+ round's train config also asks for compress-updates (the coordinator's
+    configuration refuses the pair; a node refuses it too rather than send what SecAgg+ cannot mask)."""
+    config = msg.content.config_records.get("config")
+    return config is not None and config.get("compress-updates") in (True, "true")
 
 
 def _update_as_fitres(msg: Message, context: Context, call_next) -> Message:

@@ -8,6 +8,7 @@ family's grad_sample_mode through fedsafe.client.dp_modes.make_private. GANs tra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, fields
 
@@ -19,10 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import warnings
 
 from fedsafe.models.tasks import Task
-from fedsafe.settings import RunSettings
+from fedsafe.settings import RunSettings, check_device_name
 
 from .data import ArrayDataset
+from .image_folder import ImageFolderDataset
 from .dp_modes import make_private
+from .precision import autocast, check_fp32_grad_samples, check_precision, fp32_outputs
 from .regularize import l1_proximal_step, l1_weights, random_shifts
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
@@ -55,6 +58,7 @@ class TrainSettings:
     # Distributed DP: the noisy gradient sum is divided by the run's batch size, the same on every node,
     # not by this node's expected batch, so that one record weighs the same in the SecAgg+ sum wherever it is.
     distributed_dp: bool = _RUN.distributed_dp
+    precision: str = _RUN.precision  # fp32, or bf16 autocast with fp32 per-sample clipping (client/precision.py)
 
     @classmethod
     def of(cls, request, **others) -> TrainSettings:
@@ -116,7 +120,8 @@ def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: 
 
 def resolve_device(device: str) -> torch.device:
     """The training device named `device` (auto: CUDA when there is one); ValueError, in one line, when
-    the machine cannot train there."""
+    the name is not auto, cpu, cuda or cuda:N or the machine cannot train there."""
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -157,7 +162,11 @@ class RandomStreams:
                    device=torch.Generator(device=device).manual_seed(derive_seed(seed, "device")))
 
 
-def _tensor_dataset(data: ArrayDataset) -> TensorDataset:
+def _tensor_dataset(data: ArrayDataset | ImageFolderDataset):
+    """`data` as a torch Dataset: in-memory arrays as tensors; an image folder is one already, reading each
+    image when a batch draws it (Poisson sampling draws indices over its length alike)."""
+    if isinstance(data, ImageFolderDataset):
+        return data
     return TensorDataset(torch.as_tensor(data.x), torch.as_tensor(data.y))
 
 
@@ -224,10 +233,18 @@ def train(
     would be silently dropped. Its gradient μ(w − w_global) is added to the privatised gradient after
     clipping and noise instead (post-processing: it costs no ε).
     """
+    check_precision(settings.precision, settings.grad_sample_mode if settings.noise_multiplier is not None else None,
+                    task.name)
     if task.name == "generation":
         from .gan_training import train_gan
 
         return train_gan(model, task, data, settings, device, seed)
+    with fp32_outputs(model) if settings.precision == "bf16" else contextlib.nullcontext():
+        return _train(model, task, data, settings, device, seed)
+
+
+def _train(model: nn.Module, task: Task, data: ArrayDataset, settings: TrainSettings, device: torch.device,
+           seed: int | None) -> TrainOutcome:
     streams = None if seed is None else RandomStreams.seeded(seed, device)
     sampling = None if streams is None else streams.sampling
     on_device = None if streams is None else streams.device
@@ -273,11 +290,15 @@ def train(
                 if settings.augment:
                     x = random_shifts(x, on_device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(wrapped(x), task.targets(x, y))
+                with autocast(device, settings.precision):
+                    outputs = wrapped(x)
+                loss = criterion(outputs.float(), task.targets(x, y))  # the loss in fp32 in either precision
                 losses.append(float(loss.detach()))
                 if anchors and private is None:
                     loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
                 loss.backward()
+                if private is not None and settings.precision == "bf16":
+                    check_fp32_grad_samples(trainable)
                 optimizer.step()
             l1_proximal_step(penalised, settings.lr * settings.l1)
             plain_steps += 1

@@ -13,6 +13,11 @@ if (_source_root / "pyproject.toml").is_file() and (_source_root / "client" / "_
     __path__.append(str(_source_root))  # noqa: F821 - a package's __path__
 del _Path, _source_root
 
+# Importing Opacus, wherever fedsafe first does, leaves this process' logging as it was (no line twice).
+from .opacus_logging import install as _install_opacus_logging_guard  # noqa: E402
+
+_install_opacus_logging_guard()
+
 
 # The public library API (fedsafe/api.py), loaded on first use so `import fedsafe` (the CLI) stays light.
 _PUBLIC = ("simulate", "SimulationResult", "PrivateTrainer", "NodePolicy", "DataSpec")

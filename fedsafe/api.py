@@ -92,7 +92,7 @@ def _model_name(model: str | ModelFactory, engine: str) -> str:
         raise ModelConfigError(f"model must be a name, 'package.module:function' or a factory; got {model!r}")
     reference = f"{model.__module__}:{model.__qualname__}"
     try:
-        if registry._import_factory(reference) is model:
+        if registry.import_reference(reference) is model:
             return reference
     except registry.UserModelError:
         pass
@@ -186,6 +186,7 @@ class PrivateTrainer:
         from fedsafe.client.dp_modes import check_no_batchnorm
         from fedsafe.client.gate import PrivacyGate
         from fedsafe.client.policy import resolve_terms
+        from fedsafe.client.precision import grad_sample_mode
         from fedsafe.client.replay import request_digest
         from fedsafe.client.training import TrainSettings, resolve_device
         from fedsafe.client.training import train as dp_train
@@ -202,8 +203,9 @@ class PrivateTrainer:
         model = self.model()
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         check_no_batchnorm(model)
+        dp_mode = grad_sample_mode(self.grad_sample_mode, request.precision, self.task)  # before ε is reserved
         plan = gate.reserve(len(self.dataset))
-        settings = TrainSettings.of(request, grad_sample_mode=self.grad_sample_mode,
+        settings = TrainSettings.of(request, grad_sample_mode=dp_mode,
                                     noise_multiplier=plan.noise_multiplier)
         outcome = dp_train(model, task_for(self.task, self.dataset.spec.num_classes), self.dataset, settings,
                            resolve_device(self.policy.device), None)

@@ -138,7 +138,8 @@ def _add_node(sub) -> None:
     p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
     p.add_argument("--root-cert", help="the federation's CA certificate (ca.pem) that signed the SuperLink's")
     p.add_argument("--key", help="this node's private key (from `fedsafe node-keys`); its .pub must be registered")
-    p.add_argument("--data-path", required=True, help="this node's data: .npz (x, y) or .csv with a 'label' column")
+    p.add_argument("--data-path", required=True, help="this node's data: .npz (x, y), .csv/.parquet with a 'label' "
+                   "column, a saved Hugging Face dataset, or a folder of images with one sub-folder per class")
     p.add_argument("--state-dir", default="~/.fedsafe/ledgers", help="where the privacy ledgers live")
     p.add_argument("--max-epsilon", type=float, required=True, help="lifetime ε cap on this data, over all runs")
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
@@ -148,6 +149,9 @@ def _add_node(sub) -> None:
     p.add_argument("--cap-basis", default=None, choices=("own-update", "aggregate"),
                    help="distributed-dp runs: which ε counts against --max-epsilon: own-update (this node's update "
                         "alone, the default) or aggregate (trusting SecAgg+ and its threshold of honest survivors)")
+    p.add_argument("--allow-models", default=None, metavar="REFS",
+                   help="user model and task code a run may make this node import: comma list of "
+                        "package.module:function or package names, installed here (node-config allow-models)")
     p.add_argument("--dataset-id", default=None,
                    help="name the ledger keys on (default: the digest of the data file's records, so a moved or "
                         "copied file keeps its ledger); e.g. for data that grows, whose records change")
@@ -429,6 +433,18 @@ def _superlink(args: argparse.Namespace) -> int:
     return supervise(command, env, warm_program="flwr-serverapp")
 
 
+def _check_node_device(device: str) -> None:
+    """--device names a device this machine lacks: refused at start, not by every round."""
+    from fedsafe.client.training import resolve_device
+
+    from .deploy import DeployError
+
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        raise DeployError(f"--device: {err}") from None
+
+
 def _node(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -443,9 +459,10 @@ def _node(args: argparse.Namespace) -> int:
         dataset_id=args.dataset_id, insecure=args.insecure,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time, poll_interval=args.poll_interval,
         seed_noise=args.test_seed_noise, debug_poison=args.test_poison,
-        allowed_apps=tuple(args.allow_app), allow_any_app=args.allow_any_app,
+        allowed_apps=tuple(args.allow_app), allow_any_app=args.allow_any_app, allow_models=args.allow_models,
     )
     command = node_command(opts)
+    _check_node_device(opts.device)
     summary = check_node_data_and_ledger(opts)
     if args.insecure:
         print(INSECURE_WARNING.format(what=""), file=sys.stderr, flush=True)

@@ -268,6 +268,8 @@ class NodeOptions:
     # The app packages (SHA-256 of the FAB) this node may run; allow_any_app runs whatever the coordinator ships.
     allowed_apps: tuple[str, ...] = ()
     allow_any_app: bool = False
+    # The user model/task code (package.module:function or packages) the node may import (node-config allow-models).
+    allow_models: str | None = None
 
 
 def toml_value(value: Any) -> str:
@@ -300,6 +302,7 @@ def node_config(opts: NodeOptions) -> dict[str, Any]:
         "dataset-id": opts.dataset_id,
         "max-noise-multiplier": None if opts.max_noise_multiplier is None else float(opts.max_noise_multiplier),
         "cap-basis": opts.cap_basis,
+        "allow-models": opts.allow_models,
     }
     if opts.seed_noise:
         values["seed-noise"] = True

@@ -53,6 +53,7 @@ EPSILON = "epsilon"  # all spend on the node's data so far, at DELTA
 DELTA = "delta"
 DP_STEPS = "dp-steps"
 NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"  # q of the run's Poisson sampling: 1/ceil(num-examples / batch-size)
 MAX_EPSILON = "max-epsilon"  # the operator's lifetime cap
 RUN_EPSILON = "run-epsilon"  # what the node granted this run
 EPSILON_NEXT = "epsilon-next"  # EPSILON after one more round of this run
@@ -62,5 +63,5 @@ RUN_EPSILON_NEXT = "run-epsilon-next"
 EPSILON_OWN_UPDATE = "epsilon-own-update"  # all spend, each release as the node's update alone
 EPSILON_AGGREGATE = "epsilon-aggregate"  # all spend, each distributed release as the SecAgg+ sum
 NOISE_SHARES = "noise-shares"  # m
-LEDGER_METRICS = (EPSILON, DELTA, DP_STEPS, NOISE_MULTIPLIER, MAX_EPSILON, RUN_EPSILON, EPSILON_NEXT,
+LEDGER_METRICS = (EPSILON, DELTA, DP_STEPS, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_EPSILON, RUN_EPSILON, EPSILON_NEXT,
                   RUN_EPSILON_NEXT)

@@ -13,6 +13,7 @@ This module imports nothing of fedsafe's, so the node, the coordinator and the s
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
@@ -118,6 +119,9 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             "built-in dataset (breast-cancer, digits, digits-seq, digits-anomaly, diabetes, synthetic) "
             "or a data file: .npz, .csv/.parquet with a 'label' column, a saved Hugging Face dataset", BOTH),
     Setting("model-options", "", "the family's options, e.g. 'hidden=128,dropout=0.2'", BOTH),
+    # The coordinator puts it in the model's spec, which every train message carries (fedsafe.protocol.TASK).
+    Setting("task", "", "what the model is trained for when the data's own task does not fit: classification, "
+            "regression, reconstruction, generation, or a user's task factory package.module:function", in_sweep=False),
     Setting("partitioner", "iid", "iid, dirichlet, pathological or natural", BOTH),
     Setting("alpha", 0.5, "Dirichlet concentration, smaller is more skewed", BOTH, "> 0", listable=True),
     Setting("classes-per-node", 2, "pathological partitioner: labels per node", BOTH, ">= 1"),
@@ -148,6 +152,10 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("delta", 1e-5, "δ of the (ε, δ) guarantee", BOTH, "(0, 1)"),
     Setting("max-grad-norm", 1.0, "per-sample clipping norm C", NODE, "> 0"),
     Setting("accountant", "rdp", "rdp or prv", NODE),
+    # Not privacy-relevant: σ, q and the steps are the same in either precision, and so is ε.
+    Setting("precision", "fp32", "the nodes' training precision: fp32, or bf16 autocast for the forward pass "
+            "with per-sample gradients, clipping and noise in fp32 (not for GANs)", NODE,
+            choices=("fp32", "bf16")),
     Setting("fraction-train", 1.0, "fraction of nodes sampled per round", bounds="(0, 1]", flag="fraction"),
     Setting("strategy", "fedavg",
             "fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum "
@@ -191,6 +199,9 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             "local-steps 1 and optimizer sgd", BOTH, group=SECAGG_GROUP),
     Setting("secagg-clipping-range", 8.0, "updates are clipped to ±this per coordinate before quantisation",
             bounds="> 0", requires="secagg", flag=None, group=SECAGG_GROUP),
+    # Post-processing of the DP output (the noised update): no ε. fedsafe/update_compression.py.
+    Setting("compress-updates", False, "nodes upload their noised update in 8 bits per value, deflated (~4x fewer "
+            "bytes; post-processing of the DP output, no ε); not with secagg, which quantises itself", BOTH),
     Setting("min-nodes", 2, "connected nodes needed before a round starts", bounds=">= 1", flag=None),
     Setting("max-update-norm", 0.0, "L2 bound on an update's distance from the global model (0: 10 × the round's "
             "lower-median norm, scaled by each node's expected batch; see docs/deployment.md)",
@@ -211,6 +222,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("input-shape", "", "model input shape, e.g. 30 or 1x8x8, when the coordinator has no data", flag=None),
     Setting("num-classes", 0, "number of classes, when the coordinator has no data (0: from the data)",
             bounds=">= 0", flag=None),
+    Setting("server-device", "cpu", "where the coordinator evaluates the global model: cpu, auto, cuda or cuda:N"),
     Setting("out-dir", "results/run", "results directory", flag=None),  # `fedsafe simulate --out`
     Setting("resume", False, "continue the run checkpointed in out-dir (--out)", in_sweep=False),
     Setting("tensorboard", False, "also write TensorBoard event files under <out-dir>/tensorboard"),
@@ -246,7 +258,7 @@ NODE_SETTINGS: tuple[Setting, ...] = (
             "honest surviving nodes)", NODE, choices=("own-update", "aggregate")),
     Setting("device", "auto", "auto, cpu, cuda or cuda:N", NODE),
     Setting("allow-non-private", False, "a run may turn DP off only where the operator allows it", NODE),
-    Setting("allow-models", "", "user model factories this node may import: comma list of "
+    Setting("allow-models", "", "user model and task factories this node may import: comma list of "
             "package.module:function or package names (built-in and entry-point models need none)", NODE),
     # Simulations: set by the driver for each virtual node.
     Setting("partition-id", -1, "simulated node: which partition of the run's dataset it holds", NODE),
@@ -255,6 +267,17 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("seed-noise", False, "TEST ONLY: reproducible, hence predictable, DP noise", NODE),
     Setting("debug-poison", "", "TEST ONLY: comma list of bad updates to send, by round (nan, shape, norm)", NODE),
 )
+
+
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+def check_device_name(device: str) -> None:
+    """ValueError, in one line, unless `device` names a torch device as settings do (node-config `device`,
+    run setting `server-device`): auto, cpu, cuda or cuda:N. Whether this machine has it is
+    fedsafe.client.training.resolve_device's question."""
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise ValueError(f"device must be {DEVICE_NAMES}; got {device!r}")
 
 
 def by_key(settings: tuple[Setting, ...]) -> dict[str, Setting]:

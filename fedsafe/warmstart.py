@@ -202,19 +202,15 @@ def _child(fds: list[int], request: dict, program: str) -> None:  # pragma: no c
 def serve(program: str, socket_path: str) -> None:
     """Import what `program` needs, then fork one `program` per shim connection until SIGTERM/SIGINT."""
     import importlib
-    import logging
 
     started = time.perf_counter()
-    root_handlers = list(logging.root.handlers)
     if program == "flwr-serverapp":
         import matplotlib
 
         matplotlib.use("Agg")
     for name in PRELOAD[program] + ENTRY_POINTS[program][:1]:
         importlib.import_module(name)
-    # Opacus' import adds a root log handler, which would print every Flower DEBUG record twice in the
-    # children; a cold ClientApp has imported Flower, and logged its start, before Opacus.
-    logging.root.handlers[:] = root_handlers
+    # (Opacus' import leaves the root logger's handlers alone: fedsafe/opacus_logging.py.)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     Path(socket_path).unlink(missing_ok=True)
     listener.bind(socket_path)

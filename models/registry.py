@@ -13,6 +13,8 @@ Beyond the built-in families, a model name may be
   ``tasks``, ``inputs``) say what register_model's arguments say;
 * a name an installed package registers in the ``fedsafe.models`` entry-point group (its target is
   such a factory, or a module that calls register_model when imported).
+A task may be a user's too (``DataSpec.task = "package.module:factory"``, fedsafe.models.tasks.task_for):
+any family is built for it, the factory's task judging what the model outputs.
 The same code must be installed on every node: a node that cannot import it refuses the round.
 """
 
@@ -143,7 +145,7 @@ def model_family(name: str) -> ModelFamily:
     if name in _FAMILIES:
         return _FAMILIES[name]
     if is_user_model_ref(name):  # imported each time (Python caches the module): never stale, never kept
-        return _user_family(name, _import_factory(name))
+        return _user_family(name, import_reference(name))
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not found:
         raise UnknownModelError(
@@ -163,27 +165,28 @@ def model_family(name: str) -> ModelFamily:
     return _FAMILIES[name]
 
 
-def _import_factory(ref: str) -> Callable[..., Any]:
-    """The callable ``package.module:attr`` names; UserModelError, naming what is missing."""
+def import_reference(ref: str, what: str = "model") -> Callable[..., Any]:
+    """The callable ``package.module:attr`` names (a user's `what`: model or task factory);
+    UserModelError, naming what is missing."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise UserModelError(f"model {ref!r}: expected package.module:function")
+        raise UserModelError(f"{what} {ref!r}: expected package.module:function")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise UserModelError(
-            f"model {ref!r}: module {err.name or module_name!r} is not installed here; the model's code must "
+            f"{what} {ref!r}: module {err.name or module_name!r} is not installed here; the {what}'s code must "
             f"be importable on the coordinator and on every node (pip install it, or put it on PYTHONPATH)"
         ) from None
     except Exception as err:  # noqa: BLE001 - the user's module failed while importing
-        raise UserModelError(f"model {ref!r}: importing {module_name!r} failed: {type(err).__name__}: {err}") from None
+        raise UserModelError(f"{what} {ref!r}: importing {module_name!r} failed: {type(err).__name__}: {err}") from None
     factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
-            raise UserModelError(f"model {ref!r}: module {module_name!r} has no attribute {attr!r}")
+            raise UserModelError(f"{what} {ref!r}: module {module_name!r} has no attribute {attr!r}")
     if not callable(factory):
-        raise UserModelError(f"model {ref!r}: {attr!r} is not callable")
+        raise UserModelError(f"{what} {ref!r}: {attr!r} is not callable")
     return factory
 
 
@@ -244,7 +247,8 @@ def resolve_spec(name: str, data: DataSpec) -> DataSpec:
     a node's own data that shape.
     """
     family = model_family(name)
-    task = family.tasks[0] if family.tasks[0] in UNSUPERVISED_TASKS else data.task
+    unsupervised = family.tasks[0] in UNSUPERVISED_TASKS and not is_user_model_ref(data.task)
+    task = family.tasks[0] if unsupervised else data.task
     shape = tuple(data.input_shape)
     if family.inputs == "sequence" and len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
@@ -283,7 +287,7 @@ def build_model(name: str, spec: DataSpec, options: Mapping[str, Any] | None = N
     also takes ``fix_batchnorm`` (default false): replace BatchNorm layers with GroupNorm.
     """
     family = model_family(name)
-    if spec.task not in family.tasks:
+    if spec.task not in family.tasks and not is_user_model_ref(spec.task):  # a user's task takes any model
         raise ModelConfigError(
             f"model {name!r} serves task(s) {', '.join(family.tasks)}; the data spec asks for "
             f"{spec.task!r} (set DataSpec.task to {family.tasks[0]!r})"

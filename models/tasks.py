@@ -291,9 +291,26 @@ Task = ClassificationTask | RegressionTask | ReconstructionTask | GenerationTask
 TASK_NAMES = ("classification", "regression", "reconstruction", "generation")
 
 
+# What a user's task object must offer (what training, DP-SGD and evaluation call).
+USER_TASK_METHODS = ("targets", "loss", "per_sample_loss", "metrics")
+
+
 def task_for(task_name: str, num_classes: int) -> Task:
     """The task named `task_name`; `num_classes` is the class count (classification) or the
-    number of regression targets (regression), unused otherwise."""
+    number of regression targets (regression), unused otherwise. A name ``package.module:factory`` is a
+    user's task: ``factory(num_classes)`` returns an object with the methods of USER_TASK_METHODS (see
+    ClassificationTask: ``per_sample_loss`` gives the (B,) losses whose mean is ``loss``)."""
+    from .registry import ModelConfigError, import_reference, is_user_model_ref
+
+    if is_user_model_ref(task_name):
+        task = import_reference(task_name, "task")(num_classes)
+        lacking = [m for m in USER_TASK_METHODS if not callable(getattr(task, m, None))]
+        if lacking:
+            raise ModelConfigError(f"task {task_name!r}: its object lacks {', '.join(lacking)} "
+                                   f"(a task offers {', '.join(USER_TASK_METHODS)})")
+        if not isinstance(getattr(task, "name", None), str):
+            task.name = task_name  # what training and evaluation read to tell tasks apart
+        return task
     if task_name == "classification":
         return ClassificationTask(num_classes)
     if task_name == "regression":
@@ -302,7 +319,8 @@ def task_for(task_name: str, num_classes: int) -> Task:
         return ReconstructionTask()
     if task_name == "generation":
         return GenerationTask()
-    raise ValueError(f"unknown task {task_name!r}; choose one of: {', '.join(TASK_NAMES)}")
+    raise ValueError(f"unknown task {task_name!r}; choose one of: {', '.join(TASK_NAMES)}, or a factory as "
+                     f"package.module:function")
 
 
 @torch.no_grad()
@@ -312,17 +330,18 @@ def evaluate(
     x: np.ndarray,
     y: np.ndarray,
     batch_size: int = 512,
-    device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Metrics of `model` on the whole of (x, y), computed in batches."""
+    """Metrics of `model` on the whole of (x, y), computed in batches on the model's device."""
     if hasattr(task, "evaluate_model"):
         return task.evaluate_model(model, x, y)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    outputs = []
+    outputs, targets = [], []
+    # Targets batch by batch too: `x` may be an image folder read lazily (fedsafe.client.image_folder).
     for start in range(0, len(x), batch_size):
-        batch = torch.as_tensor(x[start : start + batch_size], device=device)
-        outputs.append(model(batch).cpu())
+        batch = torch.as_tensor(x[start : start + batch_size])
+        outputs.append(model(batch.to(device)).cpu())
+        targets.append(task.targets(batch, torch.as_tensor(y[start : start + batch_size])))
     model.train(was_training)
-    targets = task.targets(torch.as_tensor(x), torch.as_tensor(y))
-    return task.metrics(torch.cat(outputs), targets)
+    return task.metrics(torch.cat(outputs), torch.cat(targets))

@@ -56,6 +56,8 @@ def central_data(cfg: RunConfig):
         if test is not None and len(test.y) and int(test.y.max()) >= cfg.num_classes:
             raise ConfigError(f"num-classes={cfg.num_classes} but the evaluation data has label {int(test.y.max())}")
         spec = replace(spec, num_classes=cfg.num_classes)
+    if cfg.task:  # the run's own task (a user's loss and metrics) instead of the data's
+        spec = replace(spec, task=cfg.task)
     if test is None:
         return spec, None
     test = replace(test, spec=spec)
@@ -66,7 +68,7 @@ def global_model_setup(cfg: RunConfig):
     """The initial global model, the spec every node must build it from, and the central evaluator
     (server/evaluation.py: the task's metrics, the same model builder and task as the nodes; None when
     the coordinator has no held-out data)."""
-    from .evaluation import build_global_model, make_evaluator
+    from .evaluation import build_global_model, make_evaluator, server_device
 
     spec, split = central_data(cfg)
     built = build_global_model(cfg, spec)
@@ -74,7 +76,8 @@ def global_model_setup(cfg: RunConfig):
     model_config = {"input-shape": list(spec.input_shape), "num-classes": spec.num_classes, "task": spec.task}
     evaluator = None
     if split is not None:
-        evaluator = make_evaluator(built, split, validation=cfg.early_stopping_patience > 0)
+        evaluator = make_evaluator(built, split, validation=cfg.early_stopping_patience > 0,
+                                   device=server_device(cfg))
     return ArrayRecord(built.model.state_dict()), model_config, evaluator
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.settings import (
-    RUN_SETTINGS, RunSettings, SettingError, check_settings, parse_settings, sent_keys, strategy_params,
+    RUN_SETTINGS, RunSettings, SettingError, check_device_name, check_settings, parse_settings, sent_keys,
+    strategy_params,
 )
 
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
@@ -28,7 +29,8 @@ class RunConfig(RunSettings):
         from fedsafe.client.data import PARTITIONERS
         from fedsafe.client.training import OPTIMIZERS
         from fedsafe.models import UnknownModelError
-        from fedsafe.models.registry import model_family
+        from fedsafe.models.registry import import_reference, is_user_model_ref, model_family
+        from fedsafe.models.tasks import TASK_NAMES
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -36,12 +38,16 @@ class RunConfig(RunSettings):
 
         try:
             model_family(self.model)  # a user's factory is imported here: its module must be installed
+            if is_user_model_ref(self.task):
+                import_reference(self.task, "task")  # and a user's task
         except UnknownModelError as err:
             raise ConfigError(str(err)) from None
         try:
             check_settings(RUN_SETTINGS, self.to_mapping())  # each value within its declared bounds
         except SettingError as err:
             raise ConfigError(str(err)) from None
+        need(not self.task or self.task in TASK_NAMES or is_user_model_ref(self.task),
+             f"unknown task {self.task!r}; choose one of: {', '.join(TASK_NAMES)}, or a factory as package.module:function")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         need(self.partitioner in PARTITIONERS,
              f"unknown partitioner {self.partitioner!r}; choose one of: {', '.join(PARTITIONERS)}")
@@ -49,6 +55,10 @@ class RunConfig(RunSettings):
              "the natural partitioner needs partition-by=<group column>")
         need(self.accountant in ACCOUNTANTS,
              f"unknown accountant {self.accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}")
+        try:
+            check_device_name(self.server_device)  # whether this machine has it: server.evaluation.server_device
+        except ValueError as err:
+            raise ConfigError(f"server-device: {err}") from None
         self._check_aggregation(need)
         self._check_training_practice(need)
         need(not self.input_shape or all(p.strip().isdigit() and int(p) > 0 for p in self.input_shape.split("x")),
@@ -79,6 +89,9 @@ class RunConfig(RunSettings):
                  f"update. Strategies that work on the sum: "
                  f"{', '.join(n for n in strategy_names() if strategy_spec(n).sums_updates)}")
             need(not self.freeze, "freeze cannot be combined with secagg: the masked sum covers whole models only")
+            need(not self.compress_updates,
+                 "compress-updates cannot be combined with secagg: SecAgg+ quantises the masked updates itself "
+                 "(secagg-clipping-range); use one or the other")
             sampled = self.expected_sample_size()
             need(sampled is None or sampled >= 3, f"secagg needs at least 3 nodes per round; got {sampled}")
         if self.distributed_dp:

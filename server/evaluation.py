@@ -46,12 +46,26 @@ class GlobalModel:
     frozen: list[str]  # parameter names not trained (transfer learning)
 
 
+def server_device(cfg) -> torch.device:
+    """The device the coordinator evaluates on (run setting server-device); ConfigError, in one line,
+    when it names a device this machine lacks."""
+    from fedsafe.client.training import resolve_device
+
+    from .config import ConfigError
+
+    try:
+        return resolve_device(cfg.server_device)
+    except ValueError as err:
+        raise ConfigError(f"server-device: {err}") from None
+
+
 def build_global_model(cfg, data_spec: DataSpec) -> GlobalModel:
     """The run's initial global model for data described by `data_spec`; ConfigError, naming the
     key, for anything the run cannot use: model options, the init checkpoint, freeze prefixes,
     augmentation of non-images, a model DP-SGD cannot train."""
     from fedsafe.client.data import DataError
     from fedsafe.client.dp_modes import NotPrivatisable, check_privatisable
+    from fedsafe.client.precision import PrecisionError, check_precision, grad_sample_mode
     from fedsafe.client.regularize import can_augment
     from fedsafe.models import ModelConfigError, build_model, parse_model_options, preferred_grad_sample_mode, resolve_spec
     from fedsafe.models import task_for
@@ -77,9 +91,11 @@ def build_global_model(cfg, data_spec: DataSpec) -> GlobalModel:
             for name, p in trial.named_parameters():
                 p.requires_grad_(name not in frozen)
             private = getattr(trial, "discriminator", trial) if spec.task == "generation" else trial
-            check_privatisable(private, task.per_sample_loss, preferred_grad_sample_mode(cfg.model),
-                               spec.input_shape, task.targets)
-    except (ModelConfigError, DataError, NotPrivatisable) as err:
+            mode = grad_sample_mode(preferred_grad_sample_mode(cfg.model), cfg.precision, spec.task)
+            check_privatisable(private, task.per_sample_loss, mode, spec.input_shape, task.targets, cfg.precision)
+        else:
+            check_precision(cfg.precision, None, spec.task)
+    except (ModelConfigError, DataError, NotPrivatisable, PrecisionError) as err:
         raise ConfigError(str(err)) from None
     return GlobalModel(model, spec, task, frozen)
 
@@ -113,13 +129,18 @@ def judge(model: nn.Module, task, data: ArrayDataset, outliers: bool, seed: int 
 
 
 def make_evaluator(
-    global_model: GlobalModel, split: DataSplit, validation: bool, seed: int = 0
+    global_model: GlobalModel, split: DataSplit, validation: bool, seed: int = 0,
+    device: torch.device = torch.device("cpu"),
 ) -> Callable[[object], dict[str, float]]:
     """The coordinator's evaluator: ArrayRecord of the global model -> metrics on held-out data
-    (with `validation`, ``val_*`` metrics on half of it too)."""
+    (with `validation`, ``val_*`` metrics on half of it too), computed on `device` (run setting
+    server-device). Its own copy of the model moves there once; each round's weights are copied into it
+    and each held-out batch moves there once (fedsafe.models.evaluate)."""
+    import copy
+
     from fedsafe.client.data import fit_view
 
-    model, task = global_model.model, global_model.task
+    model, task = copy.deepcopy(global_model.model).to(device), global_model.task
     test = fit_view(split.test, global_model.spec.input_shape)
     val = None
     if validation:

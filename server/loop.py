@@ -19,8 +19,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsafe.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_TOO_HIGH, NUM_EXAMPLES, REFUSALS, RUN_EPSILON, RUN_KEY,
-    STARTUP_SECONDS,
+    ARRAYS, BUDGET_EXHAUSTED, EPSILON, METRICS, NOISE_MULTIPLIER, NOISE_TOO_HIGH, NUM_EXAMPLES, REFUSALS,
+    RUN_EPSILON, RUN_KEY, SAMPLE_RATE, STARTUP_SECONDS,
 )
 from fedsafe.strategies import (
     NormBound,
@@ -44,6 +44,7 @@ from fedsafe.strategies.validation import NUM_EXAMPLES_FACTOR
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .early_stopping import EarlyStopping
+from .node_names import NodeNames
 from .results import ResultsWriter, headline_text
 from .run_dir import reused_out_dir
 from .sampling import NodeSampler, SampledGrid
@@ -127,6 +128,7 @@ class Collected:
     replies: list[tuple[int, Message]]  # (the node a message went to, its reply)
     silent: list[int]  # nodes that did not reply within the round timeout
     wait_seconds: float  # pushing the messages until the last reply (or the timeout)
+    upload_bytes: int = 0  # what the replies' contents take on the wire (Flower's serialised objects)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Checked:
     # so what one node reports never depends on what the others sent.
     epsilon: dict[int, float] = field(default_factory=dict)  # lifetime ε: the node's ledger, all runs on its data
     run_grant: dict[int, float] = field(default_factory=dict)  # the ε each node granted this run
+    noise: dict[int, dict[str, float]] = field(default_factory=dict)  # each node's σ and q, as its ledger fixed them
     startup_seconds: dict[int, float] = field(default_factory=dict)
     norm_bound: NormBound | None = None  # the bound the round's updates were held to (None: SecAgg+)
     update_norms: dict[int, float] = field(default_factory=dict)  # each checked update's distance from the model
@@ -156,10 +159,27 @@ class RunStopped(RuntimeError):
     """The run ends cleanly before a round (a privacy budget, every node excluded); the message says why."""
 
 
+def _decode_compressed(content, global_arrays: ArrayRecord, frozen) -> None:
+    """compress-updates: replace the node's 8-bit codes by the update they encode, against the global model
+    this coordinator sent (fedsafe.update_compression; post-processing of the node's DP output, no ε).
+    UpdateRejected names what is malformed: a strike like any invalid update."""
+    from fedsafe.update_compression import CompressionError, decode
+
+    if not isinstance(content.get(ARRAYS), ArrayRecord):
+        raise UpdateRejected(f"reply lacks '{ARRAYS}'")
+    try:
+        content[ARRAYS] = decode(content[ARRAYS], global_arrays, frozen)
+    except CompressionError as err:
+        raise UpdateRejected(f"malformed compressed update: {err}") from None
+
+
 def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> float | None:
-    """Raise UpdateRejected unless `reply` is an update fit to aggregate (completes frozen arrays in place);
-    returns its norm (None under secure aggregation), which the round's bound is checked against later."""
+    """Raise UpdateRejected unless `reply` is an update fit to aggregate (decodes a compressed update and
+    completes frozen arrays in place); returns its norm (None under secure aggregation), which the round's
+    bound is checked against later."""
     content = reply.content
+    if cfg.compress_updates and not masked:
+        _decode_compressed(content, global_arrays, frozen)
     if METRICS not in content or (not masked and ARRAYS not in content):
         raise UpdateRejected(f"reply lacks '{ARRAYS}' or '{METRICS}'")
     # (SecAgg+ replies carry the protocol's records beside the metrics, and no plain arrays.)
@@ -198,7 +218,7 @@ def _enforce_norm_bound(candidates: list[tuple[int, Message, float | None]], cfg
     return kept
 
 
-def _cap_num_examples(valid: list[tuple[int, Message]], checked: Checked) -> None:
+def _cap_num_examples(valid: list[tuple[int, Message]], checked: Checked, names: NodeNames) -> None:
     """Cap each valid update's FedAvg weight (`num-examples`) at the round's cap, in place; record it.
     (Under SecAgg+ the nodes weight their masked updates themselves, with Flower's own weight cap.)"""
     if not valid:
@@ -211,11 +231,11 @@ def _cap_num_examples(valid: list[tuple[int, Message]], checked: Checked) -> Non
             capped[str(node)] = claimed
             reply.content[METRICS][NUM_EXAMPLES] = cap
             log.warning("node %s claims num-examples=%g; its update is weighted as %g (the round's cap: "
-                        "%g × the lower-median claim)", node, claimed, cap, NUM_EXAMPLES_FACTOR)
+                        "%g × the lower-median claim)", names.label(node), claimed, cap, NUM_EXAMPLES_FACTOR)
     checked.examples_cap = {"value": cap, "factor": NUM_EXAMPLES_FACTOR, "capped": capped}
 
 
-def _keep_shared_metrics(valid: list[tuple[int, Message]]) -> None:
+def _keep_shared_metrics(valid: list[tuple[int, Message]], names: NodeNames) -> None:
     """Flower's strategies refuse to aggregate replies whose metrics have different keys (the whole round
     would fail): keep the keys all valid replies share."""
     if not valid:
@@ -224,15 +244,18 @@ def _keep_shared_metrics(valid: list[tuple[int, Message]]) -> None:
     for node, reply in valid:
         extra = sorted(set(reply.content[METRICS].keys()) - common)
         if extra:
-            log.info("node %s: metrics %s not reported by every node; not aggregated", node, extra)
+            log.info("node %s: metrics %s not reported by every node; not aggregated", names.label(node), extra)
             for key in extra:
                 del reply.content[METRICS][key]
 
 
 def validate_replies(
-    collected: Collected, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False, frozen=()
+    collected: Collected, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool = False, frozen=(),
+    names: NodeNames | None = None,
 ) -> Checked:
-    """Sort the round's replies into valid updates, failures, budget refusals and rejected updates."""
+    """Sort the round's replies into valid updates, failures, budget refusals and rejected updates
+    (`names`: what the log calls the nodes)."""
+    names = names if names is not None else NodeNames()
     checked = Checked()
     candidates: list[tuple[int, Message, float | None]] = []
     for node, reply in collected.replies:
@@ -251,6 +274,9 @@ def validate_replies(
             checked.epsilon[node] = float(metrics[EPSILON])
         if RUN_EPSILON in metrics:
             checked.run_grant[node] = float(metrics[RUN_EPSILON])
+        if NOISE_MULTIPLIER in metrics:
+            checked.noise[node] = {"noise_multiplier": float(metrics[NOISE_MULTIPLIER]),
+                                   **({"sample_rate": float(metrics[SAMPLE_RATE])} if SAMPLE_RATE in metrics else {})}
         if STARTUP_SECONDS in metrics:
             checked.startup_seconds[node] = float(metrics[STARTUP_SECONDS])
     checked.failures += [
@@ -258,8 +284,8 @@ def validate_replies(
         for node in collected.silent
     ]
     if not masked:
-        _cap_num_examples(valid, checked)
-    _keep_shared_metrics(valid)
+        _cap_num_examples(valid, checked, names)
+    _keep_shared_metrics(valid, names)
     # Aggregate in node order: float sums then do not depend on which reply arrived first, so a resumed
     # run reproduces an uninterrupted one bit for bit.
     valid.sort(key=lambda pair: pair[0])
@@ -314,6 +340,7 @@ class _Run:
     train_config: ConfigRecord
     masked: bool  # the server never sees an update in the clear (SecAgg+)
     node_epsilon: dict[int, float] = field(default_factory=dict)  # every node's latest reported ε
+    names: NodeNames = field(default_factory=NodeNames)  # what results and log lines call each node
 
 
 def start_run(cfg: RunConfig, strategy, initial_arrays: ArrayRecord, model_config: dict[str, Any],
@@ -339,6 +366,7 @@ def start_run(cfg: RunConfig, strategy, initial_arrays: ArrayRecord, model_confi
         frozen=_frozen_keys(arrays, cfg), stopper=_early_stopping(cfg, history, arrays, evaluator),
         train_config=ConfigRecord({**cfg.train_config(), **model_config, RUN_KEY: run_key}),
         masked=hides_updates(strategy),
+        names=NodeNames({k: v for entry in history for k, v in entry.get("node_names", {}).items()}),
     )
     for entry in history:
         run.node_epsilon.update({int(k): v for k, v in entry.get("node_epsilon", {}).items()})
@@ -349,8 +377,9 @@ def sample_round(run: _Run, grid, rnd: int) -> list[Message]:
     """The round's train messages to the sampled nodes; RunStopped when no round can start."""
     excluded = excluded_nodes(run.strategy)
     eligible = [n for n in run.sampler.wait_for_nodes(grid, run.cfg.round_timeout) if n not in excluded]
+    run.names.learn(grid)  # nodes registered since the last round
     if not eligible:
-        raise RunStopped(f"every connected node is excluded for rejected updates: {sorted(excluded)}")
+        raise RunStopped(f"every connected node is excluded for rejected updates: {run.names.labels(sorted(excluded))}")
     sampled = run.sampler.sample(eligible)  # excluded nodes take no sampling slot
     try:
         return list(run.strategy.configure_train(rnd, run.arrays, run.train_config, SampledGrid(grid, sampled)))
@@ -361,23 +390,34 @@ def sample_round(run: _Run, grid, rnd: int) -> list[Message]:
 def send_and_collect(grid, messages: list[Message], cfg: RunConfig) -> Collected:
     sent_at = time.perf_counter()
     replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
-    return Collected(replies, silent, time.perf_counter() - sent_at)
+    return Collected(replies, silent, time.perf_counter() - sent_at, upload_bytes(replies))
 
 
-def report_problems(strategy, rnd: int, checked: Checked) -> None:
-    """Log every node's problem and tell the strikes wrapper (if any) which updates it rejected or took."""
+def upload_bytes(replies: list[tuple[int, Message]]) -> int:
+    """Bytes of the replies' contents as Flower serialises them for transfer (every nested record and array,
+    deflated): what the nodes uploaded, compressed or not, without the transport's framing."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for _, reply in replies if not reply.has_error()
+               for obj in get_all_nested_objects(reply.content).values())
+
+
+def report_problems(strategy, rnd: int, checked: Checked, names: NodeNames | None = None) -> None:
+    """Log every node's problem (by `names`' labels) and tell the strikes wrapper (if any) which updates it
+    rejected or took."""
+    label = (names if names is not None else NodeNames()).label
     if checked.norm_bound is not None:
         log.info("round %d: update-norm bound: %s", rnd, checked.norm_bound.source)
     for entry in checked.failures:
-        log.warning("round %d: node %s failed: %s", rnd, entry["node"], entry["reason"])
+        log.warning("round %d: node %s failed: %s", rnd, label(entry["node"]), entry["reason"])
     for entry in checked.refusals:
-        log.warning("round %d: node %s refused: %s", rnd, entry["node"], entry["reason"])
+        log.warning("round %d: node %s refused: %s", rnd, label(entry["node"]), entry["reason"])
     strikes = find_link(strategy, StrikesStrategy)
     for entry in checked.rejected:
         if strikes is not None:
-            strikes.record_rejection(entry["node"], entry["reason"], rnd)
+            strikes.record_rejection(entry["node"], entry["reason"], rnd, label=label(entry["node"]))
         else:
-            log.warning("round %d: node %s update rejected: %s", rnd, entry["node"], entry["reason"])
+            log.warning("round %d: node %s update rejected: %s", rnd, label(entry["node"]), entry["reason"])
     if strikes is not None:
         for node in checked.valid_nodes:
             strikes.record_accepted(node)
@@ -404,6 +444,8 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
     """The round's entry in the results: who replied, what failed and why, the nodes' ε."""
     round_eps = checked.epsilon
     run.node_epsilon.update(round_eps)
+    strategy_report = round_report(run.strategy, rnd)
+    mentioned = [int(m.metadata.dst_node_id) for m in messages] + list(strategy_report.get("excluded", []))
     return {
         "round": rnd,
         "aggregated": aggregated,
@@ -416,16 +458,20 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "epsilon_max": max(round_eps.values()) if round_eps else None,
         "epsilon_mean": mean(round_eps.values()) if round_eps else None,
         "node_epsilon": {str(k): v for k, v in sorted(round_eps.items())},
+        "node_noise": {str(k): v for k, v in sorted(checked.noise.items())},  # σ and q per node (model card)
         # the ε the nodes granted this run (their lifetime ε above also counts earlier runs on their data)
         "run_epsilon_grant": ({"min": min(checked.run_grant.values()), "max": max(checked.run_grant.values())}
                               if checked.run_grant else None),
         "clientapp_startup_seconds": {str(k): v for k, v in sorted(checked.startup_seconds.items())},  # per node: ClientApp process start to its libraries loaded
-        "problems": checked.problems,
+        "problems": [run.names.with_name(entry) for entry in checked.problems],
+        # the name the coordinator registered each node under (its id stays the key everywhere else)
+        "node_names": run.names.of(mentioned),
         "update_norm_bound": checked.norm_bound.record() if checked.norm_bound is not None else None,
         "update_norms": {str(k): v for k, v in checked.update_norms.items()},
         "num_examples_cap": checked.examples_cap,
-        **round_report(run.strategy, rnd),
+        **strategy_report,
         "wait_seconds": collected.wait_seconds,
+        "upload_bytes": collected.upload_bytes,  # the replies' serialised contents (compress-updates shrinks them)
     }
 
 
@@ -481,6 +527,7 @@ def finish_run(run: _Run, stop_reason: str | None) -> dict[str, Any]:
         "final": history[-1].get("eval", {}) if history else {},
         "epsilon_max_all_nodes": max(run.node_epsilon.values()) if run.node_epsilon else None,
         "nodes_seen": len(run.node_epsilon),
+        "node_names": {node: name for h in history for node, name in h.get("node_names", {}).items()},
         "stop_reason": stop_reason,
     }
     if history and history[-1].get("client_level_epsilon") is not None:
@@ -526,8 +573,8 @@ def run_rounds(
             break
         collected = send_and_collect(grid, messages, cfg)
         observe_replies(strategy, rnd, [reply for _, reply in collected.replies])
-        checked = validate_replies(collected, run.arrays, cfg, run.masked, run.frozen)
-        report_problems(strategy, rnd, checked)
+        checked = validate_replies(collected, run.arrays, cfg, run.masked, run.frozen, run.names)
+        report_problems(strategy, rnd, checked, run.names)
         aggregated = aggregate_round(run, rnd, checked)
         stop_reason = futile_round(rnd, messages, checked, aggregated)
         record = round_record(run, rnd, messages, collected, checked, aggregated)
@@ -600,7 +647,10 @@ def progress_line(record: dict[str, Any], cfg: RunConfig) -> str:
     if record.get("num_examples_cap") and record["num_examples_cap"]["capped"]:
         parts.append(f"{len(record['num_examples_cap']['capped'])} weight(s) capped")
     if record["failures"] or record["rejected"]:
-        parts.append(f"{record['failures']} failed, {record['rejected']} rejected")
+        names = NodeNames(record.get("node_names", {}))
+        troubled = [p["node"] for p in record.get("problems", []) if p.get("code") != BUDGET_EXHAUSTED]
+        parts.append(f"{record['failures']} failed, {record['rejected']} rejected"
+                     + (f" ({names.labels(troubled)})" if troubled else ""))
     parts.append(f"{record['seconds']:.1f}s")
     return " | ".join(parts)
 

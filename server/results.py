@@ -83,13 +83,15 @@ class ResultsWriter:
         self._tensorboard.flush()
 
     def write_node_epsilon(self, history: list[dict[str, Any]]) -> None:
-        """Every node's cumulative ε after every round it trained in: the per-client distribution."""
+        """Every node's cumulative ε after every round it trained in: the per-client distribution. `node` is
+        the node's id, `node_name` the name the coordinator registered it under (empty without one)."""
         with atomic_write(self.directory / "node_epsilon.csv", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["round", "node", "epsilon"])
+            writer.writerow(["round", "node", "epsilon", "node_name"])
             for h in history:
+                names = h.get("node_names", {})
                 for node, eps in sorted(h.get("node_epsilon", {}).items()):
-                    writer.writerow([h["round"], node, eps])
+                    writer.writerow([h["round"], node, eps, names.get(str(node), "")])
 
     def write(self, history: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> None:
         document = {"config": self.config, "rounds": history, "summary": summary or {}}

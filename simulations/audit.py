@@ -384,7 +384,8 @@ def _prepare_canaries(cfg: RunConfig, options: AuditOptions, rng: np.random.Gene
     shapes = {name: array.numpy().shape for name, array in initial.items() if array.numpy().dtype.kind == "f"}
     canaries = GradientCanaries.draw(shapes, options.canaries, cfg.max_grad_norm, cfg.dp, rng)
     own = load_partition(cfg.dataset, CANARY_NODE, partition_scheme(cfg, options.num_nodes))
-    x_own = own.x.reshape(len(own), -1).astype(np.float32)
+    # own.x[:]: the canary node's whole share, also from an image folder read lazily (an audit rewrites it)
+    x_own = np.asarray(own.x[:], dtype=np.float32).reshape(len(own), -1)
     m = options.record_canaries
     # Out-of-distribution points with random labels: what a model must memorise to fit.
     records_x = (rng.standard_normal((m, x_own.shape[1])) * 3 * x_own.std() + x_own.mean()).astype(np.float32)

@@ -36,6 +36,15 @@ class LocalGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
+    def get_nodes(self):
+        """Flower's node records, named after each node's partition as a registration would name them."""
+        from flwr.proto.node_pb2 import NodeInfo
+
+        from fedsafe.server.node_names import virtual_node_name
+
+        return [NodeInfo(node_id=node, name=virtual_node_name(int(context.node_config["partition-id"])))
+                for node, context in self.contexts.items()]
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         from fedsafe.strategies.secagg import payload_bytes
 

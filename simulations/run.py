@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.flower.linkstate import deterministic_node_ids
-from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, scalable_engine, warm_actors
+from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, named_virtual_nodes, scalable_engine, warm_actors
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
 
@@ -59,6 +59,22 @@ class SimulationOptions:
             if not torch.cuda.is_available():  # Ray would wait forever for a GPU to place the nodes on
                 raise ConfigError(f"--client-gpus {self.client_gpus:g} asks for a GPU per node, but this machine "
                                   "has no CUDA GPU (torch.cuda.is_available() is False)")
+
+    @property
+    def node_device(self) -> str:
+        """Where each virtual node trains: "cuda" with a GPU share (Ray makes the share's GPU the actor's only
+        visible one, so "cuda" is that GPU), else "cpu" — never "auto": Ray leaves every GPU visible to an
+        actor that reserved none (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0), and "auto" would crowd them all
+        onto GPU 0 beyond what Ray accounts for."""
+        return "cuda" if self.client_gpus > 0 else "cpu"
+
+    def backend_config(self) -> dict:
+        """Flower's Ray backend config: each virtual node's actor reserves client_cpus and client_gpus (a
+        fraction: that many nodes share one GPU); init_args join a cluster when one is named."""
+        return {
+            "client_resources": {"num_cpus": self.client_cpus, "num_gpus": self.client_gpus},
+            "init_args": {} if self.ray_address is None else {"address": self.ray_address},
+        }
 
     def attack_spec(self):
         from .attacks import Attack
@@ -147,10 +163,11 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         max_epsilon=max_epsilon or (cfg.epsilon if cfg.dp else DEFAULT_MAX_EPSILON),
         delta=cfg.delta,
         allow_non_private=not cfg.dp,
-        allow_models=(cfg.model,),  # the researcher's own model code, if the run names one
+        allow_models=(cfg.model, cfg.task),  # the researcher's own model and task code, if the run names them
         seed_noise=True,
         simulated=True,
         cap_basis=options.cap_basis,
+        device=options.node_device,
         partition_store=None if partition_store is None else str(partition_store),
     )
     attack = options.attack_spec()
@@ -226,16 +243,13 @@ def _run_on_ray(federation: SimulatedFederation, options: SimulationOptions,
     cfg = federation.cfg
     outcomes: list[RunOutcome] = []
     server_app = make_server_app(config_source=lambda _ctx: cfg, on_finish=outcomes.append, progress=progress)
-    backend_config = {
-        "client_resources": {"num_cpus": options.client_cpus, "num_gpus": options.client_gpus},
-        "init_args": {} if options.ray_address is None else {"address": options.ray_address},
-    }
+    backend_config = options.backend_config()
     if not options.verbose:
         # Flower's INFO lines and its run_simulation deprecation notice; fedsafe prints its own progress
         # and logs refusals and rejected updates under "fedsafe.*".
         logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(os.cpu_count() or 1)  # the driver: central evaluation
-    with deterministic_node_ids(cfg.seed), scalable_engine(), warm_actors(federation.warm_up):
+    with deterministic_node_ids(cfg.seed), named_virtual_nodes(), scalable_engine(), warm_actors(federation.warm_up):
         run_simulation(
             server_app=server_app,
             client_app=federation.client_app,

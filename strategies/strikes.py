@@ -49,16 +49,19 @@ class StrikesStrategy(StrategyWrapper):
         return sum(self.recent.get(int(node_id), []))
 
     # ---- told by the coordinator's loop ------------------------------------------------------------
-    def record_rejection(self, node_id: int, reason: str, server_round: int) -> None:
+    def record_rejection(self, node_id: int, reason: str, server_round: int, label: str | None = None) -> None:
+        """`label`: what the log calls the node (its registered name, fedsafe.server.node_names); its id
+        without one."""
         node_id = int(node_id)
+        label = label or str(node_id)
         self._remember(node_id, True)
         count = self.strikes(node_id)
-        log.warning("round %d: node %d update rejected (strike %d%s in its last %d updates): %s", server_round,
-                    node_id, count, f" of {self.max_strikes}" if self.max_strikes else "", self.window, reason)
+        log.warning("round %d: node %s update rejected (strike %d%s in its last %d updates): %s", server_round,
+                    label, count, f" of {self.max_strikes}" if self.max_strikes else "", self.window, reason)
         if self.max_strikes and count >= self.max_strikes and node_id not in self.excluded:
             self.excluded[node_id] = reason
-            log.warning("node %d excluded from sampling for the rest of the run: %d of its last %d updates "
-                        "rejected (last: %s)", node_id, count, len(self.recent[node_id]), reason)
+            log.warning("node %s excluded from sampling for the rest of the run: %d of its last %d updates "
+                        "rejected (last: %s)", label, count, len(self.recent[node_id]), reason)
 
     def record_accepted(self, node_id: int) -> None:
         self._remember(int(node_id), False)

@@ -58,7 +58,7 @@ def federate(tmp_path: Path, nodes: int = 3, **overrides) -> tuple[RunConfig, Ru
     policy = NodePolicy(
         state_dir=str(Path(cfg.out_dir) / "ledgers"),
         max_epsilon=cfg.epsilon if cfg.dp else DEFAULT_MAX_EPSILON,
-        delta=cfg.delta, allow_non_private=not cfg.dp, seed_noise=True, simulated=True, allow_models=(cfg.model,),
+        delta=cfg.delta, allow_non_private=not cfg.dp, seed_noise=True, simulated=True, allow_models=(cfg.model, cfg.task),
     )
     grid = InProcessGrid(nodes, policy)
     initial, model_config, evaluator = global_model_setup(cfg)

@@ -103,6 +103,7 @@ def test_two_node_run_completes_over_tls_with_node_auth(fed: Federation, referen
     for r in rounds[1:]:
         assert r["aggregated"] and r["replies"] == 2 and r["failures"] == r["rejected"] == 0, r
         assert set(r["node_epsilon"]) == {str(fed.node_ids["a"]), str(fed.node_ids["b"])}
+        assert r["node_names"] == {str(fed.node_ids["a"]): "a", str(fed.node_ids["b"]): "b"}  # as registered
     assert 2.9 <= rounds[-1]["epsilon_max"] <= 3.0  # the run's ε=3 grant, composed over all rounds
     assert rounds[-1]["eval"]["accuracy"] >= 0.85
     assert _finite(_model(reference))
@@ -113,6 +114,33 @@ def test_two_node_run_completes_over_tls_with_node_auth(fed: Federation, referen
     for name in ("a", "b"):
         ledgers = list((fed.root / "ledgers" / name).glob("*.json"))
         assert len(ledgers) == 1 and len(json.loads(ledgers[0].read_text())["rounds"]) >= 3
+
+
+def test_compressed_updates_over_real_processes_learn_and_the_card_carries_each_nodes_sigma_and_q(
+        fed: Federation, reference: Path) -> None:
+    """compress-updates through real SuperNodes and SuperLink: the nodes' 8-bit uploads decode, aggregate
+    and learn, in fewer bytes than the reference run's; the coordinator, which never sees a ledger, writes
+    each node's σ and q into the model card as the node reported them: its own ledger's."""
+    from fedsafe.after.card import run_key_of
+
+    out = fed.root / "compressed"
+    status, output = fed.run({**RUN, "compress-updates": True, "out-dir": str(out)}, timeout=RUN_TIMEOUT,
+                             name="compressed")
+    assert status == 0, output[-4000:]
+    rounds = _rounds(out)
+    for r, plain in zip(rounds[1:], _rounds(reference)[1:]):
+        assert r["aggregated"] and r["replies"] == 2 and r["failures"] == r["rejected"] == 0, r
+        assert 0 < r["upload_bytes"] < plain["upload_bytes"] / 3, (r["upload_bytes"], plain["upload_bytes"])
+    assert rounds[-1]["eval"]["accuracy"] >= 0.85 and _finite(_model(out))
+    privacy = json.loads((out / "model_card.json").read_text())["privacy"]
+    assert privacy["ledgers"] == []  # a deployed coordinator holds none
+    run_key = run_key_of(out)
+    for name in ("a", "b"):
+        (ledger,) = [json.loads(p.read_text()) for p in (fed.root / "ledgers" / name).glob("*.json")]
+        plan = ledger["runs"][run_key]
+        reported = privacy["nodes_reported"][str(fed.node_ids[name])]
+        assert (reported["noise_multiplier"], reported["sample_rate"]) == (plan["noise_multiplier"],
+                                                                          plan["sample_rate"])
 
 
 def test_an_app_package_one_byte_off_the_pinned_one_is_refused_by_every_node(fed: Federation) -> None:
@@ -208,28 +236,44 @@ def test_coordinator_killed_mid_run_resumes_to_the_identical_model(fed: Federati
 
 
 def test_poisoned_updates_are_rejected_and_the_node_excluded(fed: Federation) -> None:
+    """A node sending a NaN update, a misshapen one, one 1e6 off in every weight (issue 16.2: under the
+    default update-norm bound) and one without the DP fields, as a node training without DP would
+    (issue 16.1): each is rejected with the node's name and reason and struck; the node is then excluded,
+    and the honest nodes' ε is reported all along. Results and the coordinator's log name the nodes as
+    they were registered (issue 16.4)."""
     fed.register("poison")
-    fed.start_node("poison", fed.data[2], extra=["--test-seed-noise", "--test-poison", "nan,shape,norm"])
+    fed.start_node("poison", fed.data[2], extra=["--test-seed-noise", "--test-poison", "nan,shape,norm,no-dp"])
     node = fed.wait_connected("poison")
     fed.wait_warm("poison")
     out = fed.root / "poisoned"
     try:
         status, output = fed.run(
-            {**RUN, "num-rounds": 4, "min-nodes": 3, "max-strikes": 3, "max-update-norm": 1000.0,
-             "out-dir": str(out)}, timeout=RUN_TIMEOUT + 60, name="poisoned")
+            {**RUN, "num-rounds": 5, "min-nodes": 3, "max-strikes": 4, "out-dir": str(out)},
+            timeout=RUN_TIMEOUT + 90, name="poisoned")
     finally:
         fed.kill("poison")
         fed.flwr("supernode", "unregister", str(node), CONNECTION)
     assert status == 0, output[-4000:]
     rounds = _rounds(out)[1:]
     reasons = [[p["reason"] for p in r["problems"] if p["node"] == node] for r in rounds]
-    assert "NaN" in reasons[0][0] and "shape" in reasons[1][0] and "norm" in reasons[2][0], reasons
-    assert [r["rejected"] for r in rounds] == [1, 1, 1, 0]
-    assert [r["sent"] for r in rounds] == [3, 3, 3, 2]  # excluded after 3 rejected updates in a row
+    assert "NaN" in reasons[0][0] and "shape" in reasons[1][0] and "exceeds the bound" in reasons[2][0], reasons
+    assert "missing epsilon, delta, dp-steps, noise-multiplier" in reasons[3][0], reasons
+    assert all("lower-median update norm" in r["update_norm_bound"]["source"] for r in rounds)  # the default bound
+    assert [r["rejected"] for r in rounds] == [1, 1, 1, 1, 0]
+    assert [r["sent"] for r in rounds] == [3, 3, 3, 3, 2]  # excluded after 4 rejected updates
     assert all(r["aggregated"] and r["replies"] == 2 for r in rounds)
     assert rounds[-1]["excluded"] == [node]
+    honest = {str(fed.node_ids["a"]), str(fed.node_ids["b"])}
+    assert all(set(r["node_epsilon"]) == honest and r["epsilon_max"] > 0 for r in rounds)  # never wiped
     assert _finite(_model(out)) and rounds[-1]["eval"]["accuracy"] >= 0.85
-    assert f"node {node} excluded from sampling" in output
+    # Names, as registered (`flwr supernode register … --name poison`), beside the ids.
+    names = {str(fed.node_ids["a"]): "a", str(fed.node_ids["b"]): "b", str(node): "poison"}
+    assert all(r["node_names"] == names for r in rounds), [r["node_names"] for r in rounds]
+    assert all(p["node_name"] == "poison" for r in rounds for p in r["problems"])
+    assert json.loads((out / "metrics.json").read_text())["summary"]["node_names"] == names
+    assert "round 1: node poison update rejected (strike 1 of 4" in output, output[-4000:]
+    assert "node poison excluded from sampling" in output and "1 rejected (poison)" in output
+    assert f"node {node}" not in output  # no line calls it by its id
 
 
 def test_node_killed_mid_round_does_not_stop_the_run(fed: Federation) -> None:

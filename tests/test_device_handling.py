@@ -166,3 +166,113 @@ def test_client_gpus_without_cuda_is_refused_before_ray_waits_for_one():
         SimulationOptions(num_nodes=4, client_gpus=0.25)
     # On a cluster the GPUs are the cluster's, not this machine's.
     assert SimulationOptions(num_nodes=4, client_gpus=0.25, ray_address="10.0.0.1:6379").client_gpus == 0.25
+
+
+# ---- where the coordinator evaluates (run setting server-device) -------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_server_device_cuda_absent_is_one_config_error_before_the_run(tmp_path, device):
+    from fedsafe.server.app import global_model_setup
+    from fedsafe.server.config import ConfigError, RunConfig
+
+    cfg = RunConfig(dataset="breast-cancer", server_device=device, out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=f"^server-device: device '{device}' asked for, but this machine has no "
+                                          "CUDA GPU") as caught:
+        global_model_setup(cfg)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cuda:", "CPU"])
+def test_server_device_names_are_checked_where_the_config_enters(name):
+    from fedsafe.server.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=f"server-device: device must be auto, cpu, cuda or cuda:N; got '{name}'"):
+        RunConfig(server_device=name)
+
+
+def _evaluation_setup(tmp_path, server_device: str):
+    from fedsafe.server.app import central_data
+    from fedsafe.server.config import RunConfig
+    from fedsafe.server.evaluation import build_global_model, make_evaluator, server_device as resolve
+
+    cfg = RunConfig(dataset="breast-cancer", server_device=server_device, out_dir=str(tmp_path))
+    spec, split = central_data(cfg)
+    built = build_global_model(cfg, spec)
+    return built, make_evaluator(built, split, validation=False, device=resolve(cfg))
+
+
+def test_the_evaluator_judges_its_own_copy_on_the_server_device(tmp_path):
+    """The evaluator holds its own copy of the model on the server device: the global model the run
+    sends out (and checkpoints) stays on the CPU, whatever the coordinator evaluates on."""
+    from flwr.app import ArrayRecord
+
+    built, evaluator = _evaluation_setup(tmp_path, "auto")
+    arrays = ArrayRecord(built.model.state_dict())
+    first = evaluator(arrays)
+    assert 0.0 <= first["accuracy"] <= 1.0 and evaluator(arrays) == first
+    assert {p.device.type for p in built.model.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluation_on_cuda_gives_the_cpus_metrics(tmp_path):
+    from flwr.app import ArrayRecord
+
+    built, on_cpu = _evaluation_setup(tmp_path / "cpu", "cpu")
+    _, on_cuda = _evaluation_setup(tmp_path / "cuda", "cuda")
+    arrays = ArrayRecord(built.model.state_dict())
+    cpu_metrics, cuda_metrics = on_cpu(arrays), on_cuda(arrays)
+    assert cuda_metrics.keys() == cpu_metrics.keys()
+    assert all(cuda_metrics[k] == pytest.approx(cpu_metrics[k], abs=1e-4) for k in cpu_metrics)
+
+
+# ---- simulated nodes on a shared GPU (--client-gpus) ------------------------------------------------
+
+def test_client_gpus_become_each_actors_ray_resources_and_its_training_device():
+    from fedsafe.simulations.run import SimulationOptions
+
+    shared = SimulationOptions(num_nodes=4, client_gpus=0.25, ray_address="10.0.0.1:6379")
+    assert shared.backend_config() == {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.25},
+                                       "init_args": {"address": "10.0.0.1:6379"}}
+    assert shared.node_device == "cuda"  # the GPU Ray assigned is the actor's only visible one
+    alone = SimulationOptions(num_nodes=4)
+    assert alone.backend_config() == {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": {}}
+    assert alone.node_device == "cpu"  # not "auto": Ray leaves a GPU visible to actors that reserved none
+
+
+@pytest.mark.parametrize("client_gpus, asked", [(0.0, "cpu"), (0.5, "cuda")])
+def test_virtual_nodes_train_on_the_device_their_gpu_share_gives(tmp_path, monkeypatch, client_gpus, asked):
+    """The whole path, in process: each simulated node's ClientApp resolves the device the options say
+    (resolved here to the CPU, which this machine has)."""
+    from fedsafe.client import app
+    from fedsafe.server.config import RunConfig
+    from fedsafe.simulations.run import SimulationOptions, simulate_in_process
+
+    names: list[str] = []
+
+    def recording(policy) -> torch.device:
+        names.append(policy.device)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(app, "node_device", recording)
+    cfg = RunConfig(num_rounds=1, dataset="breast-cancer", local_epochs=1, out_dir=str(tmp_path))
+    # A cluster address: the GPU check is the cluster's, so this CPU machine may ask for a GPU share.
+    options = SimulationOptions(num_nodes=2, client_gpus=client_gpus, ray_address="10.0.0.1:6379")
+    outcome = simulate_in_process(cfg, options)
+    assert outcome.history[-1]["eval"]["accuracy"] > 0.5
+    assert names == [asked, asked]  # each node's one round
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cli_refuses_cuda_it_lacks_in_one_line(capsys):
+    from fedsafe.cli import main
+
+    for argv, message in [
+        (["simulate", "--server-device", "cuda:0", "--rounds", "1"],
+         "server-device: device 'cuda:0' asked for, but this machine has no CUDA GPU"),
+        (["simulate", "--client-gpus", "0.25", "--rounds", "1"],
+         "--client-gpus 0.25 asks for a GPU per node, but this machine has no CUDA GPU"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err

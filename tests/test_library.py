@@ -1,4 +1,4 @@
-"""fedsafe as a library: the two worked examples under examples/ run (tiny sizes), their ε is what an
+"""fedsafe as a library: the worked examples under examples/ run (tiny sizes), their ε is what an
 independent accountant (Opacus' RDP) says for the noise and steps taken, and a node's ledger refuses a
 stock Flower server's round past its cap."""
 
@@ -41,6 +41,16 @@ def test_simulate_trains_a_users_model_on_users_arrays(tmp_path):
     assert result.metrics["accuracy"] >= 0.3 > first + 0.15, (first, result.metrics)  # chance: 0.1
     assert len(result.node_epsilon) == 3 and 2.9 <= result.epsilon <= 3.0
     assert type(result.model[0]).__name__ == "Conv2d"  # the user's own architecture, final weights
+
+
+def test_simulate_trains_a_users_model_on_a_folder_of_images(tmp_path):
+    example = _example("own_images_simulation")
+    folder = example.digits_folder(tmp_path / "digits", records=600)
+    result = example.main(str(folder), rounds=2, nodes=3)
+    first = result.history[0]["eval"]["accuracy"]
+    assert result.metrics["accuracy"] >= 0.3 > first + 0.15, (first, result.metrics)  # chance: 0.1
+    assert len(result.node_epsilon) == 3 and 2.9 <= result.epsilon <= 3.0
+    assert type(result.model[0]).__name__ == "Conv2d"
 
 
 def test_a_stock_flower_app_gains_the_ledgers_epsilon():

@@ -50,6 +50,7 @@ def _node_args(site, **overrides) -> list[str]:
     ({"--data-path": "/no/data.npz"}, "--data-path: data file not found: /no/data.npz"),
     ({"--superlink": "https://fl.example.org:8000"}, "give HOST:PORT"),
     ({"--device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"--device": "cuda:99"}, "--device: device 'cuda:99' asked for, but this machine has"),
     ({"--max-epsilon": "0"}, "max-epsilon must be > 0"),
     ({"--test-poison": "sql"}, "debug-poison takes a comma list of nan, shape, norm"),
 ])
@@ -374,3 +375,58 @@ def test_a_node_not_admitted_is_started_again_with_a_countdown_until_its_patienc
     else:
         assert countdowns == 0 and len(tries.read_text()) == 1  # --max-retries: no waiting, both causes named
         assert "crashed less than a minute ago" in err
+
+
+
+# A cold ClientApp process as Flower starts one: Flower's logger set up first (its own handler; its records
+# also go to the root logger), then the node's ClientApp trains a real round (Opacus imported on the way),
+# then one line from Flower's logger and one warning from fedsafe's.
+CLIENTAPP_PROCESS = """
+import logging, sys
+from flwr.common.logger import log
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+from flwr.app import Context, RecordDict
+from fedsafe.client.app import app
+from fedsafe.server.config import RunConfig
+from tests.node_harness import train_message
+assert "opacus" not in sys.modules
+cfg = RunConfig(num_rounds=1, model="mlp", dataset="breast-cancer", num_partitions=2, epsilon=1.0, local_epochs=1)
+context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 2, "state-dir": sys.argv[1]},
+                  state=RecordDict(), run_config={})
+reply = app(train_message(cfg, 1), context)
+assert not reply.has_error(), reply.error
+assert "opacus.privacy_engine" in sys.modules and "opacus.accountants" in sys.modules
+log(logging.INFO, "flower-line-after-the-round")
+logging.getLogger("fedsafe.client").warning("fedsafe-warning-after-the-round")
+"""
+
+
+def _python_stderr(code: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_a_cold_clientapp_prints_each_log_line_once(tmp_path):
+    """Issue 16.4: Opacus' import calls logging.basicConfig, so on a SuperNode every Flower line of a cold
+    ClientApp after the first Opacus import printed twice (Flower's handler, then the root handler)."""
+    stderr = _python_stderr(CLIENTAPP_PROCESS, str(tmp_path / "state"), cwd=tmp_path)
+    assert "will spend ε" in stderr  # it trained
+    assert stderr.count("flower-line-after-the-round") == 1, stderr[-2000:]
+    assert stderr.count("fedsafe-warning-after-the-round") == 1, stderr[-2000:]
+    # What the guard undoes: Opacus imported before fedsafe is, and the same line prints twice.
+    unguarded = _python_stderr("import logging; from flwr.common.logger import log; import opacus, fedsafe; "
+                               "log(logging.INFO, 'flower-line')", cwd=tmp_path)
+    assert unguarded.count("flower-line") == 2, unguarded
+
+
+def test_importing_opacus_anywhere_leaves_the_root_loggers_handlers_alone(tmp_path):
+    """The coordinator imports Opacus too (its model check): any first import, of any Opacus module."""
+    for module in ("opacus", "opacus.validators", "opacus.accountants", "fedsafe.client.training"):
+        stderr = _python_stderr(f"import logging, fedsafe, importlib; importlib.import_module({module!r}); "
+                                "import opacus; assert logging.root.handlers == [], logging.root.handlers",
+                                cwd=tmp_path)
+        assert "AssertionError" not in stderr

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 CFG = RunConfig(num_rounds=2, model="mlp", dataset="breast-cancer", num_partitions=3, epsilon=1.0,
                 local_epochs=1, batch_size=32, seed=3)
-LEDGER_FIGURES = {"epsilon", "delta", "dp-steps", "noise-multiplier", "max-epsilon", "run-epsilon",
+LEDGER_FIGURES = {"epsilon", "delta", "dp-steps", "noise-multiplier", "sample-rate", "max-epsilon", "run-epsilon",
                   "epsilon-next", "run-epsilon-next"}
 SECRET = "Jane Roe"
 SECRET_DIR = "ward-7-oncology"

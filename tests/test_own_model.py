@@ -20,6 +20,7 @@ from fedsafe.models import DataSpec, UnknownModelError, UserModelError, build_mo
 from fedsafe.models.registry import model_family, model_names
 from fedsafe.protocol import MODEL_UNAVAILABLE, REFUSALS
 from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.server.app import global_model_setup
 from tests.inprocess import InProcessGrid, federate
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -44,6 +45,35 @@ USER_MODULE = """
 
     def not_a_model(spec, options):
         return "a string"
+
+    PER_SAMPLE_CALLS = []  # how often DP-SGD asked this task for per-sample losses
+
+    class MarginTask:
+        # A multi-class hinge loss, where the built-in cross-entropy does not fit the user.
+
+        def __init__(self, num_classes):
+            self.num_classes = num_classes
+
+        def targets(self, x, y):
+            return y
+
+        def per_sample_loss(self, outputs, targets):
+            PER_SAMPLE_CALLS.append(len(targets))
+            return nn.functional.multi_margin_loss(outputs, targets, reduction="none")
+
+        def loss(self, outputs, targets):
+            return nn.functional.multi_margin_loss(outputs, targets)
+
+        def metrics(self, outputs, targets):
+            return {"loss": float(self.loss(outputs, targets)),
+                    "accuracy": float((outputs.argmax(1) == targets).float().mean()),
+                    "margin_violations": float((self.per_sample_loss(outputs, targets) > 0).float().mean())}
+
+    def build_task(num_classes):
+        return MarginTask(num_classes)
+
+    def build_half_task(num_classes):
+        return object()
 """
 
 
@@ -159,3 +189,98 @@ def test_a_node_imports_only_the_model_code_its_operator_allows(user_package):
     policy = NodePolicy.from_node_config({"allow-models": f"{model}, other.pkg"})
     assert policy.allow_models == (model, "other.pkg")
     NodePolicy().check_model("mlp")
+
+
+def test_a_users_task_trains_under_dp_and_judges_the_model(user_package, tmp_path):
+    """--task package.module:factory: the nodes' DP-SGD clips the user's per-sample losses and the coordinator
+    reports the user's metrics; a node imports the task only under allow-models, as a model."""
+    import importlib
+
+    task = f"{user_package}:build_task"
+    cfg, outcome, _ = federate(tmp_path, nodes=3, model=f"{user_package}:build_model", task=task,
+                               dataset="breast-cancer", num_rounds=2, epsilon=3.0, lr=0.2)
+    assert importlib.import_module(user_package).PER_SAMPLE_CALLS  # the nodes trained on the user's loss
+    rounds = outcome.history[1:]
+    assert [r["replies"] for r in rounds] == [3, 3] and 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
+    first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
+    assert "margin_violations" in last and last["accuracy"] >= 0.8 and last["accuracy"] > first["accuracy"]
+    with pytest.raises(PolicyError, match=f"import model or task code '{task}'; node-config allow-models"):
+        NodePolicy(allow_models=(f"{user_package}:build_model",)).check_model(task)
+    with pytest.raises(ConfigError, match="task 'no_such_pkg.losses:build_task': module 'no_such_pkg' is not installed"):
+        RunConfig(task="no_such_pkg.losses:build_task")
+    with pytest.raises(ConfigError, match="unknown task 'ranking'"):
+        RunConfig(task="ranking")
+    with pytest.raises(ConfigError, match="its object lacks targets, loss, per_sample_loss, metrics"):
+        global_model_setup(RunConfig(task=f"{user_package}:build_half_task", out_dir=str(tmp_path / "half")))
+
+
+def test_nodes_with_their_own_image_folders_train_a_user_model_and_one_lacking_its_code_refuses(
+        user_package, tmp_path, monkeypatch, capsys):
+    """Nodes set up as `fedsafe node` sets them up — the real ClientApp (its mods included), the policy from
+    node-config: their own image folder (data-path), ledger (state-dir), ε cap and allow-models — train the
+    user's model under DP-SGD; one node whose operator never installed the module refuses each round with
+    4006 and a line naming the module, one whose allow-models omits it with 4002, and the run goes on."""
+    from fedsafe.client.app import app
+    from fedsafe.protocol import REQUEST_REFUSED
+    from fedsafe.server.app import build_run_strategy
+    from fedsafe.simulations.local import LocalGrid
+    from tests.fed_harness import run
+    from tests.test_image_folder import SCHEMA, image_folder
+
+    model = f"{user_package}:build_model"
+    package_dir = str(tmp_path / "userpkg")
+    names = ("a", "b", "lacking", "unlisted")
+    for seed, name in enumerate(names):
+        image_folder(tmp_path / "sites" / name, per_class=40, seed=seed)
+    held_out = image_folder(tmp_path / "held-out", per_class=40, seed=9)
+    cfg = RunConfig(model=model, dataset="own", eval_path=str(held_out), num_rounds=2, local_epochs=1,
+                    batch_size=16, lr=0.5, epsilon=3.0, min_nodes=4, out_dir=str(tmp_path / "run"))
+
+    class NodesOnLoopback(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            lacking = [m for m in messages if m.metadata.dst_node_id == self.node_of["lacking"]]
+            replies = super().send_and_receive([m for m in messages if m not in lacking], timeout=timeout)
+            with monkeypatch.context() as without:  # this operator never installed the user's package
+                for name in [m for m in sys.modules if m.startswith("hospital_models")]:
+                    without.delitem(sys.modules, name)
+                without.setattr(sys, "path", [p for p in sys.path if p != package_dir])
+                replies += super().send_and_receive(lacking, timeout=timeout)
+            return replies
+
+    grid = NodesOnLoopback(app, len(names))
+    grid.node_of = dict(zip(names, grid.contexts))
+    for name, node in grid.node_of.items():
+        grid.contexts[node].node_config = {
+            "data-path": str(tmp_path / "sites" / name), "state-dir": str(tmp_path / "ledgers" / name),
+            "max-epsilon": 10.0, "device": "cpu", "allow-models": "" if name == "unlisted" else "hospital_models"}
+    outcome = run(cfg, grid, build_run_strategy(cfg))
+
+    errors = {node: {r.error.code for r in grid.received if r.has_error() and r.metadata.src_node_id == node}
+              for node in grid.contexts}
+    assert errors[grid.node_of["lacking"]] == {MODEL_UNAVAILABLE}
+    assert errors[grid.node_of["unlisted"]] == {REQUEST_REFUSED}
+    assert not errors[grid.node_of["a"]] and not errors[grid.node_of["b"]]
+    operator_lines = capsys.readouterr().err
+    assert "module 'hospital_models' is not installed here" in operator_lines
+    assert f"import model or task code '{model}'; node-config allow-models does not list it" in operator_lines
+    rounds = outcome.history[1:]
+    assert [r["replies"] for r in rounds] == [2, 2]
+    assert 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
+    first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
+    assert last["accuracy"] >= 0.85 and last["loss"] < 0.8 * first["loss"], (first, last)
+    assert (tmp_path / "ledgers" / "a").is_dir()  # each node kept its own ledger, where its operator said
+
+
+def test_fedsafe_node_hands_allow_models_to_its_node_config(tmp_path):
+    from fedsafe.cli import build_parser
+    from fedsafe.deploy import NodeOptions, node_config
+
+    args = build_parser().parse_args(["node", "--superlink", "127.0.0.1:8000", "--data-path", str(tmp_path),
+                                      "--max-epsilon", "3", "--allow-models", "hospital_models, lab.nets:build"])
+    values = node_config(NodeOptions(superlink=args.superlink, root_cert=None, key=None, data_path=tmp_path,
+                                     state_dir=tmp_path, max_epsilon=3.0, delta=1e-5, allow_models=args.allow_models))
+    policy = NodePolicy.from_node_config({k: v for k, v in values.items() if v is not None})
+    assert policy.allow_models == ("hospital_models", "lab.nets:build")
+    policy.check_model("hospital_models.nets:build_model")
+    with pytest.raises(PolicyError, match="allow-models does not list it"):
+        policy.check_model("os:system")

@@ -4,10 +4,11 @@ What it records: the task, the model family and size; the data by name only (a b
 name, or the file name the run was configured with — never a record of it); the nodes and rounds; the
 aggregation strategy; the privacy record; the held-out metrics with 95 % confidence intervals.
 
-The privacy record, per node: ε and δ as the node reported them to the coordinator (metrics.json), and,
-where the nodes' ledgers are on this disk (a simulation keeps them in <run>/ledgers), each ledger's
-own figures for this run — σ, sampling rate q, DP-SGD steps, ε of the run's spend and of all spend on
-that data — recomputed from the ledger by the run's accountant. A deployed coordinator never sees the
+The privacy record, per node: ε, δ, σ (noise multiplier) and sampling rate q as the node reported them
+to the coordinator (metrics.json: each reply carries its ledger's figures, in deployments and simulations
+alike), and, where the nodes' ledgers are on this disk (a simulation keeps them in <run>/ledgers), each
+ledger's own figures for this run — σ, q, DP-SGD steps, ε of the run's spend and of all spend on that
+data — recomputed from the ledger by the run's accountant. A deployed coordinator never sees the
 ledgers; its card says so and gives what the nodes reported.
 
 Confidence intervals are computed from the model's predictions on the coordinator's held-out data:
@@ -186,6 +187,14 @@ def reported_epsilon(history: list[dict[str, Any]]) -> dict[str, float]:
     return latest
 
 
+def reported_noise(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each node's σ and sampling rate q as it last reported them (metrics.json's per-round node_noise)."""
+    latest: dict[str, dict[str, float]] = {}
+    for entry in history:
+        latest.update({str(k): dict(v) for k, v in entry.get("node_noise", {}).items()})
+    return latest
+
+
 def run_key_of(directory: Path) -> str | None:
     from fedsafe.server.checkpoint import CheckpointError, load_checkpoint
 
@@ -228,6 +237,8 @@ def privacy_record(directory: Path, document: dict[str, Any], cfg, ledger_dir: P
     history = document.get("rounds", [])
     summary = document.get("summary", {})
     reported = reported_epsilon(history)
+    noise = reported_noise(history)
+    names = summary.get("node_names", {})  # {id: the name the coordinator registered it under}
     record: dict[str, Any] = {
         "record_level_dp": bool(cfg.dp),
         "accountant": cfg.accountant,
@@ -236,7 +247,11 @@ def privacy_record(directory: Path, document: dict[str, Any], cfg, ledger_dir: P
         "clipping_norm": cfg.max_grad_norm,
         "expected_batch_size": cfg.batch_size,
         "local_epochs": cfg.local_epochs,
-        "nodes_reported": {node: {"epsilon": eps, "delta": cfg.delta} for node, eps in sorted(reported.items())},
+        "nodes_reported": {node: {"epsilon": eps, "delta": cfg.delta,
+                                  "noise_multiplier": noise.get(node, {}).get("noise_multiplier"),
+                                  "sample_rate": noise.get(node, {}).get("sample_rate"),
+                                  **({"name": names[node]} if node in names else {})}
+                           for node, eps in sorted(reported.items())},
         "epsilon_max_over_nodes": max(reported.values()) if reported else None,
         "secagg": bool(cfg.secagg),
         "client_level_dp": cfg.client_dp,
@@ -253,8 +268,8 @@ def privacy_record(directory: Path, document: dict[str, Any], cfg, ledger_dir: P
         record["source"] = f"the nodes' ledgers in {ledger_dir} (simulation) and the nodes' reports"
     else:
         record["ledgers"] = []
-        record["source"] = ("the nodes' reports to the coordinator; σ, sampling rate and steps are in each node's "
-                            "own ledger (`fedsafe ledger` on the node), which the coordinator never sees")
+        record["source"] = ("the nodes' reports to the coordinator (ε, δ, σ and q from each node's ledger); the "
+                            "ledgers themselves (`fedsafe ledger` on the node) the coordinator never sees")
     return record
 
 
@@ -359,8 +374,10 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- Source of the figures: {p['source']}", "",
     ]
     if p["nodes_reported"]:
-        lines += ["| node (as the coordinator knows it) | ε reported | δ |", "|---|---|---|"]
-        lines += [f"| {node} | {_number(v['epsilon'])} | {v['delta']:g} |" for node, v in p["nodes_reported"].items()]
+        lines += ["| node (as the coordinator knows it) | ε reported | δ | σ | sampling rate q |", "|---|---|---|---|---|"]
+        lines += [f"| {v['name'] + f' ({node})' if 'name' in v else node} | {_number(v['epsilon'])} | {v['delta']:g} "
+                  f"| {_number(v.get('noise_multiplier'))} | {_number(v.get('sample_rate'))} |"
+                  for node, v in p["nodes_reported"].items()]
         lines.append("")
     if p["ledgers"]:
         lines += ["| node's data (ledger) | σ | sampling rate q | steps | rounds | ε this run | ε all runs on this data |",

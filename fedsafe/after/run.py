@@ -53,7 +53,8 @@ class FinishedRun:
         test = fit_view(split.test, self.spec.input_shape)
         if self.config.early_stopping_patience > 0:
             _, test = split_validation(test)
-        return test.x.astype(np.float32), test.y, split.outliers
+        # test.x[:]: all of it, also from an image folder read lazily (the held-out set, loaded once here)
+        return np.asarray(test.x[:], dtype=np.float32), test.y, split.outliers
 
 
 def read_metrics(directory: str | Path) -> dict[str, Any]:

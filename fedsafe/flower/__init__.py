@@ -2,8 +2,8 @@
 
 This package is the only place in fedsafe that reaches into Flower's internals to change them:
 
-* `simulation`: the simulation engine (`flwr.server.superlink.fleet.vce`): its message dispatcher and
-  the Ray backend's actor arguments (warm-up).
+* `simulation`: the simulation engine (`flwr.server.superlink.fleet.vce`): its message dispatcher,
+  the Ray backend's actor arguments (warm-up) and its node registration (names).
 * `linkstate`: the in-memory LinkState's node ids (seeded, so sampling is reproducible).
 * `supernode`: the SuperNode loop (`flwr.supernode.start_client_internal`): its polling pace and
   which app packages it may run.

@@ -10,6 +10,11 @@ Replaces, while a simulation runs:
   actor. Flower gives actors an init function only for TensorFlow (its `actor` backend config holds
   nothing else); fedsafe's warm-up makes each actor import PyTorch and Opacus and load the federation's
   data when it is created, while the coordinator prepares round 1, instead of inside round 1.
+* `vce_api._register_nodes`, which registers the virtual nodes without a name (`run_simulation` takes
+  none): fedsafe's names each after its partition (`node-3`) in the LinkState, as a deployment's
+  registration names a node, so results and log lines name it (fedsafe.server.node_names reads the
+  names back through the grid). Guard: tests/test_node_names.py registers nodes with Flower's own
+  `_register_nodes` in a real in-memory LinkState and reads the names back.
 
 Guard: tests/test_flower_adapters.py runs Flower's own `run_api` with the replaced dispatcher on a real
 in-memory LinkState, and builds a real RayBackend whose actors get the warm-up.
@@ -20,10 +25,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from . import replaced
+from . import flower_piece, replaced
 
 DISPATCHER = "flwr.server.superlink.fleet.vce.vce_api:add_messages_to_queue"
 ACTOR_ARGUMENTS = "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend._validate_actor_arguments"
+NODE_REGISTRATION = "flwr.server.superlink.fleet.vce.vce_api:_register_nodes"
 
 # The simulated grid is an in-memory store: polling it costs no network request, so replies and new
 # messages are picked up within this many seconds rather than the deployment's poll-interval.
@@ -57,4 +63,24 @@ def warm_actors(warm_up: Callable[[], None]):
         return {"on_actor_init_fn": warm_up}
 
     with replaced(ACTOR_ARGUMENTS, actor_arguments, "warming up Ray actors"):
+        yield
+
+
+@contextlib.contextmanager
+def named_virtual_nodes():
+    """Every virtual node Flower's simulation registers while the block runs is named `node-<partition>`."""
+    from fedsafe.server.node_names import virtual_node_name
+
+    used_for = "naming virtual nodes after their partitions"
+    register = flower_piece(NODE_REGISTRATION, used_for)
+
+    def register_named(num_nodes, state_factory):
+        mapping = register(num_nodes=num_nodes, state_factory=state_factory)
+        nodes = getattr(state_factory.state(), "nodes", {})  # InMemoryLinkState: node id -> NodeInfo
+        for node_id, partition in mapping.items():
+            if node_id in nodes:
+                nodes[node_id].name = virtual_node_name(partition)
+        return mapping
+
+    with replaced(NODE_REGISTRATION, register_named, used_for):
         yield
