@@ -71,7 +71,7 @@ def simulate(model: str | ModelFactory, data: str | Path | tuple[np.ndarray, np.
     dataset = _dataset(data, out)
     cfg = RunConfig(model=model_name, dataset=dataset, num_rounds=rounds, epsilon=epsilon, out_dir=str(out),
                     **settings)
-    options = SimulationOptions(num_nodes=nodes)
+    options = SimulationOptions(num_nodes=nodes, backend=engine)  # simulate_on_ray would otherwise pick one
     sink = None
     if progress:
         from fedsafe.server.loop import print_progress as sink

@@ -51,6 +51,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    help="CPUs per virtual node: Ray runs one actor per this many cores")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per virtual node (fractions share one)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--backend", default="auto", choices=("auto", "local", "ray"),
+                   help="local: every node in this process; ray: Flower's simulation engine; auto (default): local "
+                        "for up to 1000 nodes without --ray-address or --client-gpus, else ray")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--cap-basis", default="own-update", choices=("own-update", "aggregate"),
                    help="the virtual nodes' node-config cap-basis: which ε of a distributed-dp run counts against "
@@ -249,7 +252,18 @@ def _simulation_options(args: argparse.Namespace, nodes: int):
 
     return SimulationOptions(num_nodes=nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
                              ray_address=args.ray_address, verbose=args.verbose, attack=args.attack,
-                             attackers=args.attackers, attack_factor=args.attack_factor, cap_basis=args.cap_basis)
+                             attackers=args.attackers, attack_factor=args.attack_factor, backend=args.backend,
+                             cap_basis=args.cap_basis)
+
+
+def _backend(args: argparse.Namespace, nodes: int):
+    """The engine for `nodes` virtual nodes (simulations/backend.py), decided before Ray would start."""
+    from fedsafe.simulations.backend import BackendError, choose_backend
+
+    try:
+        return choose_backend(args.backend, nodes, args.ray_address, args.client_gpus)
+    except BackendError as err:
+        raise CliError(f"fedsafe: {err}") from None
 
 
 def _default_out(args: argparse.Namespace, kind: str) -> str:
@@ -270,15 +284,18 @@ def _simulate(args: argparse.Namespace) -> int:
     reused = reused_out_dir(Path(args.out), args.resume, f"--out {args.out} --resume")
     if reused:  # before Ray starts: refusing costs nothing
         raise CliError(f"fedsafe simulate: {reused}")
+    backend = _backend(args, nodes)
+    print(backend.line(), flush=True)
     # Ray boots (about 4 s) while this process imports PyTorch and Flower and checks the run.
-    local_ray = start_local_ray(args.ray_address, args.verbose)
+    local_ray = start_local_ray(args.ray_address, args.verbose) if backend.name == "ray" else None
     try:
         from fedsafe.simulations.report import print_summary
         from fedsafe.simulations.run import simulate, validate_against_data
 
         cfg = _run_config(args, out_dir=args.out)
         options = _simulation_options(args, nodes)
-        validate_against_data(cfg, options)
+        if local_ray is not None:  # checked while Ray boots; in process, simulate() checks it (once)
+            validate_against_data(cfg, options)
     except BaseException:
         if local_ray is not None:
             local_ray.release()
@@ -303,6 +320,8 @@ def _sweep(args: argparse.Namespace) -> int:
         alphas=parse_list(args.alpha, float, "alpha"),
         nodes=parse_list(args.nodes, int, "nodes"),
     )
+    for nodes in grid.nodes:
+        print(_backend(args, nodes).line().replace("fedsafe:", f"fedsafe sweep, {nodes} nodes:", 1), flush=True)
     out = Path(_default_out(args, "sweep-"))
     base = _run_config(args, listed=True, model=grid.models[0], strategy=grid.strategies[0], out_dir=str(out))
     rows = run_sweep(base, grid, _simulation_options(args, grid.nodes[0]), out)
@@ -332,9 +351,9 @@ def _tune(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from fedsafe.simulations.audit import AuditError, AuditOptions, PrivacyContradiction, audit
 
-    if args.attackers or args.ray_address or args.client_gpus:
+    if args.attackers or args.ray_address or args.client_gpus or args.backend == "ray":
         raise CliError("fedsafe audit: runs in this process on this machine, with honest nodes: "
-                       "--attackers, --ray-address and --client-gpus do not apply")
+                       "--attackers, --ray-address, --client-gpus and --backend ray do not apply")
     cfg = _run_config(args, out_dir=_default_out(args, "audit-"))
     options = AuditOptions(num_nodes=_number(args.nodes, int, "nodes"), canaries=args.canaries,
                            record_canaries=args.record_canaries, guess_fraction=args.guess_fraction,

@@ -112,12 +112,21 @@ def split_validation(test: ArrayDataset, seed: int = 0) -> tuple[ArrayDataset, A
     return test.subset(np.sort(val_idx)), test.subset(np.sort(test_idx))
 
 
+def _real_records(x, n: int, seed: int) -> np.ndarray:
+    """The real records a GAN's samples are compared with: all of an in-memory set; of a set read lazily
+    (an image folder), a seeded draw of at most `n`, so that scoring never loads the whole folder."""
+    if isinstance(x, np.ndarray):
+        return x
+    rows = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
+    return x[np.sort(rows)]
+
+
 def judge(model: nn.Module, task, data: ArrayDataset, outliers: bool, seed: int = 0) -> dict[str, float]:
     """The task's metrics of `model` on `data` (see the module docstring)."""
     from fedsafe.models import anomaly_auroc, anomaly_scores, evaluate
 
     if task.name == "generation":
-        return task.quality(model, data.x, n=GAN_SAMPLES, seed=seed)
+        return task.quality(model, _real_records(data.x, GAN_SAMPLES, seed), n=GAN_SAMPLES, seed=seed)
     if outliers:
         normal = data.y == 0
         result = evaluate(model, task, data.x[normal], data.y[normal])

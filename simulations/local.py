@@ -1,35 +1,52 @@
 """An in-process federation: the real ClientApp of each virtual node called directly, no Ray.
 
 The same server loop, strategies and node code as `simulate()`, minus the simulation engine's start-up
-(~20 s on 2 cores) — the fast path for tests and benchmarks. Messages are deep-copied on the way in, as
-a real transport would, so no node can touch another's (or the server's) objects.
+(~20 s on 2 cores) — the fast path for tests, benchmarks and `fedsafe simulate --backend local`. Messages
+are deep-copied on the way in and out, as a real transport would, so no node can touch another's (or the
+server's) objects; each node has its own global random streams (NodeRandomness); a ClientApp that raises
+becomes an error reply, as in Flower.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
+import os
+import random
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+log = logging.getLogger("fedsafe.simulations")
 
 NODE_ID_BASE = 1000
 
 
 class LocalGrid:
     def __init__(self, client_app, num_nodes: int, run_id: int = 1,
-                 drop: Callable[[int, Message], bool] | None = None) -> None:
+                 drop: Callable[[int, Message], bool] | None = None, node_ids: Sequence[int] | None = None,
+                 quiet: bool = False) -> None:
         from fedsafe.flower.task_identity import ensure_task_identity
 
         ensure_task_identity(run_id)  # no Flower runtime around these ClientApps sets it
         self.client_app = client_app
         self.drop = drop  # drop(node, message) -> True: the node never answers this message
+        # `node_ids`: partition i is node node_ids[i] (the ids Flower's simulation engine would give them,
+        # so that the seeded node sampling trains the same partitions on either backend).
+        ids = list(node_ids) if node_ids is not None else [NODE_ID_BASE + i for i in range(num_nodes)]
+        if len(ids) != num_nodes or len(set(ids)) != num_nodes:
+            raise ValueError(f"need {num_nodes} distinct node ids; got {len(set(ids))}")
         self.contexts = {
-            NODE_ID_BASE + i: Context(run_id=run_id, node_id=NODE_ID_BASE + i,
-                                      node_config={"partition-id": i, "num-partitions": num_nodes},
-                                      state=RecordDict(), run_config={})
-            for i in range(num_nodes)
+            node: Context(run_id=run_id, node_id=node, node_config={"partition-id": i, "num-partitions": num_nodes},
+                          state=RecordDict(), run_config={})
+            for i, node in enumerate(ids)
         }
+        self.randomness = NodeRandomness()
+        self.quiet = quiet  # the nodes' own lines (stderr) dropped, as Ray drops its actors' unless verbose
         self.received: list[Message] = []  # every reply the server got, for tests that audit it
         self.bytes_down = self.bytes_up = 0  # arrays and config payload, server → nodes and back
 
@@ -57,12 +74,56 @@ class LocalGrid:
             if self.drop is not None and self.drop(node, delivered):
                 continue
             try:
-                reply = self.client_app(delivered, self.contexts[node])
+                with self.randomness.of(node), self._node_output():
+                    reply = copy.deepcopy(self.client_app(delivered, self.contexts[node]))
             except Exception as err:  # noqa: BLE001 - a crashing ClientApp is an error reply, as in Flower
-                reply = Message(Error(code=2, reason=f"ClientApp raised {type(err).__name__}: {err}\n"
-                                      + traceback.format_exc(limit=3)), reply_to=delivered)
+                # As Flower's engine: the error's type and text in the reply, its traceback in the log only.
+                log.debug("virtual node %s: ClientApp raised\n%s", node, traceback.format_exc())
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"ClientApp raised {type(err).__name__}: {err}"), reply_to=delivered)
             if not reply.has_error():
                 self.bytes_up += payload_bytes(reply.content)
             replies.append(reply)
         self.received.extend(replies)
         return replies
+
+    def _node_output(self):
+        return contextlib.redirect_stderr(io.StringIO()) if self.quiet else contextlib.nullcontext()
+
+
+class NodeRandomness:
+    """Each virtual node's own global random streams (PyTorch's CPU generator, NumPy's and Python's), as if
+    it were a process of its own: a node that seeds or draws from them moves neither another node's
+    streams nor the driver's. A node's streams start from fresh OS randomness, as a new process' would,
+    when it first gets a message (only sampled nodes ever hold any: about 10 KB each)."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, tuple] = {}
+
+    @contextlib.contextmanager
+    def of(self, node: int):
+        import numpy as np
+        import torch
+
+        driver = _capture(np, torch)
+        try:
+            if node in self._states:
+                _restore(np, torch, self._states[node])
+            else:
+                torch.seed()
+                np.random.seed(int.from_bytes(os.urandom(4), "little"))
+                random.seed(os.urandom(16))
+            yield
+        finally:
+            self._states[node] = _capture(np, torch)
+            _restore(np, torch, driver)
+
+
+def _capture(np, torch) -> tuple:
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _restore(np, torch, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])

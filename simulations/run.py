@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsafe.flower.linkstate import deterministic_node_ids
+from fedsafe.flower.linkstate import deterministic_node_ids, seeded_ids
 from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, named_virtual_nodes, scalable_engine, warm_actors
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
 
+from .backend import BackendChoice, BackendError, choose_backend
 from .engine import LocalRay, quiet_flower_environment, start_local_ray
 
 PARTITION_REPORT_MAX_NODES = 200  # above this the per-node report costs more than it tells
@@ -39,10 +40,12 @@ class SimulationOptions:
     attack_factor: float = 10.0
     # The virtual nodes' node-config cap-basis: which ε of a distributed-DP run their cap (ε) counts.
     cap_basis: str = "own-update"
+    backend: str = "auto"  # local, ray or auto (simulations/backend.py)
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
             raise ConfigError(f"nodes must be >= 1; got {self.num_nodes}")
+        self.backend_choice()  # ConfigError for an unknown backend, or local with a cluster or GPUs
         try:
             self.attack_spec()
         except ValueError as err:
@@ -59,6 +62,12 @@ class SimulationOptions:
             if not torch.cuda.is_available():  # Ray would wait forever for a GPU to place the nodes on
                 raise ConfigError(f"--client-gpus {self.client_gpus:g} asks for a GPU per node, but this machine "
                                   "has no CUDA GPU (torch.cuda.is_available() is False)")
+
+    def backend_choice(self) -> BackendChoice:
+        try:
+            return choose_backend(self.backend, self.num_nodes, self.ray_address, self.client_gpus)
+        except BackendError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def node_device(self) -> str:
@@ -189,27 +198,63 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
     `max_epsilon` overrides the virtual nodes' lifetime cap; `drop(node, message)` loses messages."""
     quiet_flower_environment()
     validate_against_data(cfg, options)
+    federation = _simulated_federation(cfg, options, max_epsilon)
+    try:
+        return _run_in_process(federation, options, progress, drop)
+    finally:
+        federation.remove_store()
+
+
+def _run_in_process(federation: SimulatedFederation, options: SimulationOptions, progress: ProgressSink | None,
+                    drop=None) -> RunOutcome:
+    """The round loop over a LocalGrid: every node's ClientApp called in this process, one after another,
+    each training with one thread (as each Ray actor does), under the node ids Flower's engine would give."""
+    import torch
+
     from fedsafe.server.app import run_server
 
     from .local import LocalGrid
 
-    federation = _simulated_federation(cfg, options, max_epsilon)
-    if not options.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not options.verbose:  # as on Ray: fedsafe prints its own progress and logs refusals under "fedsafe.*"
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    grid = LocalGrid(federation.client_app, options.num_nodes, drop=drop, quiet=not options.verbose,
+                     node_ids=simulated_node_ids(federation.cfg.seed, options.num_nodes))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        return run_server(LocalGrid(federation.client_app, options.num_nodes, drop=drop), federation.cfg, progress)
+        return run_server(grid, federation.cfg, progress)
     finally:
-        federation.remove_store()
+        torch.set_num_threads(threads)
+
+
+def simulated_node_ids(seed: int, num_nodes: int) -> list[int]:
+    """The ids Flower's simulation engine gives partitions 0 .. num_nodes-1 under `deterministic_node_ids(seed)`
+    (it registers the nodes first, one draw each): the coordinator samples by id, so the same seed samples
+    the same partitions in process as on Ray."""
+    from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID
+
+    draw = seeded_ids(seed)  # Flower's draws under deterministic_node_ids, without importing its link state
+    ids: list[int] = []
+    taken = {SUPERLINK_NODE_ID, 0}
+    for _ in range(num_nodes):
+        ids.append(draw(NODE_ID_NUM_BYTES, exclude=taken))
+        taken.add(ids[-1])
+    return ids
 
 
 def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None = print_progress,
              local_ray: LocalRay | None = None) -> RunOutcome:
     """Run `cfg` over `options.num_nodes` virtual nodes; returns the final model and per-round history.
 
+    On the backend `options.backend` chooses: in this process (local) or on Flower's simulation engine.
     `local_ray`: Ray already starting for this run (fedsafe.simulations.engine.start_local_ray, called by a
     caller with its own preparation to overlap); otherwise it starts here. Either way it is stopped
     when the run ends or fails."""
     quiet_flower_environment()
+    if options.backend_choice().name == "local":
+        if local_ray is not None:
+            local_ray.release()
+        return _simulate_locally(cfg, options, progress)
     if local_ray is None:
         # Ray boots while the driver checks the run and prepares the federation; on a cluster Flower joins it.
         local_ray = start_local_ray(options.ray_address, options.verbose)
@@ -218,6 +263,16 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
     finally:
         if local_ray is not None:
             local_ray.release()
+
+
+def _simulate_locally(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None) -> RunOutcome:
+    validate_against_data(cfg, options)
+    check_out_dir(cfg)
+    federation = _simulated_federation(cfg, options)
+    try:
+        return _run_in_process(federation, options, progress)
+    finally:
+        federation.remove_store()
 
 
 def _simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None,

@@ -167,3 +167,17 @@ def test_an_unreadable_image_is_named_before_any_round_spends(tmp_path):
         records_digest(data)
     with pytest.raises(DataError, match="zz-damaged.png: not a readable image"):
         data[len(data) - 1]
+
+
+def test_a_gans_score_on_an_image_folder_reads_a_bounded_draw_of_it(tmp_path, monkeypatch):
+    """The coordinator scores a GAN against real records; from a folder read lazily it loads a seeded
+    draw of at most GAN_SAMPLES images, never the whole folder."""
+    from fedsafe.server import evaluation
+
+    data = load_file(image_folder(tmp_path / "scans", per_class=30))
+    loaded = []
+    load = type(data.transform).load
+    monkeypatch.setattr(type(data.transform), "load", lambda self, path: loaded.append(path) or load(self, path))
+    real = evaluation._real_records(data.x, 25, seed=3)
+    assert real.shape == (25, 1, 8, 8) and len(loaded) == 25 == len(set(loaded))
+    assert np.array_equal(real, evaluation._real_records(data.x, 25, seed=3))  # the same draw each round

@@ -36,7 +36,7 @@ def test_a_split_flwr_datasets_cannot_draw_is_one_clear_error(tmp_path, capsys):
     from fedsafe.cli import main
 
     argv = ["simulate", "--dataset", "breast-cancer", "--nodes", "150", "--partitioner", "dirichlet",
-            "--alpha", "0.01", "--rounds", "1", "--out", str(tmp_path / "run")]
+            "--alpha", "0.01", "--rounds", "1", "--backend", "ray", "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "the dirichlet partitioner cannot divide this data over 150 nodes" in err and "raise alpha" in err
@@ -58,7 +58,7 @@ def test_ray_that_cannot_start_is_one_clear_line_not_a_traceback(monkeypatch, tm
         raise Exception("The current node timed out during startup. This could happen because ...\nmore")
 
     monkeypatch.setattr(ray, "init", failing_init)
-    code = main(["simulate", "--nodes", "2", "--rounds", "1", "--out", str(tmp_path / "run")])
+    code = main(["simulate", "--backend", "ray", "--nodes", "2", "--rounds", "1", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert err.strip() == ("fedsafe: error: Ray could not start on this machine: The current node timed out "

@@ -1,0 +1,207 @@
+"""The in-process simulation backend (issue 18): the same run as on Ray, nodes that share nothing mutable,
+a crashing node answered by an error reply, and backend names checked."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.simulations.backend import LOCAL_MAX_NODES, BackendError, choose_backend
+from fedsafe.simulations.local import LocalGrid
+from fedsafe.simulations.run import SimulationOptions, simulate
+
+TIMINGS = {"seconds", "wait_seconds", "clientapp_startup_seconds"}  # wall clock, not the run's outcome
+
+
+def _history(outcome) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in TIMINGS} for h in outcome.history]
+
+
+@pytest.mark.slow
+def test_local_and_ray_backends_give_the_same_run_for_the_same_seed(tmp_path):
+    """Same seed: the same nodes sampled (the same node ids), the same seeded noise, the same metrics and
+    the same ε in each node's ledger, whichever engine called the nodes."""
+    runs = {}
+    for backend in ("local", "ray"):
+        cfg = RunConfig(num_rounds=2, model="mlp", dataset="breast-cancer", fraction_train=0.5, local_epochs=1,
+                        seed=11, out_dir=str(tmp_path / backend))
+        runs[backend] = simulate(cfg, SimulationOptions(num_nodes=4, backend=backend), progress=None)
+    local, ray = (_history(runs[b]) for b in ("local", "ray"))
+    assert local[-1]["sent"] == 2 and local[-1]["replies"] == 2
+    assert local == ray
+    assert runs["local"].node_epsilon == runs["ray"].node_epsilon
+    final = {b: runs[b].arrays.to_numpy_ndarrays() for b in runs}
+    assert all(np.array_equal(a, b) for a, b in zip(final["local"], final["ray"], strict=True))
+
+
+def _draws_app(seeder: int) -> ClientApp:
+    """Each node seeds its own global streams (7) on its first message and draws once per message; node
+    `seeder` also reseeds them to 0 before every draw."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        if "seeded" not in context.state.config_records:
+            torch.manual_seed(7)
+            np.random.seed(7)
+            random.seed(7)
+            context.state["seeded"] = ConfigRecord({"yes": True})
+        if context.node_id == seeder:
+            torch.manual_seed(0)
+            np.random.seed(0)
+            random.seed(0)
+        draws = ConfigRecord({"torch": float(torch.rand(1)), "numpy": float(np.random.rand()), "py": random.random()})
+        return Message(RecordDict({"draws": draws}), reply_to=msg)
+
+    return app
+
+
+def _message(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+
+
+def test_a_node_reseeding_the_global_random_streams_moves_neither_another_node_nor_the_driver(
+        flower_task_identity):
+    grid = LocalGrid(_draws_app(seeder=1000), num_nodes=2)
+    torch.manual_seed(123)
+    other = [grid.send_and_receive([_message(1000), _message(1001)])[1].content["draws"] for _ in range(3)]
+    driver_after = torch.rand(2)
+    # Node 1001 draws what its own seed 7 gives, in order, though node 1000 reseeds to 0 before each draw.
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    assert [d["torch"] for d in other] == pytest.approx([float(torch.rand(1)) for _ in range(3)])
+    assert [d["numpy"] for d in other] == pytest.approx([float(np.random.rand()) for _ in range(3)])
+    assert [d["py"] for d in other] == pytest.approx([random.random() for _ in range(3)])
+    # The driver's stream continues where it was, as if no node had run in its process.
+    torch.manual_seed(123)
+    assert torch.equal(driver_after, torch.rand(2))
+
+
+def test_a_node_mutating_its_message_or_reply_touches_no_other_copy(flower_task_identity):
+    """Messages travel as copies, both ways: a node writing into what it received, or into a reply it
+    already sent, changes neither the server's objects nor another node's."""
+    last_reply: dict[int, ConfigRecord] = {}
+    seen: dict[int, list[str]] = {}
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        seen.setdefault(context.node_id, []).append(str(config["model"]))
+        config["model"] = f"overwritten by {context.node_id}"  # in place, in what it received
+        weights = msg.content["arrays"].to_numpy_ndarrays()[0]
+        msg.content["arrays"]["0"] = ArrayRecord([weights + context.node_id]).popitem()[1]
+        if context.node_id in last_reply:
+            last_reply[context.node_id]["round"] = -1  # into the reply it sent last time
+        reply = ConfigRecord({"round": len(seen[context.node_id])})
+        last_reply[context.node_id] = reply
+        return Message(RecordDict({"result": reply}), reply_to=msg)
+
+    grid = LocalGrid(app, num_nodes=2)
+    content = RecordDict({"config": ConfigRecord({"model": "mlp"}), "arrays": ArrayRecord([np.ones(3)])})
+    messages = [Message(content, dst_node_id=n, message_type="train") for n in (1000, 1001)]
+    first = grid.send_and_receive(messages)
+    grid.send_and_receive([Message(content, dst_node_id=1000, message_type="train")])
+    assert seen == {1000: ["mlp", "mlp"], 1001: ["mlp"]}  # each node got the server's config, as sent
+    assert content["config"]["model"] == "mlp" and np.array_equal(content["arrays"].to_numpy_ndarrays()[0], np.ones(3))
+    assert first[0].content["result"]["round"] == 1  # the reply the server holds is its own copy
+
+
+def test_a_node_that_raises_is_an_error_reply_and_the_run_goes_on(tmp_path):
+    from fed_harness import federation, run
+
+    cfg, grid, strategy = federation(tmp_path, nodes=3, num_rounds=2, dataset="breast-cancer", model="mlp")
+    real_app = grid.client_app
+    crashing = sorted(grid.contexts)[0]
+
+    def app(message: Message, context: Context) -> Message:
+        if context.node_id == crashing:
+            raise RuntimeError("disk on fire")
+        return real_app(message, context)
+
+    grid.client_app = app
+    outcome = run(cfg, grid, strategy)
+    trained = [h for h in outcome.history if h["round"] > 0]
+    assert [h["replies"] for h in trained] == [2, 2] and [h["failures"] for h in trained] == [1, 1]
+    errors = [r for r in grid.received if r.has_error()]
+    assert len(errors) == 2 and all(int(r.metadata.src_node_id) == crashing for r in errors)
+    assert errors[0].error.code == 2 and errors[0].error.reason == "ClientApp raised RuntimeError: disk on fire"
+    assert outcome.history[-1]["eval"]["accuracy"] > 0.5  # the other nodes' updates were aggregated
+
+
+def test_auto_runs_small_federations_in_process_and_ray_where_it_pays():
+    assert choose_backend("auto", 10).name == "local"
+    assert choose_backend("auto", LOCAL_MAX_NODES).name == "local"
+    assert choose_backend("auto", LOCAL_MAX_NODES + 1).name == "ray"
+    cluster = choose_backend("auto", 10, ray_address="auto")
+    assert cluster.name == "ray" and "--ray-address" in cluster.reason
+    assert choose_backend("auto", 10, client_gpus=0.5).name == "ray"
+    assert choose_backend("ray", 3).name == "ray" and choose_backend("local", 5000).name == "local"
+    assert "10 nodes" in choose_backend("auto", 10).line()
+
+
+def test_unknown_backends_and_local_with_a_cluster_are_refused_in_one_line(capsys):
+    from fedsafe.cli import main
+
+    with pytest.raises(BackendError, match="unknown backend 'fast'; choose one of: auto, local, ray"):
+        choose_backend("fast", 3)
+    with pytest.raises(ConfigError, match="unknown backend 'Local'"):
+        SimulationOptions(num_nodes=3, backend="Local")
+    with pytest.raises(ConfigError, match="--ray-address need Ray"):
+        SimulationOptions(num_nodes=3, backend="local", ray_address="10.0.0.1:6379")
+    assert main(["simulate", "--backend", "fast", "--nodes", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fast'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["simulate", "--backend", "local", "--ray-address", "auto", "--nodes", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "--backend local runs every node in this process" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ten_thousand_nodes_in_process_hold_only_what_is_sampled(tmp_path):
+    """10,000 virtual nodes in one process: a Context each, and a model, random streams and a ledger only
+    for the nodes sampled (here 10 per round)."""
+    import resource
+
+    from fedsafe.simulations import local
+
+    grids = []
+    original = local.LocalGrid.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        grids.append(self)
+
+    cfg = RunConfig(num_rounds=2, model="mlp", dataset="synthetic", fraction_train=0.001, local_epochs=1,
+                    out_dir=str(tmp_path / "run"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS so far (Linux: KiB)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local.LocalGrid, "__init__", keep)
+        outcome = simulate(cfg, SimulationOptions(num_nodes=10_000, backend="local"), progress=None)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    trained = [h for h in outcome.history if h["round"] > 0]
+    assert [h["replies"] for h in trained] == [10, 10] and all(h["failures"] == 0 for h in trained)
+    assert len(grids[0].contexts) == 10_000
+    assert len(grids[0].randomness._states) == len(outcome.node_epsilon) <= 20  # only sampled nodes
+    assert len(list((tmp_path / "run" / "ledgers").glob("*.json"))) == len(outcome.node_epsilon)
+    assert grown < 400 * 2**20, f"peak RSS grew {grown / 2**20:.0f} MiB"
+
+
+def test_the_cli_says_which_backend_runs_and_why_before_anything_else(tmp_path, capsys):
+    import ray
+
+    from fedsafe.cli import main
+
+    assert main(["simulate", "--nodes", "2", "--rounds", "1", "--local-epochs", "1", "--dataset", "breast-cancer",
+                 "--out", str(tmp_path / "run")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("fedsafe: backend local (every node in this process): 2 nodes on one host")
+    assert not ray.is_initialized()  # no Ray was started for an in-process run
+    assert (tmp_path / "run" / "metrics.json").exists()
