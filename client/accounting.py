@@ -20,6 +20,10 @@ from .files import atomic_write
 Spend = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 ACCOUNTANTS = ("rdp", "prv")
+# The two ε of a distributed-DP release (a node adding σ/√m of the noise, SecAgg+ summing m or more):
+OWN_UPDATE = "own-update"  # against anyone who sees the node's update alone (SecAgg+ failed): σ/√m
+AGGREGATE = "aggregate"  # against a server that sees only the sum (SecAgg+ held, >= m honest survivors): σ
+CAP_BASES = (OWN_UPDATE, AGGREGATE)
 MAX_NOISE_MULTIPLIER = 1e4
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,17 @@ def check_spend(spend, min_steps: int = 0) -> Spend:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < min_steps:
         raise ValueError(f"step count {steps!r} is not a whole number >= {min_steps}")
     return float(sigma), float(rate), int(steps)
+
+
+def aggregate_spend(spend: Spend, noise_shares: int) -> Spend:
+    """A node's own (σ/√m, q, steps) as the sum of `noise_shares` = m such releases sees it: (σ, q, steps).
+
+    Exact for one DP-SGD step per round (DP-FedSGD) when the server learns only the sum: each node's
+    noisy clipped-gradient sum carries N(0, (σ/√m)²C²) independently, so m of them carry N(0, σ²C²)
+    around a sum in which one record moves at most C: a DP-SGD step at σ over the union of the batches,
+    whose Poisson sampling of each record is its own node's, at rate q."""
+    sigma, rate, steps = spend
+    return (sigma * math.sqrt(noise_shares), rate, steps) if noise_shares != 1 else spend
 
 
 def epsilon(history: Sequence[Spend], delta: float, accountant: str = "rdp") -> float:

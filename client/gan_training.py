@@ -22,6 +22,7 @@ from .dp_modes import make_private
 from .regularize import l1_proximal_step, l1_weights, random_shifts
 from .training import (
     DPSpendRecorder, RandomStreams, TrainOutcome, TrainSettings, _tensor_dataset, make_optimizer, poisson_loader,
+    round_batches,
 )
 
 
@@ -77,19 +78,18 @@ def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: to
     losses: list[float] = []
     plain_steps = 0
     try:
-        for _ in range(settings.local_epochs):
-            for x, _y in loader:
-                x = x.to(device)
-                if settings.augment:
-                    x = random_shifts(x, on_device)
-                # An empty Poisson batch still makes a DP step of D: on the fixed number of fakes.
-                d_loss, _g_loss = train_step(
-                    gan, x, d_optimizer, g_optimizer, discriminator=discriminator, d_criterion=d_criterion,
-                    fake_count=fake_count, generator=on_device,
-                )
-                losses.append(d_loss)
-                l1_proximal_step(penalised, settings.lr * settings.l1)
-                plain_steps += 1
+        for x, _y in round_batches(loader, settings.local_epochs, settings.local_steps):
+            x = x.to(device)
+            if settings.augment:
+                x = random_shifts(x, on_device)
+            # An empty Poisson batch still makes a DP step of D: on the fixed number of fakes.
+            d_loss, _g_loss = train_step(
+                gan, x, d_optimizer, g_optimizer, discriminator=discriminator, d_criterion=d_criterion,
+                fake_count=fake_count, generator=on_device,
+            )
+            losses.append(d_loss)
+            l1_proximal_step(penalised, settings.lr * settings.l1)
+            plain_steps += 1
     finally:
         if private is not None:
             private.close()

@@ -45,6 +45,8 @@ from fedsafe.protocol import (
     REQUEST_REFUSED,
 )
 
+from .accounting import AGGREGATE, OWN_UPDATE
+
 log = logging.getLogger("fedsafe.client")
 
 # Every metric a node may send, and why it may leave the node (README: "What leaves a node").
@@ -62,6 +64,10 @@ PUBLIC_METRICS: dict[str, str] = {
     protocol.EPSILON_NEXT: "ledger: ε after one more round like this one",
     protocol.RUN_EPSILON_NEXT: "ledger: this run's ε after one more round like this one",
     protocol.REPLAYED: "1 when the reply is the stored one of a re-sent round",
+    protocol.EPSILON_OWN_UPDATE: "ledger (distributed DP): ε of the node's own updates alone, as if SecAgg+ failed",
+    protocol.EPSILON_AGGREGATE: "ledger (distributed DP): ε against a server that sees only the SecAgg+ sum",
+    protocol.NOISE_SHARES: "distributed DP: m, the fewest nodes whose noise shares the sum carries (SecAgg+'s "
+                           "threshold, sent by the coordinator)",
 }
 
 
@@ -148,6 +154,7 @@ class Plan:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    noise_shares: int = 1  # distributed DP: m; the node adds noise_multiplier = σ/√m, its share of σ
 
 
 class PrivacyGate:
@@ -181,15 +188,15 @@ class PrivacyGate:
     def reserve(self, num_examples: int) -> Plan:
         """Fix the run's σ (once per run) and record this round's spend before training; BudgetExhausted,
         and NoiseTooHigh (σ above the policy's max-noise-multiplier), leave the ledger untouched."""
-        from .training import poisson_schedule
+        from .training import round_steps
 
         request, terms = self.request, self.terms
-        sample_rate, batches = poisson_schedule(num_examples, request.batch_size)
-        steps = batches * request.local_epochs
+        sample_rate, steps = round_steps(num_examples, request.batch_size, request.local_epochs, request.local_steps)
         if not terms.private:
             return Plan(False, 0.0, sample_rate, steps)
         from . import accounting
         from .ledger import PrivacyLedger
+        from .policy import PolicyError
 
         # A fresh process every round: keep the RDP math of this node's runs on its disk (pure functions).
         accounting.use_disk_cache(Path(self.policy.state_dir).expanduser() / "cache" / "accounting.json")
@@ -199,20 +206,44 @@ class PrivacyGate:
             planned_rounds=request.num_rounds, run_epsilon=terms.run_epsilon,
             max_epsilon=terms.max_epsilon, delta=terms.delta, accountant=request.accountant,
             max_noise_multiplier=self.policy.max_noise_multiplier,
+            noise_shares=(shares := self._noise_shares()), cap_basis=self.policy.cap_basis,
         )
-        plan = Plan(True, run_plan.noise_multiplier, sample_rate, steps)
-        before = ledger.epsilon(terms.delta, request.accountant)
+        if run_plan.noise_shares > shares:
+            raise PolicyError(
+                f"distributed DP: this run's noise share σ/√{run_plan.noise_shares} was fixed for sums of at least "
+                f"{run_plan.noise_shares} nodes, but this round's SecAgg+ threshold guarantees only {shares}: the "
+                f"sum would carry less noise than the ledger records; refusing the round")
+        plan = Plan(True, run_plan.noise_multiplier, sample_rate, steps, run_plan.noise_shares)
+        basis = self.policy.cap_basis
+        before = ledger.epsilon(terms.delta, request.accountant, basis)
         after = ledger.reserve(
             request.run_id, request.server_round, (plan.noise_multiplier, sample_rate, steps),
             max_epsilon=terms.max_epsilon, run_epsilon=terms.run_epsilon, delta=terms.delta,
-            accountant=request.accountant,
+            accountant=request.accountant, noise_shares=plan.noise_shares, cap_basis=basis,
         )
+        shared = (f" (its share of the aggregate's σ={run_plan.aggregate_noise_multiplier:.3f}, summed over >= "
+                  f"{plan.noise_shares} nodes by SecAgg+; the cap counts {basis} ε)" if plan.noise_shares > 1 else "")
         say(
-            f"round {request.server_round}: {steps} DP-SGD steps at σ={plan.noise_multiplier:.3f}, "
+            f"round {request.server_round}: {steps} DP-SGD steps at σ={plan.noise_multiplier:.3f}{shared}, "
             f"q={sample_rate:.4f} will spend ε {before:.3f} → {after:.3f} "
             f"(run grant {terms.run_epsilon:g}, cap {terms.max_epsilon:g}, δ={terms.delta:g})"
         )
         return plan
+
+    def _noise_shares(self) -> int:
+        """m of a distributed-DP round: the reconstruction threshold of the SecAgg+ round this node is in, as
+        its own SecAgg+ state holds it (the protocol refuses to go on with fewer live neighbours), never a
+        figure the train message claims. 1 (local DP: all the noise) when the run does not ask for it."""
+        if not self.request.distributed_dp:
+            return 1
+        from .policy import PolicyError
+        from .secagg import current_round
+
+        secagg = current_round()
+        if secagg is None:
+            raise PolicyError("the run asks for distributed-dp, but this train message is not part of a SecAgg+ "
+                              "round: the node's noise share would reach the server unsummed; refusing")
+        return max(1, secagg.threshold)
 
     @property
     def ledger_position(self) -> int | None:
@@ -227,11 +258,19 @@ class PrivacyGate:
         if not plan.private:
             return {}
         request, terms, ledger = self.request, self.terms, self._ledger
+        basis = self.policy.cap_basis
         ledger.settle(request.run_id, request.server_round, outcome.dp_spend)
         lifetime_next, run_next = ledger.project(
-            request.run_id, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta, request.accountant)
+            request.run_id, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta, request.accountant,
+            plan.noise_shares, basis)
+        distributed = {
+            protocol.EPSILON_OWN_UPDATE: ledger.epsilon(terms.delta, request.accountant, OWN_UPDATE),
+            protocol.EPSILON_AGGREGATE: ledger.epsilon(terms.delta, request.accountant, AGGREGATE),
+            protocol.NOISE_SHARES: plan.noise_shares,
+        } if plan.noise_shares > 1 else {}
         return {
-            protocol.EPSILON: ledger.epsilon(terms.delta, request.accountant),
+            **distributed,
+            protocol.EPSILON: ledger.epsilon(terms.delta, request.accountant, basis),
             protocol.DELTA: terms.delta,
             protocol.DP_STEPS: ledger.total_steps,
             protocol.NOISE_MULTIPLIER: plan.noise_multiplier,

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .accounting import CalibrationError, Spend, calibrate_noise, check_spend, epsilon
+from .accounting import AGGREGATE, OWN_UPDATE, CalibrationError, Spend, aggregate_spend, calibrate_noise, check_spend, epsilon
 from .files import atomic_write
 from .identity import NodeIdentity
 
@@ -64,10 +64,14 @@ class RunPlan:
     steps_per_round: int
     planned_rounds: int
     target_epsilon: float
+    # Distributed DP (SecAgg+): m, the fewest nodes whose noise the released sum carries. The node adds
+    # noise_multiplier = σ/√m, its share of the aggregate's σ; 1 (local DP): the node adds all of σ.
+    noise_shares: int = 1
 
     def check(self) -> RunPlan:
         """This plan, or ValueError naming the figure out of range."""
         check_spend((self.noise_multiplier, self.sample_rate, self.steps_per_round), min_steps=1)
+        check_noise_shares(self.noise_shares)
         if isinstance(self.planned_rounds, bool) or not isinstance(self.planned_rounds, int) or self.planned_rounds < 1:
             raise ValueError(f"planned rounds {self.planned_rounds!r} is not a whole number >= 1")
         if isinstance(self.target_epsilon, bool) or not isinstance(self.target_epsilon, (int, float)) \
@@ -77,6 +81,26 @@ class RunPlan:
 
     def round_spend(self) -> Spend:
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    @property
+    def aggregate_noise_multiplier(self) -> float:
+        """σ of the sum the server sees when m nodes each add σ/√m (= noise_multiplier under local DP)."""
+        return aggregate_spend(self.round_spend(), self.noise_shares)[0]
+
+    def record(self) -> dict[str, Any]:
+        """The plan's fields as the ledger stores them: noise_shares only where distributed (m > 1), so
+        that ledgers of local-DP runs read exactly as before it existed."""
+        fields = asdict(self)
+        if self.noise_shares == 1:
+            del fields["noise_shares"]
+        return fields
+
+
+def check_noise_shares(shares: Any) -> int:
+    """`shares` (m of distributed DP), or ValueError."""
+    if isinstance(shares, bool) or not isinstance(shares, int) or shares < 1:
+        raise ValueError(f"noise shares {shares!r} is not a whole number >= 1")
+    return shares
 
 
 def ledger_filename(data_key: str) -> str:
@@ -148,15 +172,23 @@ def _apply(views: _Views, entry: dict[str, Any]) -> None:
 def _apply_plan(views: _Views, entry: dict[str, Any], run: str) -> None:
     if run in views.runs:
         raise ValueError(f"run {run} is planned twice")
-    views.runs[run] = asdict(RunPlan(**{f: entry[f] for f in RunPlan.__dataclass_fields__}).check())
+    fields = {f: entry[f] for f in RunPlan.__dataclass_fields__ if f != "noise_shares"}
+    if "noise_shares" in entry:
+        fields["noise_shares"] = entry["noise_shares"]
+    views.runs[run] = RunPlan(**fields).check().record()
 
 
 def _apply_reserve(views: _Views, entry: dict[str, Any], run: str) -> None:
     spend = check_spend(entry["spend"], min_steps=1)
+    shares = check_noise_shares(entry.get("noise_shares", 1))
     if run in views.runs:
-        planned = RunPlan(**views.runs[run]).round_spend()
+        plan = RunPlan(**views.runs[run])
+        planned = plan.round_spend()
         if not _same_spend(spend, planned):
             raise ValueError(f"reserves {list(spend)}, not the [σ, q, steps] {list(planned)} of run {run}'s plan")
+        if shares != plan.noise_shares:
+            raise ValueError(f"reserves with noise shared by {shares} nodes, not the {plan.noise_shares} of "
+                             f"run {run}'s plan")
     views.history.append(list(spend))
     views.rounds.append({"run": run, "round": entry["round"], "entry": len(views.history) - 1,
                          "status": "reserved", "time": entry["time"]})
@@ -378,8 +410,22 @@ class PrivacyLedger:
     def total_steps(self) -> int:
         return sum(n for _, _, n in self.history)
 
-    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
-        return epsilon(self.history, delta, accountant)
+    @property
+    def noise_shares(self) -> list[int]:
+        """m of each reservation, in the order of `history` (1: local DP, the node added all the noise)."""
+        return [int(e.get("noise_shares", 1)) for e in self._state["entries"] if e["kind"] == "reserve"]
+
+    def spends(self, basis: str = OWN_UPDATE) -> list[Spend]:
+        """The history on `basis`: own-update, each release as the node's update alone (what its optimizer
+        did, `history`); aggregate, each distributed-DP release as the sum of m noise shares."""
+        if basis == OWN_UPDATE:
+            return self.history
+        if basis != AGGREGATE:
+            raise ValueError(f"unknown ε basis {basis!r}; choose {OWN_UPDATE} or {AGGREGATE}")
+        return [aggregate_spend(spend, m) for spend, m in zip(self.history, self.noise_shares, strict=True)]
+
+    def epsilon(self, delta: float, accountant: str = "rdp", basis: str = OWN_UPDATE) -> float:
+        return epsilon(self.spends(basis), delta, accountant)
 
     def run_plan(self, run_id: str) -> RunPlan | None:
         plan = self._state["runs"].get(run_id)
@@ -395,11 +441,18 @@ class PrivacyLedger:
     def rounds_of(self, run_id: str) -> list[dict[str, Any]]:
         return [r for r in self._state["rounds"] if r["run"] == run_id]
 
-    def project(self, run_id: str, spend: Spend, delta: float, accountant: str = "rdp") -> tuple[float, float]:
-        """(ε of all spend on this data, ε of this run's spend) if one more `spend` were taken; changes nothing."""
-        history = self.history
-        run_spend = [history[r["entry"]] for r in self.rounds_of(run_id)]
-        return epsilon([*history, spend], delta, accountant), epsilon([*run_spend, spend], delta, accountant)
+    def project(self, run_id: str, spend: Spend, delta: float, accountant: str = "rdp", noise_shares: int = 1,
+                cap_basis: str = OWN_UPDATE) -> tuple[float, float]:
+        """(ε of all spend on this data on `cap_basis`, ε of this run's spend against the aggregate) if one
+        more `spend` (σ the node's own, shared by `noise_shares` nodes) were taken; changes nothing."""
+        lifetime = [*self.spends(cap_basis), spend if cap_basis == OWN_UPDATE else aggregate_spend(spend, noise_shares)]
+        return epsilon(lifetime, delta, accountant), epsilon(
+            [*self._run_spends(run_id), aggregate_spend(spend, noise_shares)], delta, accountant)
+
+    def _run_spends(self, run_id: str) -> list[Spend]:
+        """Run `run_id`'s spends against the aggregate: what its grant (the run's ε) is charged with."""
+        aggregate = self.spends(AGGREGATE)
+        return [aggregate[r["entry"]] for r in self.rounds_of(run_id)]
 
     # ---- spending ----------------------------------------------------------------------------
     def plan_run(
@@ -414,15 +467,21 @@ class PrivacyLedger:
         delta: float,
         accountant: str = "rdp",
         max_noise_multiplier: float = math.inf,
+        noise_shares: int = 1,
+        cap_basis: str = OWN_UPDATE,
     ) -> RunPlan:
         """Fix σ for a run, once: the run alone stays within `run_epsilon`, and everything this
         dataset has ever spent, this run included, within `max_epsilon`. NoiseTooHigh, leaving the
         ledger untouched, where that σ is above `max_noise_multiplier` (checked on every round: the
-        operator may have lowered the bound since the run began)."""
+        operator may have lowered the bound since the run began).
+
+        Distributed DP (`noise_shares` m > 1): σ is the aggregate's, the run's grant is charged against
+        the aggregate, and the node adds σ/√m; the lifetime cap counts the ε of `cap_basis` (own-update:
+        the node's update alone at σ/√m; aggregate: the sum at σ)."""
         with self._transaction():
             existing = self.run_plan(run_id)
             if existing is not None:
-                _check_noise(existing.noise_multiplier, max_noise_multiplier)
+                _check_noise(existing.aggregate_noise_multiplier, max_noise_multiplier)
                 return existing
             steps = steps_per_round * planned_rounds
             try:
@@ -431,29 +490,37 @@ class PrivacyLedger:
                 # No σ the accountant tries meets so small a grant: it would need more noise than any bound.
                 _check_noise(math.inf, max_noise_multiplier)
                 raise
-            if epsilon([*self.history, (sigma_run, sample_rate, steps)], delta, accountant) <= max_epsilon:
-                # σ_run already keeps the lifetime cap, so the cap's own (smaller) σ cannot be the larger:
-                # skip its calibration (seconds of RDP evaluations, in every fresh ClientApp process).
-                sigma_cap = sigma_run
-            else:
-                try:
-                    sigma_cap = calibrate_noise(
-                        self.history, sample_rate, steps, max_epsilon, delta, accountant
-                    )
-                except ValueError as err:
-                    raise BudgetExhausted(
-                        f"privacy budget exhausted: node cap ε={max_epsilon:g} cannot fund this run ({err})"
-                    ) from None
-            _check_noise(max(sigma_run, sigma_cap), max_noise_multiplier)
+            sigma = max(sigma_run, self._cap_sigma(sigma_run, sample_rate, steps, max_epsilon, delta, accountant,
+                                                   noise_shares, cap_basis))
+            _check_noise(sigma, max_noise_multiplier)
             plan = RunPlan(
-                noise_multiplier=max(sigma_run, sigma_cap),
+                noise_multiplier=sigma / math.sqrt(noise_shares),
                 sample_rate=sample_rate,
                 steps_per_round=steps_per_round,
                 planned_rounds=planned_rounds,
                 target_epsilon=min(run_epsilon, max_epsilon),
+                noise_shares=check_noise_shares(noise_shares),
             )
-            self._append("plan", run=run_id, **asdict(plan))
+            self._append("plan", run=run_id, **plan.record())
         return plan
+
+    def _cap_sigma(self, sigma_run: float, sample_rate: float, steps: int, max_epsilon: float, delta: float,
+                   accountant: str, noise_shares: int, cap_basis: str) -> float:
+        """The smallest aggregate σ whose run keeps everything spent on this data, on `cap_basis`, within
+        the lifetime cap (BudgetExhausted where none does)."""
+        history = self.spends(cap_basis)
+        # The cap's basis sees σ/√m where it counts the node's own update, σ where it trusts the sum.
+        scale = math.sqrt(noise_shares) if cap_basis == OWN_UPDATE else 1.0
+        if epsilon([*history, (sigma_run / scale, sample_rate, steps)], delta, accountant) <= max_epsilon:
+            # σ_run already keeps the lifetime cap, so the cap's own (smaller) σ cannot be the larger:
+            # skip its calibration (seconds of RDP evaluations, in every fresh ClientApp process).
+            return sigma_run
+        try:
+            return scale * calibrate_noise(history, sample_rate, steps, max_epsilon, delta, accountant)
+        except ValueError as err:
+            raise BudgetExhausted(
+                f"privacy budget exhausted: node cap ε={max_epsilon:g} ({cap_basis}) cannot fund this run ({err})"
+            ) from None
 
     def reserve(
         self,
@@ -465,10 +532,13 @@ class PrivacyLedger:
         delta: float,
         run_epsilon: float | None = None,
         accountant: str = "rdp",
+        noise_shares: int = 1,
+        cap_basis: str = OWN_UPDATE,
     ) -> float:
         """Record a round's spend before it is taken; refuse it if a budget would be exceeded: the
-        node's lifetime cap over all spend on this data, and the run's own ε over this run's spend.
-        A planned run's rounds must reserve exactly its plan's (σ, q, steps) (LedgerError otherwise).
+        node's lifetime cap over all spend on this data (on `cap_basis`), and the run's own ε over this
+        run's spend (against the aggregate: the σ of `spend` times √`noise_shares`).
+        A planned run's rounds must reserve exactly its plan's (σ, q, steps, m) (LedgerError otherwise).
 
         A round asked for twice (a coordinator resumed after a crash) is charged twice: it is trained
         twice. Returns ε after the round. Raises BudgetExhausted, leaving the ledger untouched, otherwise.
@@ -478,30 +548,31 @@ class PrivacyLedger:
         except ValueError as err:
             raise LedgerError(f"privacy ledger {self.path}: refusing to reserve round {server_round}: {err}") from None
         with self._transaction():
-            return self._reserve(run_id, server_round, spend, max_epsilon, run_epsilon, delta, accountant)
+            return self._reserve(run_id, server_round, spend, max_epsilon, run_epsilon, delta, accountant,
+                                 noise_shares, cap_basis)
 
     def _reserve(
         self, run_id: str, server_round: int, spend: Spend, max_epsilon: float,
-        run_epsilon: float | None, delta: float, accountant: str,
+        run_epsilon: float | None, delta: float, accountant: str, noise_shares: int, cap_basis: str,
     ) -> float:
+        shared = aggregate_spend(spend, noise_shares)
         if run_epsilon is not None:
-            history = self.history
-            run_spend = [history[r["entry"]] for r in self.rounds_of(run_id)]
-            run_after = epsilon([*run_spend, spend], delta, accountant)
+            run_after = epsilon([*self._run_spends(run_id), shared], delta, accountant)
             if run_after > run_epsilon + 1e-9:
                 raise BudgetExhausted(
                     f"privacy budget exhausted: round {server_round} would take run {run_id} to "
                     f"ε={run_after:.3f}, over the ε={run_epsilon:g} it was granted (δ={delta:g})"
                 )
-        after = epsilon([*self.history, spend], delta, accountant)
+        after = epsilon([*self.spends(cap_basis), spend if cap_basis == OWN_UPDATE else shared], delta, accountant)
         # 1e-9: bisection and accountant arithmetic agree to far better than this.
         if after > max_epsilon + 1e-9:
-            spent = self.epsilon(delta, accountant)
+            spent = self.epsilon(delta, accountant, cap_basis)
             raise BudgetExhausted(
-                f"privacy budget exhausted: this round would raise ε from {spent:.3f} to {after:.3f}, "
+                f"privacy budget exhausted: this round would raise ε ({cap_basis}) from {spent:.3f} to {after:.3f}, "
                 f"over the node's cap ε={max_epsilon:g} (δ={delta:g}) for data {self.data_key!r}"
             )
-        self._append("reserve", run=run_id, round=server_round, spend=list(spend))
+        shares = {"noise_shares": check_noise_shares(noise_shares)} if noise_shares != 1 else {}
+        self._append("reserve", run=run_id, round=server_round, spend=list(spend), **shares)
         return after
 
     def settle(self, run_id: str, server_round: int, actual: int | list[Spend]) -> None:

@@ -42,6 +42,8 @@ class NodePolicy:
     max_epsilon: float = DEFAULT_MAX_EPSILON
     delta: float = DEFAULT_DELTA
     max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER  # a run needing a larger σ is refused
+    # Distributed DP: which ε counts against max_epsilon (fedsafe.client.ledger.CAP_BASES).
+    cap_basis: str = NODE_DEFAULTS["cap-basis"]
     device: str = "auto"
     allow_non_private: bool = False  # a run may turn DP off only where the operator said so
     seed_noise: bool = False  # seeded DP noise is reproducible, and so predictable: simulations and tests only
@@ -58,7 +60,8 @@ class NodePolicy:
     def __post_init__(self) -> None:
         try:
             check_settings(NODE_SETTINGS, {"max-epsilon": self.max_epsilon, "delta": self.delta,
-                                           "max-noise-multiplier": self.max_noise_multiplier})
+                                           "max-noise-multiplier": self.max_noise_multiplier,
+                                           "cap-basis": self.cap_basis})
         except SettingError as err:
             raise PolicyError(str(err)) from None
         try:
@@ -84,6 +87,7 @@ class NodePolicy:
             max_epsilon=values["max_epsilon"],
             delta=values["delta"],
             max_noise_multiplier=values["max_noise_multiplier"],
+            cap_basis=values["cap_basis"],
             device=values["device"],
             allow_non_private=values["allow_non_private"],
             seed_noise=values["seed_noise"],
@@ -198,7 +202,28 @@ class PrivacyTerms:
     delta: float
 
 
+def check_distributed_dp(request: TrainRequest) -> None:
+    """RequestError unless a distributed-DP request trains what the sum-of-noise-shares accounting proves:
+    one DP-SGD step per round (DP-FedSGD), each node's update linear in its noisy gradient sum (plain SGD,
+    no L1 soft-thresholding after the noise), a classifier-style task (not a GAN, whose generator is a
+    non-linear function of the noised discriminator)."""
+    if not request.distributed_dp:
+        return
+    problems = [why for bad, why in (
+        (not request.dp, "it needs dp=true"),
+        (request.local_steps != 1, f"each round must be one DP-SGD step (local-steps=1; got {request.local_steps}): "
+                                   "the sum of noise shares is proven per step, not for several local steps"),
+        (request.optimizer != "sgd", f"optimizer must be sgd (got {request.optimizer}): the sum must be linear in "
+                                     "each node's noisy gradient"),
+        (request.l1 > 0, "l1 must be 0: its soft-thresholding after the noise is not linear"),
+        (request.task == "generation", "a GAN's generator is not linear in the noised gradient"),
+    ) if bad]
+    if problems:
+        raise RequestError(f"distributed-dp refused: {'; '.join(problems)}")
+
+
 def resolve_terms(policy: NodePolicy, request: TrainRequest) -> PrivacyTerms:
+    check_distributed_dp(request)
     if not request.dp:
         if not policy.allow_non_private:
             raise PolicyError(

@@ -9,14 +9,43 @@ the masked vector is the node's *update* (trained weights − the global model),
 figures, `num-examples`), never the weights. A failure anywhere in the protocol leaves as the gate's
 fixed code and category, never as exception text. Messages without a SecAgg+ stage
 pass straight through, so the same ClientApp serves plain rounds.
+
+Distributed DP (run setting distributed-dp): while the training handler runs inside a SecAgg+ round,
+`current_round()` gives it that round's reconstruction threshold m from the node's own SecAgg+ state, and
+the node adds only σ/√m of the noise (client/gate.py). Every node then masks its update with the same
+weight (SecAgg+'s max weight, so that Flower's weight ratio is exactly 1): the update is already its noisy
+gradient sum over the run's batch size (client/training.py), and equal weights keep each record's
+influence and each node's noise on one scale in the sum. An update outside SecAgg+'s clipping range would
+be clipped after the noise, which the accounting does not cover: it is withheld instead.
 """
 
 from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from flwr.app import Context, Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from .gate import refuse
+from .policy import PolicyError
+
+
+@dataclass(frozen=True)
+class SecAggRound:
+    """What the node's own SecAgg+ state says of the round its training handler is serving."""
+
+    threshold: int  # shares needed to unmask: the fewest live nodes whose sum the server can see
+    max_weight: float
+    clipping_range: float
+
+
+_current: ContextVar[SecAggRound | None] = ContextVar("fedsafe_secagg_round", default=None)
+
+
+def current_round() -> SecAggRound | None:
+    """The SecAgg+ round around the running training handler; None outside one (a plain round)."""
+    return _current.get()
 
 
 class _Refused(Exception):
@@ -55,14 +84,44 @@ def _update_as_fitres(msg: Message, context: Context, call_next) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-    reply = call_next(msg, context)
+    secagg = _secagg_state(context)
+    token = _current.set(secagg)
+    try:
+        reply = call_next(msg, context)
+    finally:
+        _current.reset(token)
     if reply.has_error():
         raise _Refused(reply.error)
     start, trained = msg.content["arrays"], reply.content["arrays"]
     update = [np.asarray(trained[k].numpy(), dtype=np.float64) - start[k].numpy() for k in start.keys()]
     metrics = reply.content["metrics"]
+    weight = int(metrics["num-examples"])
+    if msg.content["config"].get("distributed-dp") is True:
+        weight = _equal_weight(update, secagg)
     fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(update),
-                    num_examples=int(metrics["num-examples"]), metrics={})
+                    num_examples=weight, metrics={})
     content = fitres_to_recorddict(fitres, keep_input=False)
     content["metrics"] = metrics
     return Message(content, reply_to=msg)
+
+
+def _secagg_state(context: Context) -> SecAggRound:
+    """The round's SecAgg+ parameters as this node's secaggplus_mod stored them at its setup stage."""
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    state = SecAggPlusState(**context.state.config_records[RECORD_KEY_STATE])
+    return SecAggRound(threshold=int(state.threshold), max_weight=float(state.max_weight),
+                       clipping_range=float(state.clipping_range))
+
+
+def _equal_weight(update, secagg: SecAggRound) -> int:
+    """The weight every distributed-DP node masks its update with (PolicyError, withholding the update,
+    where SecAgg+ would clip it: clipping after the noise is outside the accounting)."""
+    import numpy as np
+
+    largest = max((float(np.max(np.abs(u))) for u in update if u.size), default=0.0)
+    if not largest <= secagg.clipping_range:
+        raise PolicyError(f"distributed DP: the update reaches {largest:.3g}, beyond SecAgg+'s clipping range "
+                          f"±{secagg.clipping_range:g}; withheld (a lower lr keeps updates in range)")
+    return max(1, int(secagg.max_weight))

@@ -43,6 +43,7 @@ class TrainSettings:
     (`of`), the noise the ledger fixed, and the model family's per-sample gradient mode."""
 
     local_epochs: int = _RUN.local_epochs
+    local_steps: int = _RUN.local_steps  # > 0: this many steps per round instead of local_epochs epochs
     batch_size: int = _RUN.batch_size
     optimizer: str = _RUN.optimizer
     lr: float = _RUN.lr
@@ -54,6 +55,9 @@ class TrainSettings:
     grad_sample_mode: str = "hooks"  # Opacus' per-sample gradient mode (models.preferred_grad_sample_mode)
     l1: float = _RUN.l1  # L1 penalty, a proximal step after each optimizer step (client/regularize.py)
     augment: bool = _RUN.augment  # random one-pixel shifts of each image (client/regularize.py)
+    # Distributed DP: the noisy gradient sum is divided by the run's batch size, the same on every node,
+    # not by this node's expected batch, so that one record weighs the same in the SecAgg+ sum wherever it is.
+    distributed_dp: bool = _RUN.distributed_dp
     precision: str = _RUN.precision  # fp32, or bf16 autocast with fp32 per-sample clipping (client/precision.py)
 
     @classmethod
@@ -178,6 +182,28 @@ def poisson_loader(data: ArrayDataset, batch_size: int, generator: torch.Generat
     return DPDataLoader.from_data_loader(plain, generator=generator)
 
 
+def round_steps(num_examples: int, batch_size: int, local_epochs: int, local_steps: int = 0) -> tuple[float, int]:
+    """(sample rate, DP-SGD steps) of one round: `local_steps` Poisson batches, or `local_epochs` passes."""
+    sample_rate, batches = poisson_schedule(num_examples, batch_size)
+    return sample_rate, local_steps or batches * local_epochs
+
+
+def round_batches(loader, local_epochs: int, local_steps: int = 0):
+    """The batches of one round: `local_steps` of them (the loader re-iterated as needed; each Poisson
+    batch is drawn afresh, so any count is exact for the accountant), or `local_epochs` passes."""
+    if not local_steps:
+        for _ in range(local_epochs):
+            yield from loader
+        return
+    taken = 0
+    while True:
+        for batch in loader:
+            yield batch
+            taken += 1
+            if taken == local_steps:
+                return
+
+
 def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
     """(sample rate, batches per epoch) of the Poisson loader for `num_examples` samples."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -237,7 +263,8 @@ def _train(model: nn.Module, task: Task, data: ArrayDataset, settings: TrainSett
             model, optimizer, task.per_sample_loss, settings.grad_sample_mode,
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
-            expected_batch_size=max(1, round(len(data) * loader.sample_rate)),
+            expected_batch_size=(settings.batch_size if settings.distributed_dp
+                                 else max(1, round(len(data) * loader.sample_rate))),
             generator=on_device,
         )
         wrapped, optimizer, criterion = private.module, private.optimizer, private.criterion
@@ -254,28 +281,27 @@ def _train(model: nn.Module, task: Task, data: ArrayDataset, settings: TrainSett
     losses: list[float] = []
     plain_steps = 0
     try:
-        for _ in range(settings.local_epochs):
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                if len(y) == 0:
-                    # An empty Poisson batch is still a DP-SGD step: noise alone (see noise_only_step).
-                    private.noise_only_step()
-                else:
-                    if settings.augment:
-                        x = random_shifts(x, on_device)
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(device, settings.precision):
-                        outputs = wrapped(x)
-                    loss = criterion(outputs.float(), task.targets(x, y))  # the loss in fp32 in either precision
-                    losses.append(float(loss.detach()))
-                    if anchors and private is None:
-                        loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
-                    loss.backward()
-                    if private is not None and settings.precision == "bf16":
-                        check_fp32_grad_samples(trainable)
-                    optimizer.step()
-                l1_proximal_step(penalised, settings.lr * settings.l1)
-                plain_steps += 1
+        for x, y in round_batches(loader, settings.local_epochs, settings.local_steps):
+            x, y = x.to(device), y.to(device)
+            if len(y) == 0:
+                # An empty Poisson batch is still a DP-SGD step: noise alone (see noise_only_step).
+                private.noise_only_step()
+            else:
+                if settings.augment:
+                    x = random_shifts(x, on_device)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, settings.precision):
+                    outputs = wrapped(x)
+                loss = criterion(outputs.float(), task.targets(x, y))  # the loss in fp32 in either precision
+                losses.append(float(loss.detach()))
+                if anchors and private is None:
+                    loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
+                loss.backward()
+                if private is not None and settings.precision == "bf16":
+                    check_fp32_grad_samples(trainable)
+                optimizer.step()
+            l1_proximal_step(penalised, settings.lr * settings.l1)
+            plain_steps += 1
     finally:
         if private is not None:
             private.close()

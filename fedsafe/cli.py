@@ -55,6 +55,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    help="local: every node in this process; ray: Flower's simulation engine; auto (default): local "
                         "for up to 1000 nodes without --ray-address or --client-gpus, else ray")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--cap-basis", default="own-update", choices=("own-update", "aggregate"),
+                   help="the virtual nodes' node-config cap-basis: which ε of a distributed-dp run counts against "
+                        "their cap (own-update: each node's update alone; aggregate: the SecAgg+ sum)")
 
 
 LISTED = " (comma-separated list)"
@@ -146,6 +149,9 @@ def _add_node(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-noise-multiplier", type=float, default=None,
                    help="refuse a run whose noise multiplier σ is above this: its update would be noise (default 20)")
+    p.add_argument("--cap-basis", default=None, choices=("own-update", "aggregate"),
+                   help="distributed-dp runs: which ε counts against --max-epsilon: own-update (this node's update "
+                        "alone, the default) or aggregate (trusting SecAgg+ and its threshold of honest survivors)")
     p.add_argument("--allow-models", default=None, metavar="REFS",
                    help="user model and task code a run may make this node import: comma list of "
                         "package.module:function or package names, installed here (node-config allow-models)")
@@ -175,6 +181,20 @@ def _add_node(sub) -> None:
     p.add_argument("--test-poison", default=None, help=argparse.SUPPRESS)
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="simulation only: hyperparameter search whose privacy cost is charged to the "
+                                    "nodes' ledgers (or tune on public proxy data, then train once)")
+    _add_run_arguments(p)
+    g = p.add_argument_group("tuning (simulations/tune.py)")
+    g.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a run setting and the values to try (repeatable; trials are the product)")
+    g.add_argument("--proxy-dataset", default=None,
+                   help="tune on this public dataset (built-in name or file shaped like the private data), "
+                        "charging nothing to the private ledgers; then train once on --dataset with the best")
+    g.add_argument("--search-epsilon", type=float, default=None,
+                   help="the nodes' lifetime cap for the whole search (default: the sum of the trials' ε)")
+
+
 def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="simulation only: an empirical lower bound on ε from one run with canaries")
     _add_run_arguments(p)
@@ -197,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_sweep(sub)
     _add_audit(sub)
+    _add_tune(sub)
     _add_partitions(sub)
     _add_ledger(sub)
     _add_credentials(sub)
@@ -231,7 +252,8 @@ def _simulation_options(args: argparse.Namespace, nodes: int):
 
     return SimulationOptions(num_nodes=nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
                              ray_address=args.ray_address, verbose=args.verbose, attack=args.attack,
-                             attackers=args.attackers, attack_factor=args.attack_factor, backend=args.backend)
+                             attackers=args.attackers, attack_factor=args.attack_factor, backend=args.backend,
+                             cap_basis=args.cap_basis)
 
 
 def _backend(args: argparse.Namespace, nodes: int):
@@ -307,7 +329,23 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"{ran} of {len(rows)} settings ran" + (f" ({len(rows) - ran} could not: see the status column)"
                                                   if ran < len(rows) else "")
           + f"; table: {out}/privacy_utility.csv, plot: {out}/privacy_utility.png")
+    print("note: every setting ran on fresh ledgers, so each row's ε is that run's alone; the search itself was "
+          "not charged (choosing the best row costs the composition of all of them: `fedsafe tune` charges it)")
     return 0 if ran else 1
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from fedsafe.simulations.tune import TuneGrid, summary_lines, tune
+
+    grid = TuneGrid.parse(args.tune)
+    out = Path(_default_out(args, "tune-"))
+    base = _run_config(args, out_dir=str(out))
+    report = tune(base, grid, _simulation_options(args, _number(args.nodes, int, "nodes")), out,
+                  proxy=args.proxy_dataset, search_epsilon=args.search_epsilon)
+    for line in summary_lines(report):
+        print(line)
+    print(f"report: {out}/tune.json")
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -436,7 +474,7 @@ def _node(args: argparse.Namespace) -> int:
         superlink=args.superlink, root_cert=Path(args.root_cert) if args.root_cert else None,
         key=Path(args.key).expanduser() if args.key else None, data_path=Path(args.data_path).expanduser(),
         state_dir=Path(args.state_dir).expanduser(), max_epsilon=args.max_epsilon, delta=args.delta,
-        device=args.device, max_noise_multiplier=args.max_noise_multiplier, port=args.port,
+        device=args.device, max_noise_multiplier=args.max_noise_multiplier, cap_basis=args.cap_basis, port=args.port,
         dataset_id=args.dataset_id, insecure=args.insecure,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time, poll_interval=args.poll_interval,
         seed_noise=args.test_seed_noise, debug_poison=args.test_poison,
@@ -495,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(credentials, DELEGATED[argv[0]])(argv[1:], prog=f"fedsafe {argv[0]}")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"simulate": _simulate, "sweep": _sweep, "audit": _audit, "partitions": _partitions,
+        handler = {"simulate": _simulate, "sweep": _sweep, "audit": _audit, "tune": _tune, "partitions": _partitions,
                    "ledger": _ledger, "superlink": _superlink, "node": _node, "app-hash": _app_hash,
                    **after_training.HANDLERS}[args.command]
         return handler(args)

@@ -253,6 +253,7 @@ class NodeOptions:
     delta: float
     device: str = "auto"
     max_noise_multiplier: float | None = None  # None: the node-config default (fedsafe.settings.NODE_SETTINGS)
+    cap_basis: str | None = None  # distributed DP: which ε the cap counts; None: the node-config default
     port: int = 9094
     dataset_id: str | None = None
     insecure: bool = False
@@ -300,6 +301,7 @@ def node_config(opts: NodeOptions) -> dict[str, Any]:
         "device": opts.device,
         "dataset-id": opts.dataset_id,
         "max-noise-multiplier": None if opts.max_noise_multiplier is None else float(opts.max_noise_multiplier),
+        "cap-basis": opts.cap_basis,
         "allow-models": opts.allow_models,
     }
     if opts.seed_noise:

@@ -58,5 +58,10 @@ MAX_EPSILON = "max-epsilon"  # the operator's lifetime cap
 RUN_EPSILON = "run-epsilon"  # what the node granted this run
 EPSILON_NEXT = "epsilon-next"  # EPSILON after one more round of this run
 RUN_EPSILON_NEXT = "run-epsilon-next"
+# Distributed DP (SecAgg+, each node adding σ/√m): EPSILON is then the figure the node's cap counts
+# (node-config cap-basis); both figures are sent.
+EPSILON_OWN_UPDATE = "epsilon-own-update"  # all spend, each release as the node's update alone
+EPSILON_AGGREGATE = "epsilon-aggregate"  # all spend, each distributed release as the SecAgg+ sum
+NOISE_SHARES = "noise-shares"  # m
 LEDGER_METRICS = (EPSILON, DELTA, DP_STEPS, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_EPSILON, RUN_EPSILON, EPSILON_NEXT,
                   RUN_EPSILON_NEXT)

@@ -130,6 +130,8 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             ">= 0", flag=None),  # `fedsafe simulate --nodes`
     Setting("seed", 42, "fixes partitions, sampling, initial weights and DP noise", BOTH),
     Setting("local-epochs", 3, "local epochs per round", NODE, ">= 1"),
+    Setting("local-steps", 0, "DP-SGD steps (Poisson batches) per round instead of whole epochs (0: local-epochs "
+            "epochs); distributed-dp needs 1", NODE, ">= 0"),
     Setting("batch-size", 32,
             "batch size B: each record joins each batch with probability 1/ceil(n/B) (Poisson sampling), so the "
             "expected batch is n/ceil(n/B) <= B for a node with n records",
@@ -192,6 +194,9 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             bounds="(0, 1]", requires="secagg", group=SECAGG_GROUP),
     Setting("secagg-threshold", 0.5, "fraction of those shares needed to reconstruct a dropped node's mask",
             bounds="(0, 1]", requires="secagg", group=SECAGG_GROUP),
+    Setting("distributed-dp", False, "distributed DP over SecAgg+: each node adds only its share σ/√m of the noise "
+            "(m: SecAgg+'s reconstruction threshold, the fewest nodes whose sum the server can see); needs secagg, "
+            "local-steps 1 and optimizer sgd", BOTH, group=SECAGG_GROUP),
     Setting("secagg-clipping-range", 8.0, "updates are clipped to ±this per coordinate before quantisation",
             bounds="> 0", requires="secagg", flag=None, group=SECAGG_GROUP),
     # Post-processing of the DP output (the noised update): no ε. fedsafe/update_compression.py.
@@ -248,6 +253,9 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("max-noise-multiplier", 20.0, "refuse a run whose calibrated σ (noise multiplier) is above this: "
             "the update would be noise, and ε spent on it wasted", NODE, "> 0"),
     Setting("delta", 1e-5, "δ of the (ε, δ) guarantee; a run asking a larger δ gets this one", NODE, "(0, 1)"),
+    Setting("cap-basis", "own-update", "which ε of a distributed-dp run counts against max-epsilon: own-update (the "
+            "node's update alone, as if SecAgg+ failed) or aggregate (trusting SecAgg+ and at least its threshold of "
+            "honest surviving nodes)", NODE, choices=("own-update", "aggregate")),
     Setting("device", "auto", "auto, cpu, cuda or cuda:N", NODE),
     Setting("allow-non-private", False, "a run may turn DP off only where the operator allows it", NODE),
     Setting("allow-models", "", "user model and task factories this node may import: comma list of "

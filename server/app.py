@@ -112,7 +112,7 @@ def build_run_strategy(cfg: RunConfig):
 
         strategy = SecAggPlusAggregation(
             strategy, num_shares=cfg.secagg_shares, reconstruction_threshold=cfg.secagg_threshold,
-            clipping_range=cfg.secagg_clipping_range, timeout=cfg.round_timeout,
+            clipping_range=cfg.secagg_clipping_range, timeout=cfg.round_timeout, distributed_dp=cfg.distributed_dp,
         )
     if cfg.max_strikes and not cfg.secagg:  # under SecAgg+ no single update can be checked, so none is struck
         from fedsafe.strategies import StrikesStrategy

@@ -94,6 +94,13 @@ class RunConfig(RunSettings):
                  "(secagg-clipping-range); use one or the other")
             sampled = self.expected_sample_size()
             need(sampled is None or sampled >= 3, f"secagg needs at least 3 nodes per round; got {sampled}")
+        if self.distributed_dp:
+            need(self.secagg and self.dp, "distributed-dp needs secagg and dp: each node adds only its share of the "
+                                          "noise, which protects a record only inside the SecAgg+ sum")
+            need(self.local_steps == 1, f"distributed-dp needs local-steps=1 (one DP-SGD step per round, DP-FedSGD): "
+                                        f"the sum of noise shares is proven per step; got local-steps={self.local_steps}")
+            need(self.optimizer == "sgd" and self.l1 == 0,
+                 "distributed-dp needs optimizer sgd and l1 0: each update must be linear in its noisy gradient")
 
     def _check_training_practice(self, need) -> None:
         """Early stopping, the initial checkpoint and the model's options."""

@@ -65,11 +65,17 @@ def print_ledgers(ledgers, directory: Path, delta: float) -> None:
     if not ledgers:
         Console().print(f"no privacy ledgers in {directory}")
         return
+    from fedsafe.client.accounting import AGGREGATE
+
     table = Table(title=f"privacy ledgers in {directory} (δ={delta:g})")
-    for column in ("data", "ε spent", "steps", "rounds", "runs"):
+    # Distributed-DP rounds have two ε (README, "Distributed DP"): the own update's is the one shown as spent.
+    distributed = any(m > 1 for ledger in ledgers for m in ledger.noise_shares)
+    columns = ("data", "ε spent", *(("ε vs SecAgg+ sum",) if distributed else ()), "steps", "rounds", "runs")
+    for column in columns:
         table.add_column(column, justify="right")
     for ledger in ledgers:
         state = ledger.state_dict()
-        table.add_row(ledger.data_key, f"{ledger.epsilon(delta):.3f}", str(ledger.total_steps),
+        aggregate = (f"{ledger.epsilon(delta, basis=AGGREGATE):.3f}",) if distributed else ()
+        table.add_row(ledger.data_key, f"{ledger.epsilon(delta):.3f}", *aggregate, str(ledger.total_steps),
                       str(len(state["rounds"])), str(len(state["runs"])))
     Console().print(table)

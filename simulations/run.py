@@ -38,6 +38,8 @@ class SimulationOptions:
     attack: str = "none"  # none, scale or sign-flip
     attackers: int = 0  # partitions 0 .. attackers-1 send poisoned updates
     attack_factor: float = 10.0
+    # The virtual nodes' node-config cap-basis: which ε of a distributed-DP run their cap (ε) counts.
+    cap_basis: str = "own-update"
     backend: str = "auto"  # local, ray or auto (simulations/backend.py)
 
     def __post_init__(self) -> None:
@@ -48,6 +50,8 @@ class SimulationOptions:
             self.attack_spec()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if self.cap_basis not in ("own-update", "aggregate"):
+            raise ConfigError(f"cap-basis must be own-update or aggregate; got {self.cap_basis!r}")
         if self.attackers > self.num_nodes:
             raise ConfigError(f"attackers ({self.attackers}) exceed nodes ({self.num_nodes})")
         if self.client_cpus <= 0 or self.client_gpus < 0:
@@ -171,6 +175,7 @@ def _simulated_federation(cfg: RunConfig, options: SimulationOptions, max_epsilo
         allow_models=(cfg.model, cfg.task),  # the researcher's own model and task code, if the run names them
         seed_noise=True,
         simulated=True,
+        cap_basis=options.cap_basis,
         device=options.node_device,
         partition_store=None if partition_store is None else str(partition_store),
     )

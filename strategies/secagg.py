@@ -21,6 +21,11 @@ uniformly random on its own, and plaintext metrics (num-examples, ε and ledger 
 Not the update: so it cannot validate one either (norm bounds, NaN checks) — SecAgg trades that away.
 Only strategies that need just the weighted mean work on top (fedavg, fedprox, fedadam, fedyogi,
 fedadagrad, fedavgm); robust aggregators need each update and are refused with secagg.
+
+Distributed DP (`distributed_dp`): each node added only σ/√m of the noise, m being the round's threshold,
+and recorded its ε on the promise that the released sum holds at least m nodes' shares. A round whose sum
+would hold fewer is never unmasked nor released (the nodes' ledgers have already charged it: over-counted,
+never under).
 """
 
 from __future__ import annotations
@@ -89,8 +94,10 @@ class SecAggPlusAggregation(StrategyWrapper):
         modulus_range: int = 2**32,
         max_weight: float = 1000.0,
         timeout: float | None = None,
+        distributed_dp: bool = False,
     ) -> None:
         self.strategy = strategy
+        self.distributed_dp = distributed_dp
         self.num_shares, self.reconstruction_threshold = num_shares, reconstruction_threshold
         self.clipping_range, self.quantization_range = clipping_range, quantization_range
         self.modulus_range, self.max_weight, self.timeout = modulus_range, max_weight, timeout
@@ -234,6 +241,12 @@ class SecAggPlusAggregation(StrategyWrapper):
             metrics_by_node[reply.metadata.src_node_id] = reply.content["metrics"]
         state.active = set(metrics_by_node)
         dead = state.shared - state.active  # shared their keys, then dropped: their masks are in the sum
+        if self.distributed_dp and len(state.active) < state.threshold:
+            why = (f"distributed DP: {len(state.active)} masked vectors, fewer than the {state.threshold} noise shares "
+                   f"each node's ε assumes; the sum is not unmasked nor released")
+            log.warning("round %d: %s", server_round, why)
+            self._report[server_round] = {"secagg": {"abandoned": why, "dropped": len(dead)}}
+            return None, None
         if masked is None or not self._enough_neighbours(state, state.active | dead):
             self._report[server_round] = {"secagg": {"abandoned": "too few masked vectors to unmask",
                                                      "dropped": len(dead)}}
@@ -295,6 +308,7 @@ class SecAggPlusAggregation(StrategyWrapper):
         self._report[server_round] = {"secagg": {
             "summed": len(state.active), "dropped": len(dead), "unmasking_nodes": unmasking,
             "threshold": state.threshold, "shares": state.num_shares,
+            **({"noise_shares_summed": len(state.active)} if self.distributed_dp else {}),
             "protocol_seconds": state.seconds, "bytes_to_nodes": state.bytes_down, "bytes_from_nodes": state.bytes_up,
         }}
         return self.strategy.aggregate_train(server_round, [aggregate])

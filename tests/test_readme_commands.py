@@ -59,14 +59,14 @@ def shrink(argv: list[str]) -> list[str]:
     """The command at CI size: one round of one local epoch; what it exercises is kept (model, data,
     partitioner, options, the grid's axes)."""
     command = argv[1] if len(argv) > 1 else ""
-    if "--help" in argv or command not in ("simulate", "sweep"):
+    if "--help" in argv or command not in ("simulate", "sweep", "tune"):
         return argv
     argv = _set(argv, "--rounds", "1")
     argv = _set(argv, "--local-epochs", "1")
     if command == "simulate":
         fraction = float(_value(argv, "--fraction") or 1.0)
         argv = _set(argv, "--nodes", str(max(2, math.ceil(2 / fraction))))  # two nodes per round
-    else:
+    elif command == "sweep":
         epsilons = _value(argv, "--epsilon").split(",")
         argv = _set(argv, "--epsilon", ",".join(dict.fromkeys([epsilons[0], epsilons[-1]])))
     return argv
