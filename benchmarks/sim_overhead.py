@@ -72,6 +72,7 @@ def plain_loop(cfg, clients: int) -> float:
     from fedsafe.server.app import global_model_setup
     from fedsafe.server.sampling import NodeSampler
 
+    forget_calibrations()
     started = time.perf_counter()
     initial, model_config, evaluator = global_model_setup(cfg)
     spec_task = task_for(model_config["task"], model_config["num-classes"])
@@ -99,6 +100,16 @@ def plain_loop(cfg, clients: int) -> float:
     return time.perf_counter() - started
 
 
+def forget_calibrations() -> None:
+    """Empty the accounting's caches (σ calibrations, RDP curves): each measurement pays for calibrating
+    its own σ, as a fresh process does, instead of the second one reusing the first one's."""
+    from fedsafe.client import accounting
+
+    accounting.use_disk_cache(None)
+    accounting._calibrate.cache_clear()
+    accounting._rdp_per_step.cache_clear()
+
+
 def simulation(cfg, clients: int, backend: str, client_cpus: float = 1.0):
     """(total, start-up, steady round, shut-down seconds, outcome) of one fedsafe simulation.
 
@@ -108,6 +119,7 @@ def simulation(cfg, clients: int, backend: str, client_cpus: float = 1.0):
     from fedsafe.simulations.run import SimulationOptions, simulate
 
     round_ends: list[float] = []
+    forget_calibrations()
     called = time.perf_counter()
     outcome = simulate(cfg, SimulationOptions(num_nodes=clients, client_cpus=client_cpus, backend=backend),
                        progress=lambda _record, _cfg: round_ends.append(time.perf_counter()))

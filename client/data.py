@@ -454,7 +454,9 @@ def _indices(partitioner, partition_id: int, scheme: PartitionScheme) -> np.ndar
             # Each redrawn Dirichlet sample warns, quoting every node's alpha: thousands of characters
             # for a large federation. A draw that succeeds needs no warning; one that fails is an error.
             warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
-            return np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
+            partition = partitioner.load_partition(partition_id)
+            # The column as Arrow, straight to NumPy: reading it as a Python list costs ~15 ms a node.
+            return np.array(partition.with_format("arrow")["index"].to_numpy(), dtype=np.int64)
     except ValueError as err:  # flwr-datasets gives up, e.g. Dirichlet draws that keep leaving a node empty
         hint = "; raise alpha or use fewer nodes" if scheme.kind == "dirichlet" else ""
         raise DataError(f"the {scheme.kind} partitioner cannot divide this data over {scheme.num_partitions} "
