@@ -306,7 +306,7 @@ def _simulate(args: argparse.Namespace) -> int:
           + (f", client-level DP ({args.client_dp})" if args.client_dp != "off" else "")
           + (f"; {args.attackers} simulated attacker(s): {args.attack}" if args.attackers else ""), flush=True)
     outcome = simulate(cfg, options, local_ray=local_ray)
-    print_summary(outcome, cfg, COMMAND_STARTED)
+    print_summary(outcome, cfg, COMMAND_STARTED, options.backend_choice().name)
     return 0
 
 

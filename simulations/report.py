@@ -15,18 +15,21 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def wall_time_text(outcome: RunOutcome, command_started: float, now: float) -> str:
+def wall_time_text(outcome: RunOutcome, command_started: float, now: float, backend: str = "ray") -> str:
     """The command's whole wall time and its parts, e.g. "28.1s in all: start-up 8.3s (imports, Ray, the
-    federation's data), rounds 16.0s, shut-down 3.8s (results, plots, Ray)"; perf_counter() readings."""
+    federation's data), rounds 16.0s, shut-down 3.8s (results, plots, Ray)"; perf_counter() readings.
+    `backend`: where the nodes ran (simulations/backend.py); Ray is named only where it ran."""
     if not outcome.started_at or not outcome.finished_at:
         return f"{now - command_started:.1f}s in all"
+    engine = ", Ray" if backend == "ray" else ""
     return (f"{now - command_started:.1f}s in all: start-up {outcome.started_at - command_started:.1f}s "
-            f"(imports, Ray, the federation's data), rounds {outcome.finished_at - outcome.started_at:.1f}s, "
-            f"shut-down {now - outcome.finished_at:.1f}s (results, plots, Ray)")
+            f"(imports{engine}, the federation's data), rounds {outcome.finished_at - outcome.started_at:.1f}s, "
+            f"shut-down {now - outcome.finished_at:.1f}s (results, plots{engine})")
 
 
-def print_summary(outcome: RunOutcome, cfg: RunConfig, command_started: float) -> None:
-    """The run's table and the final figures; `command_started`: time.perf_counter() when the command began."""
+def print_summary(outcome: RunOutcome, cfg: RunConfig, command_started: float, backend: str = "ray") -> None:
+    """The run's table and the final figures; `command_started`: time.perf_counter() when the command began;
+    `backend`: where the nodes ran."""
     import time
 
     from fedsafe.server.results import headline_text, metric_columns
@@ -47,7 +50,7 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, command_started: float) -
     final = outcome.history[-1].get("eval", {}) if outcome.history else {}
     eps = max(outcome.node_epsilon.values()) if outcome.node_epsilon else None
     privacy = f"lifetime ε {eps:.3f} (max over nodes' ledgers), δ={cfg.delta:g}" if eps is not None else "no DP"
-    console.print(f"final {headline_text(final)} at {privacy}; {wall_time_text(outcome, command_started, time.perf_counter())}")
+    console.print(f"final {headline_text(final)} at {privacy}; {wall_time_text(outcome, command_started, time.perf_counter(), backend)}")
     files = "metrics.json, metrics.csv, accuracy_epsilon.png, checkpoint.pt"
     if outcome.best is not None:
         best = outcome.best

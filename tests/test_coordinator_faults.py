@@ -445,3 +445,5 @@ def test_the_simulate_summary_counts_the_whole_command_and_its_parts():
     assert wall_time_text(outcome, 100.0, 128.5) == (
         "28.5s in all: start-up 8.0s (imports, Ray, the federation's data), rounds 16.0s, "
         "shut-down 4.5s (results, plots, Ray)")
+    assert wall_time_text(outcome, 100.0, 128.5, backend="local") == (  # in process: no Ray to name
+        "28.5s in all: start-up 8.0s (imports, the federation's data), rounds 16.0s, shut-down 4.5s (results, plots)")
