@@ -353,14 +353,17 @@ class PrivacyLedger:
     @contextlib.contextmanager
     def _transaction(self):
         """Read-modify-write under an exclusive lock, so two processes on one dataset cannot
-        both spend what only one of them may."""
+        both spend what only one of them may. Written (durably) only where an entry was added: a run's
+        plan read back every round changes nothing, and rewriting it cost two fsyncs a node-round."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_suffix(".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
+                entries = len(self._state["entries"])
                 yield
-                self._save()
+                if len(self._state["entries"]) != entries:
+                    self._save()
         except OSError as err:  # a full disk, a read-only state dir: no spend may go unrecorded
             raise LedgerError(f"privacy ledger {self.path} cannot be written ({err.strerror or err}); refusing "
                               "to train without a record of the spend") from None

@@ -121,6 +121,30 @@ def test_spend_is_on_disk_before_training_so_a_crash_never_under_counts(tmp_path
     assert accountant.get_epsilon(1e-5) == pytest.approx(after, rel=1e-9)
 
 
+def test_each_spend_is_written_durably_and_a_plan_read_back_is_not_rewritten(tmp_path, monkeypatch):
+    import os
+
+    from fedsafe.client import files
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    plan = dict(sample_rate=0.1, steps_per_round=20, planned_rounds=3, run_epsilon=2.0, max_epsilon=5.0, delta=1e-5)
+    sigma = ledger.plan_run("r1", **plan).noise_multiplier
+    assert len(synced) >= 2  # the new plan (file and directory), and the identity file it creates
+    synced.clear()
+    inode = ledger.path.stat().st_ino
+    assert ledger.plan_run("r1", **plan).noise_multiplier == sigma  # every round reads the plan back
+    assert synced == [] and ledger.path.stat().st_ino == inode  # nothing changed, nothing rewritten
+    ledger.reserve("r1", 1, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    assert len(synced) == 2 and ledger.path.stat().st_ino != inode  # the spend: on disk before training
+    synced.clear()
+    ledger.settle("r1", 1, 20)
+    assert len(synced) == 2
+    assert [r["status"] for r in PrivacyLedger.open(tmp_path, "k").rounds_of("r1")] == ["spent"]
+
+
 def test_refused_reservation_leaves_the_ledger_untouched(tmp_path):
     ledger = PrivacyLedger.open(tmp_path, "k")
     ledger.reserve("r1", 1, (0.8, 0.1, 100), max_epsilon=20.0, delta=1e-5)
