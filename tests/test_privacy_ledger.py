@@ -165,6 +165,55 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
         PrivacyLedger.open(tmp_path, "k")
 
 
+def test_the_sigma_search_computes_the_accountants_epsilon_bit_for_bit():
+    """The search evaluates each σ's RDP curve only where the minimum can be; the ε it gets is Opacus'
+    full-curve ε, the same float, with and without prior spend."""
+    import numpy as np
+
+    import fedsafe.client.accounting as acc
+
+    rng = np.random.default_rng(7)
+    for _ in range(12):
+        spend = (float(np.exp(rng.uniform(np.log(0.4), np.log(20)))), float(rng.choice([1.0, rng.uniform(0.005, 0.5)])),
+                 int(rng.integers(1, 2000)))
+        prior = [(float(rng.uniform(0.6, 8)), float(rng.uniform(0.01, 1)), int(rng.integers(0, 300)))
+                 for _ in range(int(rng.integers(0, 3)))]
+        delta = float(10 ** rng.uniform(-8, -4))
+        assert acc._rdp_epsilon_with(prior, spend, delta) == acc.epsilon([*prior, spend], delta)
+
+
+@pytest.mark.parametrize("prior, rate, steps, target, delta", [
+    ([], 0.2, 25, 3.0, 1e-5),  # the digits workload of benchmarks/vs_pfl.py: 10 nodes × 5 rounds
+    ([], 0.125, 64, 2.5, 1e-5),
+    ([(1.2, 0.1, 100)], 0.1, 100, 6.0, 1e-5),
+])
+def test_calibrated_sigma_is_the_plain_bisections_and_keeps_the_target(prior, rate, steps, target, delta):
+    """The σ calibrate_noise returns is the one a bisection over the accountant's full ε returns (the
+    search as it was before its evaluations were pruned): the same noise, the same ε, for every seed."""
+    import math
+
+    import fedsafe.client.accounting as acc
+
+    def plain_bisection(tolerance=0.005):
+        eps_at = lambda sigma: acc.epsilon([*prior, (sigma, rate, steps)], delta)  # noqa: E731
+        low, high = 0.1, acc.MAX_NOISE_MULTIPLIER
+        for _ in range(60):
+            mid = math.sqrt(low * high)
+            eps = eps_at(mid)
+            if eps <= target:
+                high = mid
+                if target - eps <= tolerance:
+                    break
+            else:
+                low = mid
+        return high
+
+    acc._calibrate.cache_clear()
+    sigma = acc.calibrate_noise(prior, rate, steps, target, delta)
+    assert sigma == plain_bisection()
+    assert target - 0.005 <= acc.epsilon([*prior, (sigma, rate, steps)], delta) <= target
+
+
 def test_calibration_is_cached_in_memory_and_on_the_nodes_disk(tmp_path):
     import fedsafe.client.accounting as acc
 
