@@ -75,5 +75,7 @@ class ReplayCache:
             np.savez(handle, **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)})
         meta = {"run": run_id, "round": server_round, "request": digest, "keys": keys,
                 "metrics": {k: float(v) for k, v in metrics.items()}, "arrays_sha256": _file_digest(self.arrays_path)}
-        with atomic_write(self.meta_path) as handle:
+        # Whole or absent after a power cut, but the rename need not survive it (no directory fsync): the
+        # previous meta names an earlier request, so losing this one only means training (and paying) again.
+        with atomic_write(self.meta_path, sync_directory=False) as handle:
             json.dump(meta, handle, indent=1)

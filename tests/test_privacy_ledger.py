@@ -141,8 +141,25 @@ def test_each_spend_is_written_durably_and_a_plan_read_back_is_not_rewritten(tmp
     assert len(synced) == 2 and ledger.path.stat().st_ino != inode  # the spend: on disk before training
     synced.clear()
     ledger.settle("r1", 1, 20)
-    assert len(synced) == 2
+    assert len(synced) == 1  # the settlement's file, whole; its rename need not survive a power cut
     assert [r["status"] for r in PrivacyLedger.open(tmp_path, "k").rounds_of("r1")] == ["spent"]
+
+
+def test_a_settlement_lost_in_a_power_cut_leaves_the_round_charged_and_the_ledger_usable(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    plan = dict(sample_rate=0.1, steps_per_round=20, planned_rounds=3, run_epsilon=2.0, max_epsilon=5.0, delta=1e-5)
+    sigma = ledger.plan_run("r1", **plan).noise_multiplier
+    ledger.reserve("r1", 1, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    durable = ledger.path.read_bytes()  # what a power cut after the settlement can bring back
+    charged = ledger.epsilon(1e-5)
+    ledger.settle("r1", 1, 20)
+    ledger.path.write_bytes(durable)  # the settlement's rename undone
+    after_cut = PrivacyLedger.open(tmp_path, "k")
+    assert after_cut.epsilon(1e-5) == charged > 0  # the round still counts, in full
+    assert [r["status"] for r in after_cut.rounds_of("r1")] == ["reserved"]
+    after_cut.plan_run("r1", **plan)
+    after_cut.reserve("r1", 2, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)  # the run goes on
+    assert after_cut.epsilon(1e-5) > charged
 
 
 def test_refused_reservation_leaves_the_ledger_untouched(tmp_path):
