@@ -56,6 +56,11 @@ def plots_in_background() -> Iterator[None]:
     helper = _helper = PlotHelper.start()
     try:
         yield
+    except (KeyboardInterrupt, SystemExit):  # the user stops the run: stop the helper too, draw nothing more
+        if helper is not None:
+            helper.stop()
+            helper = None
+        raise
     finally:
         _helper = None
         if helper is not None:
@@ -86,6 +91,11 @@ class PlotHelper:
             return False
         self.jobs.append((kind, args))
         return True
+
+    def stop(self) -> None:
+        """End the helper now, whatever it has left to draw."""
+        self.process.kill()
+        self.process.communicate()
 
     def finish(self) -> None:
         """Wait for the helper; draw here what it did not."""

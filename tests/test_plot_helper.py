@@ -54,3 +54,12 @@ def test_a_figure_that_fails_fails_the_run_as_without_the_helper(tmp_path):
     with pytest.raises(KeyError), plots.plots_in_background():
         ResultsWriter(tmp_path, CONFIG).plot([{"eval": {"accuracy": 0.5}}])  # a round without its number
     assert plots._helper is None
+
+
+def test_a_run_stopped_by_the_user_stops_its_helper_without_drawing(tmp_path):
+    with pytest.raises(KeyboardInterrupt), plots.plots_in_background():
+        helper = plots._helper
+        ResultsWriter(tmp_path, CONFIG).plot(HISTORY)
+        raise KeyboardInterrupt
+    assert helper.process.returncode is not None  # ended, not left running
+    assert plots._helper is None
