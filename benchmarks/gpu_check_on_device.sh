@@ -5,7 +5,7 @@
 #
 # The lent machines' image holds PyTorch with CUDA, pytest, scikit-learn, numpy, pandas, pyarrow, rich, but
 # not fedsafe's own dependencies (opacus, flwr, ray, flwr-datasets, datasets, captum, ...): bring them for its
-# Python (3.12) in .whl/ (see the lent machine's README), and name .whl in the run's carry. Ray's wheel
+# Python (3.12) in .whl/ (benchmarks/gpu_check_wheels.sh fills it), and name .whl in the run's carry. Ray's wheel
 # (70 MiB) alone is over the 64 MiB a run carries: it travels as .whl/ray-site.tar.xz, the wheel unpacked
 # without its Java jars, its dashboard's web build and RLlib (26 MiB), and is unpacked beside the wheels.
 # Without flwr/ray the federation part cannot run: pass --skip-federation through GPU_CHECK_ARGS, and the
