@@ -67,7 +67,8 @@ def open_hf_dataset(path: Path):
         try:
             return Dataset.from_file(str(path))
         except (OSError, ValueError) as err:
-            raise DataError(f"{path}: not a readable Arrow file of a Hugging Face dataset ({type(err).__name__})") from None
+            raise DataError(f"{path}: not a readable Arrow file of a Hugging Face dataset "
+                            f"({type(err).__name__})") from None
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -131,7 +132,8 @@ def _stored_images(path: Path, column):
     row = 0
     for chunk in column.chunks:
         for stored in chunk.to_pylist():
-            source = None if stored is None else (io.BytesIO(stored["bytes"]) if stored.get("bytes") else stored.get("path"))
+            stored = stored or {}
+            source = io.BytesIO(stored["bytes"]) if stored.get("bytes") else stored.get("path")
             if source is None:
                 raise DataError(f"{path}: row {row} holds no image")
             yield row, source

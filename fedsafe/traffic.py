@@ -21,10 +21,10 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 def content_bytes(content: RecordDict) -> int:
     """The bytes of `content` as Flower serialises it for transfer: every nested object (records, arrays,
-    array chunks), deflated, each distinct object once. Costs one pass over the arrays (hashing and
-    copying them: 8–9 ms for a 4 MB update, measured on the shared 2-core machine). `content` is left as it was: it is measured through a view sharing its arrays' bytes,
-    since a Flower Array that has been sliced into chunks keeps memoryviews, which neither copy.deepcopy
-    (the in-process transport) nor pickle (Ray) can take."""
+    array chunks), deflated, each distinct object once. Costs one pass over the arrays (hashing and copying
+    them: 8–9 ms for a 4 MB update, measured on the shared 2-core machine). `content` is left as it was: it
+    is measured through a view sharing its arrays' bytes, since a Flower Array that has been sliced into
+    chunks keeps memoryviews, which neither copy.deepcopy (the in-process transport) nor pickle (Ray) take."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     view = RecordDict({name: _view(record) for name, record in content.items()})
