@@ -142,3 +142,33 @@ def test_a_simulation_partitions_an_image_dataset_and_learns_under_dp(tmp_path):
     from inprocess import assert_two_nodes_learn_images_under_dp
 
     assert_two_nodes_learn_images_under_dp(tmp_path, dataset)
+
+
+def test_a_node_trains_on_its_image_dataset_and_its_ledger_knows_the_images_in_any_file(tmp_path):
+    """A deployed node whose data-path is a saved image dataset trains under DP; the same images as a
+    .parquet under another normalisation are the same records: the next round charges the same ledger."""
+    from flwr.app import Context, RecordDict
+
+    from fedsafe.client.app import train_round
+    from fedsafe.client.policy import NodePolicy
+    from fedsafe.server.config import RunConfig
+
+    from node_harness import train_message
+
+    images, labels = pixels(count=48)
+    dataset = hf_dataset(images, labels)
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    dataset.to_parquet(str(tmp_path / "scans.parquet"))
+    schema_path(tmp_path / "scans.parquet").write_text(json.dumps({"size": [10, 10], "channels": 1,
+                                                                   "mean": [0.5], "std": [0.5]}))
+    cfg = RunConfig(num_rounds=2, model="mlp", dataset=str(tmp_path / "saved"), local_epochs=1)
+    ledgers = tmp_path / "ledgers"
+    epsilon = []
+    for rnd, data_path in ((1, tmp_path / "saved"), (2, tmp_path / "scans.parquet")):
+        context = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        reply = train_round(train_message(cfg, rnd), context, NodePolicy(state_dir=str(ledgers),
+                                                                         data_path=str(data_path)))
+        assert not reply.has_error(), reply.error.reason
+        epsilon.append(reply.content["metrics"]["epsilon"])
+    assert 0 < epsilon[0] < epsilon[1]  # composed on one ledger, not a fresh budget for a re-saved copy
+    assert len(list(ledgers.glob("*.json"))) == 1
