@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedsafe.client.data import ArrayDataset, PartitionScheme, partition_indices
+if TYPE_CHECKING:  # imported where used: the figure's helper process draws without PyTorch (fedsafe.models)
+    from fedsafe.client.data import ArrayDataset, PartitionScheme
 
 MAX_PLOTTED_NODES = 100
 
@@ -36,6 +38,8 @@ def histogram_columns(data: ArrayDataset) -> list[str]:
 def label_histograms(data: ArrayDataset, scheme: PartitionScheme, parts: list[np.ndarray] | None = None) -> np.ndarray:
     """(nodes × columns) sample counts, per class label or, for a continuous target, per quantile bin
     (histogram_columns); `parts`: the nodes' indices, if already computed."""
+    from fedsafe.client.data import partition_indices
+
     parts = partition_indices(data, scheme) if parts is None else parts
     columns = len(histogram_columns(data))
     column = np.digitize(data.y, _target_edges(data)) if _continuous(data) else data.y

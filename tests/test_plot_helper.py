@@ -63,3 +63,12 @@ def test_a_run_stopped_by_the_user_stops_its_helper_without_drawing(tmp_path):
         raise KeyboardInterrupt
     assert helper.process.returncode is not None  # ended, not left running
     assert plots._helper is None
+
+
+def test_the_helper_draws_without_importing_pytorch():
+    """The helper imports only what its drawings need: PyTorch (1.7 s of CPU) stays in the run's process."""
+    code = ("import sys; from fedsafe.server import plots\n"
+            "[plots.drawing(kind) for kind in plots.DRAWINGS]\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
