@@ -58,8 +58,8 @@ ROWS = (
 
 
 def row_config(row: Row, out: Path, **settings) -> RunConfig:
-    return RunConfig(dataset=row.dataset, model=row.model, epsilon=row.epsilon, delta=DELTA, seed=SEED,
-                     out_dir=str(out), **{**row.overrides, **settings})
+    return RunConfig(**{"dataset": row.dataset, "model": row.model, "epsilon": row.epsilon, "delta": DELTA,
+                        "seed": SEED, "out_dir": str(out), **row.overrides, **settings})
 
 
 def centralised(row: Row, out: Path) -> tuple[float, float]:
