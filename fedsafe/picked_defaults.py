@@ -44,6 +44,11 @@ LOCAL_DP = {
 # max-noise-multiplier (20), where nodes would refuse the run as noise.
 ROUNDS_PER_EPSILON_SQUARED = 20
 
+# The rounds set by the user: the per-round settings fedsafe had before it picked by budget.
+FIXED_ROUNDS = {"local_epochs": 3, "batch_size": 32, "lr": 0.5, "lr_schedule": "constant"}
+FIXED_ROUNDS_WHY = ("num-rounds set, so not the budget's recipe, whose per-round settings were measured with its own "
+                    "rounds: leave --rounds out for them")
+
 PICKABLE = ("num_rounds", "local_epochs", "batch_size", "lr", "lr_schedule")
 
 
@@ -66,7 +71,7 @@ def recipe(dp: bool, epsilon: float, distributed_dp: bool, model: str = "") -> t
         return dict(DISTRIBUTED_DP), DISTRIBUTED_DP_WHY
     values, most_rounds, why = LOCAL_DP.get(model, LOCAL_DP[""])
     # (an ε out of bounds is refused by RunConfig's checks, after this)
-    rounds = most_rounds if not 0 < epsilon < math.inf else max(3, min(most_rounds, round(
+    rounds = most_rounds if not 0 < epsilon < math.inf else max(1, min(most_rounds, round(
         ROUNDS_PER_EPSILON_SQUARED * epsilon ** 2)))
     if rounds < most_rounds:
         why += f"; {rounds} rounds, not {most_rounds}, at ε={epsilon:g}: σ stays under the nodes' max-noise-multiplier"
@@ -74,7 +79,13 @@ def recipe(dp: bool, epsilon: float, distributed_dp: bool, model: str = "") -> t
 
 
 def pick(values: Mapping[str, Any], unset: set[str]) -> Picks:
-    """The picks for the settings named in `unset` (Python names), given the run's other `values`."""
-    chosen, why = recipe(bool(values["dp"]), float(values["epsilon"]), bool(values["distributed_dp"]),
-                         str(values["model"]))
+    """The picks for the settings named in `unset` (Python names), given the run's other `values`.
+
+    A recipe is measured whole, its rounds with its per-round work: when the user fixed the rounds, the
+    other unset settings take the per-round values fedsafe had before it picked by budget (FIXED_ROUNDS)."""
+    if "num_rounds" in unset:
+        chosen, why = recipe(bool(values["dp"]), float(values["epsilon"]), bool(values["distributed_dp"]),
+                             str(values["model"]))
+    else:
+        chosen, why = dict(FIXED_ROUNDS), FIXED_ROUNDS_WHY
     return Picks({name: chosen[name] for name in PICKABLE if name in unset}, why)
