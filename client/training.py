@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import warnings
 
 from fedsafe.models.tasks import Task
-from fedsafe.picked_defaults import recipe
+from fedsafe.picked_defaults import FIXED_ROUNDS
 from fedsafe.settings import RunSettings, check_device_name
 
 from .data import ArrayDataset
@@ -37,8 +37,9 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 _RUN = RunSettings()  # the run settings' declared defaults (fedsafe.settings), one source for both sides
-# and, for the settings fedsafe picks, what it picks for the declared default run (fedsafe.picked_defaults)
-_PICKED, _ = recipe(_RUN.dp, _RUN.epsilon, _RUN.distributed_dp, _RUN.model)
+# and, for the settings the coordinator picks, the per-round values it picks for a run whose rounds are set
+# (fedsafe.picked_defaults): a node itself always trains with what the train message carries.
+_PICKED = FIXED_ROUNDS
 
 
 @dataclass(frozen=True)

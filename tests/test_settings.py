@@ -83,8 +83,11 @@ def test_node_reads_exactly_what_the_coordinator_sent():
             assert getattr(settings, name) == getattr(cfg, name), name
     # What the message carries is the schema's sent settings and the protocol's envelope, nothing else.
     assert set(_config()) == set(sent_keys()) | set(protocol.MESSAGE_KEYS)
-    # TrainSettings' own defaults are the coordinator's (they were lr 0.1 and 1 epoch).
-    assert (TrainSettings().lr, TrainSettings().local_epochs) == (RunConfig().lr, RunConfig().local_epochs)
+    # TrainSettings' own defaults are the coordinator's for a run with its rounds set (they were lr 0.1 and
+    # 1 epoch); without rounds the coordinator picks by budget (fedsafe.picked_defaults), and sends them.
+    fixed = RunConfig(num_rounds=5)
+    assert (TrainSettings().lr, TrainSettings().local_epochs, TrainSettings().batch_size, TrainSettings().lr_schedule) \
+        == (fixed.lr, fixed.local_epochs, fixed.batch_size, fixed.lr_schedule)
 
 
 class RecordingGrid(InProcessGrid):
