@@ -1,4 +1,4 @@
-"""DP-SGD overhead per model family and Opacus grad_sample_mode, on CPU, one thread.
+"""DP-SGD overhead per model family and Opacus grad_sample_mode, on CPU, one thread (or on a CUDA GPU).
 
 For every registered family: the median time of a plain training step and of a DP training step
 (Opacus wrapper + DP optimizer, noise on, no Poisson sampling) at batch 64, after warm-up, for
@@ -10,7 +10,10 @@ gradients computed one sample at a time; a mode that fails or disagrees is repor
 The fastest correct mode of each family is marked with '*', and the family's declared mode
 (models.preferred_grad_sample_mode) with '<' .
 
-    python benchmarks/dp_overhead.py [--rounds 25] [--families lstm,gru]
+With `--device cuda` the same runs on the GPU; there a step's CPU time says little (the work is queued),
+so the device is synchronised around every step and wall-clock time ranks the modes.
+
+    python benchmarks/dp_overhead.py [--rounds 25] [--families lstm,gru] [--device cuda]
 """
 
 from __future__ import annotations
@@ -51,27 +54,28 @@ class Setup:
     x: torch.Tensor
     targets: torch.Tensor
     task: object
+    device: torch.device = torch.device("cpu")
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
-        return build_model(self.family, self.spec, self.options)
+        return build_model(self.family, self.spec, self.options).to(self.device)
 
     @property
     def is_gan(self) -> bool:
         return self.task.name == "generation"
 
 
-def setup_for(family: str) -> Setup:
+def setup_for(family: str, device: torch.device = torch.device("cpu")) -> Setup:
     digits = load_builtin("digits").train
-    x = torch.as_tensor(digits.x[:BATCH])
-    y = torch.as_tensor(digits.y[:BATCH])
+    x = torch.as_tensor(digits.x[:BATCH]).to(device)
+    y = torch.as_tensor(digits.y[:BATCH]).to(device)
     spec = replace(digits.spec, task=default_task(family))
     if family in SEQUENCE_FAMILIES:
         x = x.reshape(BATCH, 8, 8)  # 8 rows as 8 steps of 8 features
         spec = replace(spec, input_shape=(8, 8))
     task = task_for(spec.task, spec.num_classes)
     options = GAN_OPTIONS if family == "gan" else {}
-    return Setup(family, spec, options, x, task.targets(x, y), task)
+    return Setup(family, spec, options, x, task.targets(x, y), task, device)
 
 
 def private_part(model: nn.Module) -> nn.Module:
@@ -80,7 +84,7 @@ def private_part(model: nn.Module) -> nn.Module:
 
 
 def private_targets(setup: Setup, x: torch.Tensor) -> torch.Tensor:
-    return torch.ones(len(x)) if setup.is_gan else setup.targets[: len(x)]
+    return torch.ones(len(x), device=x.device) if setup.is_gan else setup.targets[: len(x)]
 
 
 # ---- correctness ------------------------------------------------------------------------------
@@ -183,13 +187,20 @@ def dp_stepper(setup: Setup, mode: str):
     return step, private
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_variants(
-    steppers: dict[str, object], rounds: int, per_round: int = 2, warmup: int = 5
+    steppers: dict[str, object], rounds: int, per_round: int = 2, warmup: int = 5,
+    device: torch.device = torch.device("cpu"),
 ) -> dict[str, tuple[float, float]]:
     """(median thread CPU ms, median wall ms) per step of each stepper, steps interleaved in rounds.
 
     CPU time of this (only) thread leaves out time spent descheduled, which on a shared machine is
-    most of the noise; wall time is reported next to it.
+    most of the noise; wall time is reported next to it. On a GPU the device is synchronised before
+    and after each step, so wall time is the step's.
     """
     for step in steppers.values():
         for _ in range(warmup):
@@ -199,8 +210,10 @@ def time_variants(
     for _ in range(rounds):
         for name, step in steppers.items():
             for _ in range(per_round):
+                _synchronize(device)
                 start_wall, start_cpu = time.perf_counter(), time.thread_time()
                 step()
+                _synchronize(device)
                 cpu[name].append(time.thread_time() - start_cpu)
                 wall[name].append(time.perf_counter() - start_wall)
     return {name: (1e3 * statistics.median(cpu[name]), 1e3 * statistics.median(wall[name])) for name in steppers}
@@ -209,8 +222,8 @@ def time_variants(
 Row = tuple[str, str, tuple[float, float], tuple[float, float] | None, str]
 
 
-def benchmark_family(family: str, rounds: int) -> list[Row]:
-    setup = setup_for(family)
+def benchmark_family(family: str, rounds: int, device: torch.device = torch.device("cpu")) -> list[Row]:
+    setup = setup_for(family, device)
     notes: dict[str, str] = {}
     steppers = {"plain": plain_stepper(setup)[0]}
     privates = []
@@ -228,11 +241,12 @@ def benchmark_family(family: str, rounds: int) -> list[Row]:
             notes[mode] = f"FAILS: {type(err).__name__}: {str(err).splitlines()[0][:70]}"
             if "--verbose" in sys.argv:
                 traceback.print_exc()
-    timings = time_variants(steppers, rounds)
+    timings = time_variants(steppers, rounds, device=device)
     for private in privates:
         private.close()
     plain = timings.pop("plain")
-    fastest = min(timings, key=lambda mode: timings[mode][0]) if timings else None
+    ranked_by = 1 if device.type == "cuda" else 0  # wall on a GPU, this thread's CPU time on a CPU
+    fastest = min(timings, key=lambda mode: timings[mode][ranked_by]) if timings else None
     rows = []
     for mode in GRAD_SAMPLE_MODES:
         if mode in timings:
@@ -247,21 +261,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds of 2 timed steps per variant")
     parser.add_argument("--families", default=",".join(model_names()))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"dp_overhead: no CUDA device (torch {torch.__version__} sees none); nothing measured")
+        return
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, batch {BATCH}, median of {2 * args.rounds} steps after warm-up;")
-    print("ms = thread CPU time per step (wall-clock ratio alongside)")
+    on = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, 1 thread"
+    print(f"torch {torch.__version__}, {on}, batch {BATCH}, median of {2 * args.rounds} steps after warm-up;")
+    if device.type == "cuda":
+        print("ms = wall-clock time per step, the device synchronised around it")
+        column = 1
+    else:
+        print("ms = thread CPU time per step (wall-clock ratio alongside)")
+        column = 0
     print(f"{'family':<12} {'mode':<10} {'plain ms':>9} {'DP ms':>9} {'ratio':>7} {'wall':>7}  note")
     for family in args.families.split(","):
-        for fam, mode, plain, dp, note in benchmark_family(family, args.rounds):
+        for fam, mode, plain, dp, note in benchmark_family(family, args.rounds, device):
             if dp is None:
-                print(f"{fam:<12} {mode:<10} {plain[0]:>9.2f} {'-':>9} {'-':>7} {'-':>7}  {note}")
+                print(f"{fam:<12} {mode:<10} {plain[column]:>9.2f} {'-':>9} {'-':>7} {'-':>7}  {note}")
             else:
-                print(f"{fam:<12} {mode:<10} {plain[0]:>9.2f} {dp[0]:>9.2f} {dp[0] / plain[0]:>6.2f}x "
-                      f"{dp[1] / plain[1]:>6.2f}x  {note}")
+                print(f"{fam:<12} {mode:<10} {plain[column]:>9.2f} {dp[column]:>9.2f} "
+                      f"{dp[column] / plain[column]:>6.2f}x {dp[1] / plain[1]:>6.2f}x  {note}")
         sys.stdout.flush()
-    print("* fastest correct mode (CPU time)   < mode the family declares (models.preferred_grad_sample_mode)")
+    ranked = "wall time" if device.type == "cuda" else "CPU time"
+    print(f"* fastest correct mode ({ranked})   < mode the family declares (models.preferred_grad_sample_mode)")
     print("target: DP/plain <= 1.5x")
 
 

@@ -74,7 +74,10 @@ def secagg_overhead(nodes: int, rounds: int, dp: bool):
         for label, secagg in (("plain", False), ("secagg", True)):
             cfg = _cfg(os.path.join(tmp, label), num_rounds=rounds, dp=dp, secagg=secagg)
             outcome, grid, seconds = _run(cfg, nodes)
-            out[label] = dict(seconds=seconds / rounds, down=grid.bytes_down / rounds, up=grid.bytes_up / rounds,
+            rounds_run = [h for h in outcome.history if h["round"] > 0]
+            out[label] = dict(seconds=seconds / rounds,
+                              down=sum(h["download_bytes"] for h in rounds_run) / rounds,
+                              up=sum(h["upload_bytes"] for h in rounds_run) / rounds,
                               acc=outcome.history[-1]["eval"]["accuracy"],
                               arrays=outcome.arrays, protocol=[h.get("secagg", {}).get("protocol_seconds", 0.0)
                                                                for h in outcome.history if h["round"] > 0])

@@ -102,21 +102,8 @@ def train_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
         return refuse(msg, err)
 
 
-def refuse_audit_canaries(config) -> None:
-    """A node never trains with privacy-audit canaries on a coordinator's request: audits run in simulation
-    only, where fedsafe.simulations.audit inserts them itself. A request naming canaries is refused (a
-    RequestError: its text names only keys the coordinator sent)."""
-    from .policy import RequestError
-
-    asked = sorted(key for key in config.keys() if "canar" in key.lower() or "audit" in key.lower())
-    if asked:
-        raise RequestError(f"this node takes no privacy-audit canaries (asked for {', '.join(asked)}); "
-                           f"audits run in simulation only (fedsafe audit)")
-
-
 def _serve_round(msg: Message, context: Context, policy: NodePolicy) -> Message:
     """policy → data → (replay) → reserve → train → settle → reply; only `gate` writes the ledger or a reply."""
-    refuse_audit_canaries(msg.content["config"])
     request = TrainRequest.from_config(msg.content["config"], run_id=str(msg.metadata.run_id))
     terms = resolve_terms(policy, request)
     policy.check_model(request.model)  # the model code the run names: only what the operator allows

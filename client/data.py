@@ -18,6 +18,7 @@ import numpy as np
 from fedsafe.models.registry import DataSpec
 
 from .data_error import DataError
+from .hf_images import has_image_column, is_hf_dataset_dir, open_hf_dataset, read_hf_images
 from .image_folder import ImageFolderDataset, is_image_folder, load_image_folder
 
 
@@ -27,13 +28,18 @@ class ArrayDataset:
     y: np.ndarray  # int64 class labels; float32 targets for regression; 0/1 outlier flags for anomaly sets
     spec: DataSpec
     groups: np.ndarray | None = None  # a natural partition key per sample (site, branch, patient group)
+    # Images decoded from a dataset: each record's digest of its class and decoded pixels (what the ledger
+    # keys on, image_folder.pixel_digest), so the same images under another schema are the same records.
+    record_digests: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
-        groups = None if self.groups is None else self.groups[indices]
-        return ArrayDataset(self.x[indices], self.y[indices], self.spec, groups)
+        def part(values):
+            return None if values is None else values[indices]
+
+        return ArrayDataset(self.x[indices], self.y[indices], self.spec, part(self.groups), part(self.record_digests))
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,10 @@ def records_of(dataset: str) -> str:
 def _record_rows(data: ArrayDataset | ImageFolderDataset) -> np.ndarray:
     """Each record as bytes, one row per record: its features (float32) and target (float64), flattened —
     the same whatever file or view they came from (CSV spacing and number formatting, .csv or .npz).
-    An image folder's record is the SHA-256 of its class and decoded pixels (ImageFolderDataset.record_digests),
-    so that digests and hashes never need all its images in memory."""
-    if isinstance(data, ImageFolderDataset):
+    An image's record is the SHA-256 of its class and decoded pixels (`record_digests`: an image folder's, or
+    a Hugging Face image dataset's), so that digests and hashes never need all of a folder's images in memory
+    and do not change with the schema's size or normalisation."""
+    if data.record_digests is not None:
         return data.record_digests
     n = len(data)
     # Contiguous first: a table reader may hand over column-major (Fortran-ordered) arrays, whose rows
@@ -210,8 +217,7 @@ def fit_view(data: ArrayDataset, input_shape: tuple[int, ...]) -> ArrayDataset:
         raise DataError(f"images are shaped {shape} (channels, height, width); the model expects {want}: "
                         f"set size and channels in the folder's schema")
     if (shape[:1] == (1,) and shape[1:] == want) or (want[:1] == (1,) and want[1:] == shape):
-        x = data.x.reshape(len(data.x), *want)
-        return ArrayDataset(x, data.y, replace(data.spec, input_shape=want), data.groups)
+        return replace(data, x=data.x.reshape(len(data.x), *want), spec=replace(data.spec, input_shape=want))
     raise DataError(f"samples are shaped {shape}; the model expects {want}")
 
 
@@ -219,8 +225,10 @@ def load_file(path: str | Path, label_column: str = "label",
               group_column: str | None = None) -> ArrayDataset | ImageFolderDataset:
     """A node's own data: `.npz` (arrays `x`, `y`, optional group array) or a table, `.csv` or `.parquet`
     (feature columns, a label column of class numbers 0..K-1, and optionally a group column for natural
-    partitions; categorical or missing values need a schema file, see _load_table), or a folder of images,
-    one sub-folder per class, read lazily (fedsafe.client.image_folder)."""
+    partitions; categorical or missing values need a schema file, see _load_table), a Hugging Face dataset
+    (saved with save_to_disk, or a .parquet/.arrow file of one) of such columns or with an image column
+    (decoded: fedsafe.client.hf_images), or a folder of images, one sub-folder per class, read lazily
+    (fedsafe.client.image_folder)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -228,7 +236,11 @@ def load_file(path: str | Path, label_column: str = "label",
         if group_column is not None:
             raise DataError(f"{path}: an image folder has no group column {group_column!r}")
         return load_image_folder(path, schema_path(path))
-    if path.suffix == ".npz":
+    images = None
+    if has_image_column(path):
+        images = read_hf_images(path, schema_path(path), label_column, group_column)
+        x, y, groups = images.x, images.y, images.groups
+    elif path.suffix == ".npz":
         with np.load(path) as arrays:
             if "x" not in arrays or "y" not in arrays:
                 raise DataError(f"{path}: an .npz data file needs arrays 'x' and 'y'; found {list(arrays)}")
@@ -239,22 +251,29 @@ def load_file(path: str | Path, label_column: str = "label",
     elif path.suffix in TABLE_SUFFIXES or is_hf_dataset_dir(path):
         x, y, groups = _load_table(path, label_column, group_column)
     else:
-        raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .npz, .csv or .parquet")
+        raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .npz, .csv, .parquet or .arrow")
     if len(x) == 0:
         raise DataError(f"{path}: the file holds no samples")
     try:
         labels = np.asarray(y).astype(np.float64)
-    except ValueError:
+    except (TypeError, ValueError):
         raise DataError(f"{path}: labels must be class numbers 0..K-1") from None
     if not np.all(labels == np.round(labels)) or labels.min() < 0:
         raise DataError(f"{path}: labels must be class numbers 0..K-1; found {np.unique(y)[:10]}")
-    # Every node numbers classes the same way, so K is taken from the largest label seen here; the
-    # coordinator's model says the true K and the node checks its labels fit.
-    spec = DataSpec(input_shape=tuple(x.shape[1:]), num_classes=int(labels.max()) + 1)
-    return ArrayDataset(x, labels.astype(np.int64), spec, groups)
+    # Every node numbers classes the same way, so K is taken from the largest label seen here (or a Hugging
+    # Face ClassLabel's names); the coordinator's model says the true K and the node checks its labels fit.
+    num_classes = int(labels.max()) + 1
+    if images is not None and images.num_classes is not None:
+        if num_classes > images.num_classes:
+            raise DataError(f"{path}: label {num_classes - 1} is not one of the {images.num_classes} classes "
+                            f"the label column declares")
+        num_classes = images.num_classes
+    spec = DataSpec(input_shape=tuple(x.shape[1:]), num_classes=num_classes)
+    return ArrayDataset(x, labels.astype(np.int64), spec, groups,
+                        images.record_digests if images is not None else None)
 
 
-TABLE_SUFFIXES = (".csv", ".parquet")
+TABLE_SUFFIXES = (".csv", ".parquet", ".arrow")  # .arrow: a Hugging Face dataset's file (save_to_disk's shard)
 SCHEMA_SUFFIX = ".schema.json"  # beside a table: data.csv -> data.csv.schema.json
 
 
@@ -262,22 +281,14 @@ def schema_path(table: Path) -> Path:
     return table.with_name(table.name + SCHEMA_SUFFIX)
 
 
-def is_hf_dataset_dir(path: Path) -> bool:
-    """A Hugging Face `datasets` Dataset saved with save_to_disk (a DatasetDict: save one split)."""
-    return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-
-
 def _read_hf_dataset(path: Path):
-    """A saved Hugging Face Dataset as a pandas table (its Arrow files, memory-mapped, then copied)."""
-    from datasets import Dataset, load_from_disk
-
-    dataset = load_from_disk(str(path))
-    if not isinstance(dataset, Dataset):
-        raise DataError(f"{path}: a DatasetDict; save one split (dataset['train'].save_to_disk(...))")
+    """A saved Hugging Face Dataset (a save_to_disk directory, an .arrow file) of table columns as a pandas
+    table (its Arrow files, memory-mapped, then copied). One with an image column is read by hf_images."""
+    dataset = open_hf_dataset(path)
     unusable = [name for name, feature in dataset.features.items()
-                if type(feature).__name__ in ("Image", "Audio", "Sequence", "List", "LargeList")]
+                if type(feature).__name__ in ("Audio", "Video", "Sequence", "List", "LargeList")]
     if unusable:
-        raise DataError(f"{path}: column(s) {unusable} are not table values (images, audio, lists)")
+        raise DataError(f"{path}: column(s) {unusable} are not table values (audio, video, lists)")
     return dataset.to_pandas()
 
 
@@ -294,7 +305,7 @@ def _load_table(path: Path, label_column: str, group_column: str | None):
     import pandas as pd
 
     try:
-        if is_hf_dataset_dir(path):
+        if is_hf_dataset_dir(path) or path.suffix == ".arrow":
             table = _read_hf_dataset(path)
         else:
             table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)

@@ -63,11 +63,17 @@ class ImageTransform:
 
         try:
             with Image.open(path) as image:
-                pixels = image.convert("L" if self.channels == 1 else "RGB").resize(
-                    (self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-                array = np.asarray(pixels, dtype=np.float32) / 255.0
+                return self.apply(image)
         except UNREADABLE as err:
             raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
+
+    def apply(self, image) -> np.ndarray:
+        """An open PIL image as float32 (channels, height, width); Pillow's errors (UNREADABLE) pass up."""
+        from PIL import Image
+
+        pixels = image.convert("L" if self.channels == 1 else "RGB").resize(
+            (self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+        array = np.asarray(pixels, dtype=np.float32) / 255.0
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]
@@ -116,13 +122,24 @@ class ImageFolderDataset:
         for row, (path, label) in enumerate(zip(self.files, self.y)):
             try:
                 with Image.open(path) as image:
-                    image.load()
-                    header = f"{int(label)}|{image.mode}|{image.size}|".encode()
-                    digest = hashlib.sha256(header + image.tobytes()).digest()
+                    digests[row] = pixel_digest(image, int(label))
             except UNREADABLE as err:
                 raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
-            digests[row] = np.frombuffer(digest, np.uint8)
         return digests
+
+
+def pixel_digest(image, label: int) -> np.ndarray:
+    """The SHA-256 of one image record, 32 uint8: its class, and its pixels as decoded (mode, size, bytes),
+    before any resizing or normalising. What a node's ledger keys image records on, wherever they are read
+    from (a folder, a Hugging Face dataset)."""
+    image.load()
+    header = f"{label}|{image.mode}|{image.size}|".encode()
+    return np.frombuffer(hashlib.sha256(header + image.tobytes()).digest(), np.uint8)
+
+
+def image_channels(image) -> int:
+    """1 for a grey image (Pillow modes 1, L, I, I;16, F), 3 for anything else (read as RGB)."""
+    return 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
 
 
 class LazyImages:
@@ -154,7 +171,7 @@ def is_image_folder(path: Path) -> bool:
 def load_image_folder(path: Path, schema_file: Path) -> ImageFolderDataset:
     """The folder's images, lazily; DataError naming what is wrong (an undeclared class, a file that
     is no image, a bad schema)."""
-    schema = _read_schema(schema_file) if schema_file.exists() else {}
+    schema = read_image_schema(schema_file) if schema_file.exists() else {}
     found = sorted(child.name for child in path.iterdir() if child.is_dir() and not child.name.startswith("."))
     classes = tuple(schema.get("classes", found))
     unknown = [name for name in found if name not in classes]
@@ -181,18 +198,24 @@ def load_image_folder(path: Path, schema_file: Path) -> ImageFolderDataset:
 
 
 def _transform(schema: dict, first_image: str, schema_file: Path) -> ImageTransform:
-    """The schema's transform; what it leaves out, taken from the first image (size, channels) or the
-    identity (mean 0, std 1)."""
+    """The schema's transform; the size and channels it leaves out, those of the first image."""
+    found = None
     if "size" not in schema or "channels" not in schema:
         from PIL import Image
 
         try:
             with Image.open(first_image) as image:
-                width, height = image.size
-                channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+                found = ((image.size[1], image.size[0]), image_channels(image))
         except UNREADABLE as err:
             raise DataError(f"{first_image}: not a readable image ({type(err).__name__})") from None
-        schema = {"size": [height, width], "channels": channels, **schema}
+    return image_transform(schema, schema_file, found)
+
+
+def image_transform(schema: dict, schema_file: Path, found: tuple[tuple[int, int], int] | None) -> ImageTransform:
+    """The transform a (checked) image schema declares; where it sets no size and channels, `found`'s
+    ((height, width), channels); mean 0 and std 1 where it sets none."""
+    if "size" not in schema or "channels" not in schema:
+        schema = {"size": list(found[0]), "channels": found[1], **schema}
     channels = schema["channels"]
     mean, std = schema.get("mean", [0.0] * channels), schema.get("std", [1.0] * channels)
     if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
@@ -200,7 +223,7 @@ def _transform(schema: dict, first_image: str, schema_file: Path) -> ImageTransf
     return ImageTransform(tuple(schema["size"]), channels, tuple(map(float, mean)), tuple(map(float, std)))
 
 
-def _read_schema(path: Path) -> dict:
+def read_image_schema(path: Path) -> dict:
     try:
         schema = json.loads(path.read_text())
     except (OSError, ValueError) as err:

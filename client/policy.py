@@ -155,8 +155,11 @@ class TrainRequest(SentSettings):
         settings = tuple(s for s in RUN_SETTINGS if s.sent)
         unknown = sorted(set(config) - set(by_key(settings)) - set(protocol.MESSAGE_KEYS))
         if unknown:
-            raise RequestError(f"train request has unknown keys {unknown}: this node does not know them "
-                              f"(is the coordinator's fedsafe newer than this node's?)")
+            # The one refusal of what a node does not take, a privacy-audit canary request included: audits
+            # run in simulation only (fedsafe.simulations.audit), so no deployed node knows such a key.
+            raise RequestError(f"train request has unknown keys {unknown}: this node trains on no setting it does "
+                               f"not know (a newer fedsafe's, or one no deployed node takes, such as privacy-audit "
+                               f"canaries: audits run in simulation only)")
         required = [*by_key(settings), protocol.SERVER_ROUND, protocol.INPUT_SHAPE, protocol.NUM_CLASSES, protocol.TASK]
         missing = [key for key in required if key not in config]
         if missing:

@@ -40,6 +40,7 @@ from fedsafe.strategies import (
 )
 from fedsafe.strategies.state import excluded_nodes, find_link, hides_updates
 from fedsafe.strategies.validation import NUM_EXAMPLES_FACTOR
+from fedsafe.traffic import MeteredGrid, Traffic
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -128,7 +129,6 @@ class Collected:
     replies: list[tuple[int, Message]]  # (the node a message went to, its reply)
     silent: list[int]  # nodes that did not reply within the round timeout
     wait_seconds: float  # pushing the messages until the last reply (or the timeout)
-    upload_bytes: int = 0  # what the replies' contents take on the wire (Flower's serialised objects)
 
 
 @dataclass
@@ -390,16 +390,7 @@ def sample_round(run: _Run, grid, rnd: int) -> list[Message]:
 def send_and_collect(grid, messages: list[Message], cfg: RunConfig) -> Collected:
     sent_at = time.perf_counter()
     replies, silent = exchange(grid, messages, cfg.round_timeout, cfg.poll_interval)
-    return Collected(replies, silent, time.perf_counter() - sent_at, upload_bytes(replies))
-
-
-def upload_bytes(replies: list[tuple[int, Message]]) -> int:
-    """Bytes of the replies' contents as Flower serialises them for transfer (every nested record and array,
-    deflated): what the nodes uploaded, compressed or not, without the transport's framing."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-    return sum(len(obj.deflate()) for _, reply in replies if not reply.has_error()
-               for obj in get_all_nested_objects(reply.content).values())
+    return Collected(replies, silent, time.perf_counter() - sent_at)
 
 
 def report_problems(strategy, rnd: int, checked: Checked, names: NodeNames | None = None) -> None:
@@ -440,8 +431,8 @@ def aggregate_round(run: _Run, rnd: int, checked: Checked) -> bool:
 
 
 def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collected, checked: Checked,
-                 aggregated: bool) -> dict[str, Any]:
-    """The round's entry in the results: who replied, what failed and why, the nodes' ε."""
+                 aggregated: bool, traffic: Traffic) -> dict[str, Any]:
+    """The round's entry in the results: who replied, what failed and why, the nodes' ε, the bytes moved."""
     round_eps = checked.epsilon
     run.node_epsilon.update(round_eps)
     strategy_report = round_report(run.strategy, rnd)
@@ -471,7 +462,9 @@ def round_record(run: _Run, rnd: int, messages: list[Message], collected: Collec
         "num_examples_cap": checked.examples_cap,
         **strategy_report,
         "wait_seconds": collected.wait_seconds,
-        "upload_bytes": collected.upload_bytes,  # the replies' serialised contents (compress-updates shrinks them)
+        # every message's content as Flower serialises it (fedsafe.traffic), SecAgg+'s protocol stages included
+        "upload_bytes": traffic.upload_bytes,  # the nodes' replies (compress-updates shrinks them)
+        "download_bytes": traffic.download_bytes,  # the server's requests
     }
 
 
@@ -560,6 +553,7 @@ def run_rounds(
     """Run `cfg.num_rounds` rounds (from the checkpoint's next round when `cfg.resume`)."""
     started_at = time.perf_counter()
     run = start_run(cfg, strategy, initial_arrays, model_config, evaluator)
+    grid = MeteredGrid(grid)  # every exchange below passes through it: each message measured once
     stop_reason = None
     for rnd in range(run.first_round, cfg.num_rounds + 1):
         if run.stopper is not None and run.stopper.should_stop:
@@ -577,7 +571,7 @@ def run_rounds(
         report_problems(strategy, rnd, checked, run.names)
         aggregated = aggregate_round(run, rnd, checked)
         stop_reason = futile_round(rnd, messages, checked, aggregated)
-        record = round_record(run, rnd, messages, collected, checked, aggregated)
+        record = round_record(run, rnd, messages, collected, checked, aggregated, grid.take())
         evaluate_round(run, rnd, record, evaluator)
         record["seconds"] = time.perf_counter() - started
         record_and_checkpoint(run, rnd, record)

@@ -21,7 +21,8 @@ Two audits in the same run:
 The canaries exist only in this driver: the hook that adds gradient canaries is installed for the
 duration of the audit, acts only inside the canary node's ClientApp call (a mod of the audit's own
 ClientApp), and ledgers and data files live in a temporary directory removed at the end. A deployed
-node has no such hook, and refuses any train request that mentions canaries (fedsafe.client.app).
+node has no such hook, and refuses any train request with a key it does not know, a canary request
+included (fedsafe.client.policy.TrainRequest.from_config).
 """
 
 from __future__ import annotations

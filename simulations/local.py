@@ -48,7 +48,6 @@ class LocalGrid:
         self.randomness = NodeRandomness()
         self.quiet = quiet  # the nodes' own lines (stderr) dropped, as Ray drops its actors' unless verbose
         self.received: list[Message] = []  # every reply the server got, for tests that audit it
-        self.bytes_down = self.bytes_up = 0  # arrays and config payload, server → nodes and back
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -63,11 +62,8 @@ class LocalGrid:
                 for node, context in self.contexts.items()]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        from fedsafe.strategies.secagg import payload_bytes
-
         replies = []
         for message in messages:
-            self.bytes_down += payload_bytes(message.content)
             node = message.metadata.dst_node_id
             delivered = Message(copy.deepcopy(message.content), dst_node_id=node,
                                 message_type=message.metadata.message_type, group_id=message.metadata.group_id)
@@ -81,8 +77,6 @@ class LocalGrid:
                 log.debug("virtual node %s: ClientApp raised\n%s", node, traceback.format_exc())
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       reason=f"ClientApp raised {type(err).__name__}: {err}"), reply_to=delivered)
-            if not reply.has_error():
-                self.bytes_up += payload_bytes(reply.content)
             replies.append(reply)
         self.received.extend(replies)
         return replies

@@ -58,26 +58,10 @@ class _Round:
     shared: set[int] = field(default_factory=set)  # nodes whose key shares went out (stage 1 done)
     stage2_sent: dict[int, Message] = field(default_factory=dict)
     seconds: float = 0.0
-    bytes_up: int = 0
-    bytes_down: int = 0
 
 
 class SecAggError(RuntimeError):
     """The protocol cannot finish this round (too few live nodes to unmask)."""
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of arrays and config values in a message (what dominates what goes over the wire)."""
-    total = 0
-    for record in content.array_records.values():
-        total += sum(len(array.data) for array in record.values())
-    for record in content.config_records.values():
-        for value in record.values():
-            values = value if isinstance(value, list) else [value]
-            total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in values)
-    for record in content.metric_records.values():
-        total += 8 * len(record)
-    return total
 
 
 class SecAggPlusAggregation(StrategyWrapper):
@@ -119,9 +103,7 @@ class SecAggPlusAggregation(StrategyWrapper):
 
     def _exchange(self, state: _Round, messages: list[Message]) -> list[Message]:
         started = time.perf_counter()
-        state.bytes_down += sum(payload_bytes(m.content) for m in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=self.timeout))
-        state.bytes_up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         state.seconds += time.perf_counter() - started
         return replies
 
@@ -201,7 +183,6 @@ class SecAggPlusAggregation(StrategyWrapper):
             message = self._message(nid, server_round, content)
             state.stage2_sent[nid] = message
             messages.append(message)
-        state.bytes_down += sum(payload_bytes(m.content) for m in messages)
         return messages
 
     def _abandon(self, server_round: int, why: str) -> list[Message]:
@@ -231,7 +212,6 @@ class SecAggPlusAggregation(StrategyWrapper):
         if state is None:
             return None, None
         replies = [r for r in replies if not r.has_error() and r.metadata.src_node_id in state.stage2_sent]
-        state.bytes_up += sum(payload_bytes(r.content) for r in replies)
         masked = None
         metrics_by_node = {}
         for reply in replies:
@@ -309,7 +289,8 @@ class SecAggPlusAggregation(StrategyWrapper):
             "summed": len(state.active), "dropped": len(dead), "unmasking_nodes": unmasking,
             "threshold": state.threshold, "shares": state.num_shares,
             **({"noise_shares_summed": len(state.active)} if self.distributed_dp else {}),
-            "protocol_seconds": state.seconds, "bytes_to_nodes": state.bytes_down, "bytes_from_nodes": state.bytes_up,
+            # (its bytes, every stage's, are the round's upload_bytes and download_bytes: fedsafe.traffic)
+            "protocol_seconds": state.seconds,
         }}
         return self.strategy.aggregate_train(server_round, [aggregate])
 

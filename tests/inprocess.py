@@ -65,3 +65,16 @@ def federate(tmp_path: Path, nodes: int = 3, **overrides) -> tuple[RunConfig, Ru
     strategy = build_strategy(cfg.strategy, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
     outcome = run_rounds(grid, cfg, strategy, initial, model_config, evaluator, progress=None)
     return cfg, outcome, grid
+
+
+def assert_two_nodes_learn_images_under_dp(tmp_path: Path, dataset: str) -> dict:
+    """Two nodes, two DP rounds (ε ≤ 3) of the MLP on the two-class images at `dataset` (a folder or a file):
+    both reply every round, the ledgers reach ε ≈ 3 and the model learns. The final evaluation."""
+    _, outcome, _ = federate(tmp_path, nodes=2, dataset=dataset, model="mlp", num_rounds=2, lr=0.5,
+                             epsilon=3.0, batch_size=16)
+    rounds = outcome.history[1:]
+    assert [r["replies"] for r in rounds] == [2, 2]
+    assert 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
+    first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
+    assert last["accuracy"] >= 0.85 and last["loss"] < 0.8 * first["loss"], (first, last)
+    return last

@@ -95,7 +95,7 @@ def test_gradient_canaries_are_exactly_the_members_sampled():
 
 def test_a_real_node_refuses_a_canary_request(tmp_path, flower_task_identity):
     # A complete, valid train message, plus a key asking for canaries: the deployable node's handler refuses
-    # it before it opens a ledger or touches data.
+    # it (a key it does not know) before it opens a ledger or touches data.
     from fedsafe.client.app import REQUEST_REFUSED, train_round
     from fedsafe.client.policy import NodePolicy
 
@@ -105,8 +105,13 @@ def test_a_real_node_refuses_a_canary_request(tmp_path, flower_task_identity):
     msg.content["config"]["audit-canaries"] = 1000
     reply = train_round(msg, node_context(0, 2), NodePolicy(state_dir=str(tmp_path / "ledgers")))
     assert reply.has_error() and reply.error.code == REQUEST_REFUSED
-    assert "canaries" in reply.error.reason and "simulation only" in reply.error.reason
+    # refused by the one check of the request's keys (fedsafe.client.policy), which names the key and why
+    assert "unknown keys ['audit-canaries']" in reply.error.reason and "simulation only" in reply.error.reason
     assert not (tmp_path / "ledgers").exists()
+    # and no setting a node knows could carry canaries past that check
+    from fedsafe.settings import RUN_SETTINGS
+
+    assert not [s.key for s in RUN_SETTINGS if s.sent and ("canar" in s.key or "audit" in s.key)]
     # the same message without the canary key trains (the refusal is about the canaries, nothing else)
     del msg.content["config"]["audit-canaries"]
     ok = train_round(msg, node_context(0, 2), NodePolicy(state_dir=str(tmp_path / "ledgers")))

@@ -68,3 +68,28 @@ def test_the_federation_check_runs_in_process_where_ray_is_missing():
     (row,) = federation_check(QUICK, torch.device("cpu"), ["cnn bf16"], deadline=float("inf"), backend="in-process")
     assert row["metric"] == "accuracy" and "note" not in row, row
     assert row["after"] > row["before"] and 0 < row["epsilon"] <= 3.0
+
+
+def test_dp_overhead_ranks_a_familys_modes_on_the_device_it_is_given():
+    """benchmarks/dp_overhead.py, which the on-device script runs with --device cuda: its setups, models and
+    targets live on the device asked for, each correct mode is timed, one is marked fastest, and the
+    family's declared mode is marked."""
+    from benchmarks.dp_overhead import benchmark_family, setup_for
+
+    setup = setup_for("gan", torch.device("cpu"))
+    assert setup.x.device.type == "cpu" and next(setup.model().parameters()).device.type == "cpu"
+    rows = benchmark_family("mlp", rounds=1)
+    timed = [row for row in rows if row[3] is not None]
+    assert {row[1] for row in rows} == {"hooks", "functorch", "ew", "ghost"} and timed
+    assert sum("*" in row[4] for row in timed) == 1
+    assert sum("<" in row[4] for row in rows) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: it would measure")
+def test_dp_overhead_without_cuda_says_so_in_one_line():
+    script = ROOT / "benchmarks" / "dp_overhead.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cuda"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip().splitlines() == [done.stdout.strip()]
+    assert done.stdout.startswith("dp_overhead: no CUDA device")

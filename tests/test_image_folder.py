@@ -147,15 +147,9 @@ def test_a_simulation_partitions_the_folder_by_index_and_learns_under_dp(tmp_pat
     share = load_partition(str(folder), 1, scheme)
     assert isinstance(share, ImageFolderDataset) and len(share) == len(parts[1])
 
-    from tests.inprocess import federate
+    from tests.inprocess import assert_two_nodes_learn_images_under_dp
 
-    cfg, outcome, _ = federate(tmp_path, nodes=2, dataset=str(folder), model="mlp", num_rounds=2, lr=0.5,
-                               epsilon=3.0, batch_size=16)
-    rounds = outcome.history[1:]
-    assert [r["replies"] for r in rounds] == [2, 2]
-    assert 2.9 <= rounds[-1]["epsilon_max"] <= 3.0
-    first, last = outcome.history[0]["eval"], outcome.history[-1]["eval"]
-    assert last["accuracy"] >= 0.85 and last["loss"] < 0.8 * first["loss"], (first, last)
+    assert_two_nodes_learn_images_under_dp(tmp_path, str(folder))
 
 
 def test_an_unreadable_image_is_named_before_any_round_spends(tmp_path):

@@ -1,0 +1,91 @@
+"""The bytes a message carries between the coordinator and a node: one definition for every figure fedsafe
+reports (each round's `upload_bytes` and `download_bytes`, plain, compressed or SecAgg+).
+
+A message's content travels as Flower's inflatable objects: each record, array and array chunk deflated
+(serialised), an object shipped once per message even where it appears twice (its id is its content's
+hash). The size of a content is the sum of those objects' deflated bytes: what a node pushes for a reply,
+or pulls for a request, without the transport's framing or the message's own metadata envelope.
+
+`MeteredGrid` measures each message once, as it passes between the server and the grid: every exchange of a
+round goes through it (the round loop's, and SecAgg+'s protocol stages, which reach the grid through the
+loop's), so no one re-measures a reply later or counts it differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The bytes of `content` as Flower serialises it for transfer: every nested object (records, arrays,
+    array chunks), deflated, each distinct object once. Costs one pass over the arrays (hashing and copying
+    them: 8–9 ms for a 4 MB update, measured on the shared 2-core machine). `content` is left as it was: it
+    is measured through a view sharing its arrays' bytes, since a Flower Array that has been sliced into
+    chunks keeps memoryviews, which neither copy.deepcopy (the in-process transport) nor pickle (Ray) take."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    view = RecordDict({name: _view(record) for name, record in content.items()})
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(view).values())
+
+
+def _view(record):
+    """`record`, or a fresh ArrayRecord of fresh Arrays over the same bytes (no copy of the data)."""
+    if not isinstance(record, ArrayRecord):
+        return record  # config and metric records cache only their id (a str)
+    return ArrayRecord({key: Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data)
+                        for key, array in record.items()})
+
+
+def replies_bytes(replies: Iterable[Message]) -> int:
+    """What `replies` uploaded: their contents' bytes (an error reply carries no content: 0)."""
+    return sum(content_bytes(reply.content) for reply in replies if not reply.has_error())
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes of message contents one way and the other, over some span (a round)."""
+
+    upload_bytes: int = 0  # the nodes' replies
+    download_bytes: int = 0  # the server's requests
+
+
+class MeteredGrid:
+    """A view of a Flower Grid (or fedsafe's in-process one) that counts the bytes of every message the server
+    sends through it and of every reply it receives, each measured once as it passes (`content_bytes`).
+    Everything else is the wrapped grid's: a grid without `pull_messages` still has none."""
+
+    _METERED = ("push_messages", "pull_messages", "send_and_receive")
+
+    def __init__(self, grid) -> None:
+        self._grid = grid
+        self._upload = self._download = 0
+
+    def take(self) -> Traffic:
+        """The bytes counted since the last take (a round's), and the count started afresh."""
+        counted = Traffic(upload_bytes=self._upload, download_bytes=self._download)
+        self._upload = self._download = 0
+        return counted
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._grid, name)  # AttributeError, as the grid's own, where it has none
+        return getattr(self, "_" + name) if name in self._METERED else attribute
+
+    def _push_messages(self, messages: Iterable[Message]):
+        messages = list(messages)
+        self._download += sum(content_bytes(message.content) for message in messages)
+        return self._grid.push_messages(messages)
+
+    def _pull_messages(self, message_ids: Iterable[str]):
+        replies = list(self._grid.pull_messages(message_ids))
+        self._upload += replies_bytes(replies)
+        return replies
+
+    def _send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        messages = list(messages)
+        self._download += sum(content_bytes(message.content) for message in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._upload += replies_bytes(replies)
+        return replies
