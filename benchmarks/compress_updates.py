@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fedsafe.picked_defaults import FIXED_ROUNDS  # noqa: E402
 from fedsafe.server.config import RunConfig  # noqa: E402
 from fedsafe.simulations.run import SimulationOptions, simulate_in_process  # noqa: E402
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--epsilon", type=float, default=3.0)
-    parser.add_argument("--lr", type=float, default=RunConfig().lr)
+    parser.add_argument("--lr", type=float, default=FIXED_ROUNDS["lr"])  # what a run with its rounds set gets
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:

@@ -22,7 +22,7 @@ from .dp_modes import make_private
 from .regularize import l1_proximal_step, l1_weights, random_shifts
 from .training import (
     DPSpendRecorder, RandomStreams, TrainOutcome, TrainSettings, _tensor_dataset, make_optimizer, poisson_loader,
-    round_batches,
+    round_batches, scheduled_lr,
 )
 
 
@@ -40,8 +40,8 @@ def _optimizer(settings: TrainSettings, params) -> torch.optim.Optimizer:
     """The run's optimizer; Adam with beta1 = 0.5, the usual choice for GANs (Radford et al., 2016):
     the default 0.9 carries momentum across the two players' moves and destabilises them."""
     if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, betas=(0.5, 0.999), weight_decay=settings.weight_decay)
-    return make_optimizer(settings.optimizer, params, settings.lr, settings.momentum, settings.weight_decay)
+        return torch.optim.Adam(params, lr=scheduled_lr(settings), betas=(0.5, 0.999), weight_decay=settings.weight_decay)
+    return make_optimizer(settings.optimizer, params, scheduled_lr(settings), settings.momentum, settings.weight_decay)
 
 
 def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: torch.device,
@@ -88,7 +88,7 @@ def train_gan(gan, task, data: ArrayDataset, settings: TrainSettings, device: to
                 fake_count=fake_count, generator=on_device,
             )
             losses.append(d_loss)
-            l1_proximal_step(penalised, settings.lr * settings.l1)
+            l1_proximal_step(penalised, scheduled_lr(settings) * settings.l1)
             plain_steps += 1
     finally:
         if private is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import warnings
 
 from fedsafe.models.tasks import Task
+from fedsafe.picked_defaults import FIXED_ROUNDS
 from fedsafe.settings import RunSettings, check_device_name
 
 from .data import ArrayDataset
@@ -35,6 +37,9 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 _RUN = RunSettings()  # the run settings' declared defaults (fedsafe.settings), one source for both sides
+# and, for the settings the coordinator picks, the per-round values it picks for a run whose rounds are set
+# (fedsafe.picked_defaults): a node itself always trains with what the train message carries.
+_PICKED = FIXED_ROUNDS
 
 
 @dataclass(frozen=True)
@@ -42,11 +47,14 @@ class TrainSettings:
     """How one round of local training runs: the run's settings as the train message carried them
     (`of`), the noise the ledger fixed, and the model family's per-sample gradient mode."""
 
-    local_epochs: int = _RUN.local_epochs
+    local_epochs: int = _PICKED["local_epochs"]
     local_steps: int = _RUN.local_steps  # > 0: this many steps per round instead of local_epochs epochs
-    batch_size: int = _RUN.batch_size
+    batch_size: int = _PICKED["batch_size"]
     optimizer: str = _RUN.optimizer
-    lr: float = _RUN.lr
+    lr: float = _PICKED["lr"]
+    lr_schedule: str = _PICKED["lr_schedule"]  # the lr of round server_round of num_rounds: scheduled_lr
+    server_round: int = 1
+    num_rounds: int = 1
     momentum: float = _RUN.momentum
     weight_decay: float = _RUN.weight_decay
     max_grad_norm: float = _RUN.max_grad_norm
@@ -106,6 +114,17 @@ class DPSpendRecorder:
     @property
     def history(self) -> tuple[tuple[float, float, int], ...]:
         return tuple((float(s), float(q), int(n)) for s, q, n in self._accountant.history)
+
+
+def scheduled_lr(settings: TrainSettings) -> float:
+    """The learning rate of this round: `lr`, or under the cosine schedule lr·(1 + cos(π(r−1)/R))/2 for
+    round r of R (round 1 at lr; a round past R, in a run extended at resume, at the last round's)."""
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    if settings.lr_schedule == "cosine":
+        done = min(settings.server_round - 1, settings.num_rounds - 1) / max(settings.num_rounds, 1)
+        return settings.lr * (1 + math.cos(math.pi * done)) / 2
+    raise ValueError(f"unknown lr-schedule {settings.lr_schedule!r}; choose one of: constant, cosine")
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -251,7 +270,8 @@ def _train(model: nn.Module, task: Task, data: ArrayDataset, settings: TrainSett
     model.to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(settings.optimizer, trainable, settings.lr, settings.momentum, settings.weight_decay)
+    lr = scheduled_lr(settings)
+    optimizer = make_optimizer(settings.optimizer, trainable, lr, settings.momentum, settings.weight_decay)
     mu = float(settings.proximal_mu)
     anchors = [p.detach().clone() for p in trainable] if mu > 0 else []
     if settings.noise_multiplier is None:
@@ -300,7 +320,7 @@ def _train(model: nn.Module, task: Task, data: ArrayDataset, settings: TrainSett
                 if private is not None and settings.precision == "bf16":
                     check_fp32_grad_samples(trainable)
                 optimizer.step()
-            l1_proximal_step(penalised, settings.lr * settings.l1)
+            l1_proximal_step(penalised, lr * settings.l1)
             plain_steps += 1
     finally:
         if private is not None:

@@ -226,7 +226,10 @@ class PrivateTrainer:
         server_round = config.get(protocol.SERVER_ROUND)
         if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
             raise PolicyError(f"the train message's config has no valid {protocol.SERVER_ROUND!r}; got {server_round!r}")
-        sent = {s.name: s.default for s in RUN_SETTINGS if s.sent}
+        from fedsafe.picked_defaults import FIXED_ROUNDS
+
+        # the declared defaults, and for those the coordinator would pick, its picks for a run with set rounds
+        sent = {**{s.name: s.default for s in RUN_SETTINGS if s.sent}, **FIXED_ROUNDS}
         mine = dict(epsilon=self.epsilon, num_rounds=self.rounds, local_epochs=self.local_epochs,
                     batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer, dp=True,
                     delta=self.policy.delta)

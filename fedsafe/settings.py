@@ -27,6 +27,14 @@ CLIENT_DP_GROUP = "client-level DP on the server (DP-FedAvg)"
 SECAGG_GROUP = "secure aggregation"
 
 
+# The declared default of a pickable setting ("" for a str one): "fedsafe picks it" (fedsafe.picked_defaults),
+# never sent to a node.
+PICKED = 0
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
 class SettingError(ValueError):
     """A value a setting cannot take; the message names the key."""
 
@@ -46,6 +54,9 @@ class Setting:
     listable: bool = False  # `fedsafe sweep` takes a comma-separated list of values
     in_sweep: bool = True  # `fedsafe sweep` has the flag too (False: `fedsafe simulate` only)
     group: str = ""  # its group of flags in --help
+    # Its declared default is PICKED: the coordinator picks the value for the run's privacy budget
+    # (fedsafe.server.defaults) unless the user sets one. A node never takes PICKED: it needs a value.
+    pickable: bool = False
 
     @property
     def name(self) -> str:
@@ -78,8 +89,11 @@ class Setting:
         except (TypeError, ValueError):
             raise SettingError(f"{self.key}={raw!r} is not a valid {kind.__name__}") from None
 
-    def check(self, value: Any) -> None:
-        """Raise SettingError unless `value` is within the bounds and choices."""
+    def check(self, value: Any, picks: bool = False) -> None:
+        """Raise SettingError unless `value` is within the bounds and choices (`picks`: the coordinator's
+        check, where a pickable setting may still be PICKED, for fedsafe to fill in)."""
+        if picks and self.pickable and value == self.type() and not isinstance(value, bool):
+            return  # PICKED (0, or "" for a str setting)
         if self.choices and value not in self.choices:
             raise SettingError(f"unknown {self.key} {value!r}; choose one of: {', '.join(self.choices)}")
         if self.bounds and not within(self.bounds, value):
@@ -111,7 +125,8 @@ def within(bounds: str, value: float) -> bool:
 # ---- a run's settings: Flower's run-config keys -------------------------------------------------
 # The coordinator's defaults. `side`: who reads it (a NODE or BOTH setting travels in every train message).
 RUN_SETTINGS: tuple[Setting, ...] = (
-    Setting("num-rounds", 5, "federated rounds", BOTH, ">= 1", flag="rounds"),
+    Setting("num-rounds", PICKED, "federated rounds (0: fedsafe picks from the privacy budget)", BOTH, ">= 1",
+            flag="rounds", pickable=True),
     Setting("model", "mlp", "model family: mlp, cnn, lstm, gru, transformer, autoencoder, gan, one an "
             "installed package registers (entry points fedsafe.models), or a factory package.module:function", BOTH,
             listable=True),
@@ -129,15 +144,18 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting("num-partitions", 0, "simulated nodes; 0 in deployments, where nodes bring their own data", BOTH,
             ">= 0", flag=None),  # `fedsafe simulate --nodes`
     Setting("seed", 42, "fixes partitions, sampling, initial weights and DP noise", BOTH),
-    Setting("local-epochs", 3, "local epochs per round", NODE, ">= 1"),
+    Setting("local-epochs", PICKED, "local epochs per round (0: fedsafe picks)", NODE, ">= 1", pickable=True),
     Setting("local-steps", 0, "DP-SGD steps (Poisson batches) per round instead of whole epochs (0: local-epochs "
             "epochs); distributed-dp needs 1", NODE, ">= 0"),
-    Setting("batch-size", 32,
+    Setting("batch-size", PICKED,
             "batch size B: each record joins each batch with probability 1/ceil(n/B) (Poisson sampling), so the "
-            "expected batch is n/ceil(n/B) <= B for a node with n records",
-            NODE, ">= 1"),
+            "expected batch is n/ceil(n/B) <= B for a node with n records (0: fedsafe picks)",
+            NODE, ">= 1", pickable=True),
     Setting("optimizer", "sgd", "sgd, adam or rmsprop", NODE),
-    Setting("lr", 0.5, "local learning rate", NODE, "> 0"),
+    Setting("lr", float(PICKED), "local learning rate (0: fedsafe picks)", NODE, "> 0", pickable=True),
+    Setting("lr-schedule", "", "the local learning rate over the run's rounds: constant, or cosine (round r of R "
+            "trains at lr·(1 + cos(π(r−1)/R))/2: small steps at the end, where DP noise would otherwise shake the "
+            "final model) ('': fedsafe picks)", NODE, choices=LR_SCHEDULES, pickable=True),
     Setting("momentum", 0.0, "optimizer momentum", NODE, ">= 0"),
     Setting("weight-decay", 0.0, "L2 penalty", NODE, ">= 0"),
     Setting("l1", 0.0, "L1 penalty (a proximal step after each optimizer step)", NODE, ">= 0"),
@@ -294,20 +312,23 @@ def sent_keys() -> tuple[str, ...]:
     return tuple(s.key for s in RUN_SETTINGS if s.sent)
 
 
-def parse_settings(settings: tuple[Setting, ...], values: Mapping[str, Any], what: str) -> dict[str, Any]:
+def parse_settings(settings: tuple[Setting, ...], values: Mapping[str, Any], what: str,
+                   picks: bool = False) -> dict[str, Any]:
     """`values` (by key) parsed to their types and checked against their bounds; by Python name.
-    Unknown keys are refused with their names; missing ones are left out (the caller decides)."""
+    Unknown keys are refused with their names; missing ones are left out (the caller decides).
+    `picks`: the coordinator's parse, where a pickable setting may be PICKED."""
     known = by_key(settings)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise SettingError(f"unknown {what} keys {unknown}; known: {sorted(known)}")
     parsed = {key: known[key].parse(raw) for key, raw in values.items()}
-    check_settings(settings, parsed)
+    check_settings(settings, parsed, picks)
     return {known[key].name: value for key, value in parsed.items()}
 
 
-def check_settings(settings: tuple[Setting, ...], values: Mapping[str, Any]) -> None:
-    """Bounds and choices of the settings present in `values` (by key), each where it applies."""
+def check_settings(settings: tuple[Setting, ...], values: Mapping[str, Any], picks: bool = False) -> None:
+    """Bounds and choices of the settings present in `values` (by key), each where it applies (`picks`:
+    a pickable setting may be PICKED)."""
     for setting in settings:
         if setting.key in values and setting.applies(values):
-            setting.check(values[setting.key])
+            setting.check(values[setting.key], picks)

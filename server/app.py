@@ -126,6 +126,8 @@ def build_run_strategy(cfg: RunConfig):
 
 
 def run_server(grid: Grid, cfg: RunConfig, progress: ProgressSink | None = print_progress) -> RunOutcome:
+    if progress is not None and cfg.picks_line():  # what fedsafe chose where the user did not (fedsafe.picked_defaults)
+        print(cfg.picks_line(), flush=True)
     initial, model_config, evaluator = global_model_setup(cfg)
     return run_rounds(grid, cfg, build_run_strategy(cfg), initial, model_config, evaluator, progress)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,40 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig(RunSettings):
     """A run's settings (fields, types and defaults: fedsafe.settings.RUN_SETTINGS), validated where they
-    enter: each value against its declared bounds, then the settings against each other."""
+    enter: each value against its declared bounds, then the settings against each other.
+
+    A pickable setting left at PICKED (0, or "") is filled in here for the run's privacy budget
+    (fedsafe.picked_defaults), so every field holds the value the run uses. `picked` remembers which
+    ones and their values: a copy (dataclasses.replace, RunConfig(**cfg.__dict__)) that changes the
+    budget picks them again, and one that sets a picked setting to another value keeps that value."""
+
+    picked: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._pick_defaults()
+        self._check()
+
+    def _pick_defaults(self) -> None:
+        from fedsafe.picked_defaults import PICKABLE, pick
+        from fedsafe.settings import by_key
+
+        settings = by_key(RUN_SETTINGS)
+        before = dict(self.picked)
+        unset = {name for name in PICKABLE
+                 if getattr(self, name) == settings[name.replace("_", "-")].type()  # PICKED
+                 or (name in before and getattr(self, name) == before[name])}  # picked for a copy's original
+        picks = pick(self.__dict__, unset)
+        for name, value in picks.values.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "picked", tuple(picks.values.items()))
+
+    def picks_line(self) -> str | None:
+        """What fedsafe picked for this run and why, in one line; None when the user set every one."""
+        from fedsafe.picked_defaults import pick
+
+        return pick(self.__dict__, set(dict(self.picked))).line() if self.picked else None
+
+    def _check(self) -> None:
         from fedsafe.client.accounting import ACCOUNTANTS
         from fedsafe.client.data import PARTITIONERS
         from fedsafe.client.training import OPTIMIZERS
@@ -124,12 +155,13 @@ class RunConfig(RunSettings):
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """From Flower run-config keys (`num-rounds`, `local-epochs`, …): each parsed to its declared type."""
         try:
-            return cls(**parse_settings(RUN_SETTINGS, values, "run-config"))
+            return cls(**parse_settings(RUN_SETTINGS, values, "run-config", picks=True))
         except SettingError as err:
             raise ConfigError(str(err)) from None
 
     def to_mapping(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        """The run settings by key, as the run uses them (picked ones filled in)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items() if k != "picked"}
 
     def strategy_params(self) -> dict[str, Any]:
         """The strategy parameters, by run-config key (`server-lr`, `trim-beta`, …)."""
@@ -158,7 +190,7 @@ class RunConfig(RunSettings):
     # and refuse rounds past the ε they granted, which the coordinator reports.
     IDENTITY_KEYS = (
         "model", "dataset", "partitioner", "alpha", "num-partitions", "seed", "local-epochs",
-        "batch-size", "optimizer", "lr", "momentum", "weight-decay", "dp", "epsilon", "delta",
+        "batch-size", "optimizer", "lr", "lr-schedule", "momentum", "weight-decay", "dp", "epsilon", "delta",
         "max-grad-norm", "accountant", "strategy", "fraction-train", "max-update-norm", "max-strikes",
         "input-shape", "num-classes",
     )

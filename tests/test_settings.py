@@ -57,9 +57,12 @@ def test_pyproject_app_config_is_the_schema():
 
 def test_run_config_is_derived_from_the_schema():
     defaults = RunConfig()
-    assert [s.name for s in RUN_SETTINGS] == list(defaults.__dataclass_fields__)
-    assert all(getattr(defaults, s.name) == s.default for s in RUN_SETTINGS)
-    assert (defaults.lr, defaults.local_epochs) == (0.5, 3)  # the coordinator's defaults are the truth
+    assert [s.name for s in RUN_SETTINGS] == [f for f in defaults.__dataclass_fields__ if f != "picked"]
+    # the declared defaults, and for the pickable ones what fedsafe picks for the default run (local DP, ε=3, mlp)
+    picked = dict(defaults.picked)
+    assert sorted(picked) == sorted(s.name for s in RUN_SETTINGS if s.pickable)
+    assert all(getattr(defaults, s.name) == picked.get(s.name, s.default) for s in RUN_SETTINGS)
+    assert (defaults.lr, defaults.local_epochs, defaults.batch_size, defaults.num_rounds) == (1.0, 1, 256, 20)
     with pytest.raises(ConfigError, match=r"unknown run-config keys \['learning-rate'\]"):
         RunConfig.from_mapping({"learning-rate": 0.1})
     with pytest.raises(ConfigError, match=r"local-epochs=2.5 is not a valid int"):
@@ -80,8 +83,11 @@ def test_node_reads_exactly_what_the_coordinator_sent():
             assert getattr(settings, name) == getattr(cfg, name), name
     # What the message carries is the schema's sent settings and the protocol's envelope, nothing else.
     assert set(_config()) == set(sent_keys()) | set(protocol.MESSAGE_KEYS)
-    # TrainSettings' own defaults are the coordinator's (they were lr 0.1 and 1 epoch).
-    assert (TrainSettings().lr, TrainSettings().local_epochs) == (RunConfig().lr, RunConfig().local_epochs)
+    # TrainSettings' own defaults are the coordinator's for a run with its rounds set (they were lr 0.1 and
+    # 1 epoch); without rounds the coordinator picks by budget (fedsafe.picked_defaults), and sends them.
+    fixed = RunConfig(num_rounds=5)
+    assert (TrainSettings().lr, TrainSettings().local_epochs, TrainSettings().batch_size, TrainSettings().lr_schedule) \
+        == (fixed.lr, fixed.local_epochs, fixed.batch_size, fixed.lr_schedule)
 
 
 class RecordingGrid(InProcessGrid):
