@@ -1,7 +1,7 @@
 """fedsafe against Apple's pfl on one machine: the same workload run back to back, each as a fresh process,
 wall time from process start to its results (imports, data, training and evaluation all counted).
 
-    pip install -e '.[pfl]'            # pfl 0.6.0, an optional extra: never a dependency of fedsafe
+    pip install -e '.[pfl]' && pip install --no-deps pfl==0.6.0   # never a dependency of fedsafe (pyproject)
     python benchmarks/vs_pfl.py [--nodes 10] [--rounds 5] [--epsilon 3] [--repeats 2] [--backend local]
 
 Workload (issue 18): scikit-learn's digits split over 10 nodes (IID), 5 rounds, every node every round,
@@ -143,7 +143,8 @@ def main() -> None:
 
     has_pfl = importlib.util.find_spec("pfl") is not None
     if not has_pfl:
-        print("pfl is not installed (pip install -e '.[pfl]' installs pfl 0.6.0): fedsafe's figures alone")
+        print("pfl is not installed (pip install -e '.[pfl]' && pip install --no-deps pfl==0.6.0): fedsafe's "
+              "figures alone")
     load = os.getloadavg()
     fedsafe_walls, pfl_walls, fedsafe_cpus, pfl_cpus, accuracies, pfl_results = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:

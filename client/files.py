@@ -13,13 +13,16 @@ from typing import IO
 
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "w", *, newline: str | None = None, durable: bool = True,
-                 permissions: int | None = None) -> Iterator[IO]:
+                 sync_directory: bool = True, permissions: int | None = None) -> Iterator[IO]:
     """Write `path` through a temporary file in the same directory, renamed over it on success.
 
     `durable` also fsyncs the file and its directory, so the new version survives a power cut once this
     returns: what the privacy ledger needs before an update may leave the node, and a checkpoint before
-    the next round starts; a cache does not. `permissions` are set before anything is written (a private
-    key is never readable by others, not even briefly); without them the file is created 0600.
+    the next round starts; a cache does not. With `sync_directory=False` only the file is synced before
+    the rename: a power cut then leaves the previous version or the new one, whole, but may undo the
+    rename — for a write whose loss is safe (a round's settlement, whose reservation is already durable
+    and charged). `permissions` are set before anything is written (a private key is never readable by
+    others, not even briefly); without them the file is created 0600.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,7 +38,7 @@ def atomic_write(path: Path, mode: str = "w", *, newline: str | None = None, dur
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if durable:
+    if durable and sync_directory:
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

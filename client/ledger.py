@@ -351,16 +351,20 @@ class PrivacyLedger:
             )
 
     @contextlib.contextmanager
-    def _transaction(self):
+    def _transaction(self, must_survive: bool = True):
         """Read-modify-write under an exclusive lock, so two processes on one dataset cannot
-        both spend what only one of them may."""
+        both spend what only one of them may. Written (durably) only where an entry was added: a run's
+        plan read back every round changes nothing, and rewriting it cost two fsyncs a node-round.
+        `must_survive=False`: a power cut may leave the previous version (whole), never a torn one."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_suffix(".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
+                entries = len(self._state["entries"])
                 yield
-                self._save()
+                if len(self._state["entries"]) != entries:
+                    self._save(must_survive)
         except OSError as err:  # a full disk, a read-only state dir: no spend may go unrecorded
             raise LedgerError(f"privacy ledger {self.path} cannot be written ({err.strerror or err}); refusing "
                               "to train without a record of the spend") from None
@@ -388,10 +392,11 @@ class PrivacyLedger:
         self._state = {**self._state, "entries": [*entries, entry], **views.as_state()}
         return entry
 
-    def _save(self) -> None:
+    def _save(self, must_survive: bool = True) -> None:
         """Write atomically and durably (a crash leaves the old file or the new one, never half), then
-        record in the node identity file that this key has been trained on."""
-        with atomic_write(self.path) as handle:
+        record in the node identity file that this key has been trained on. `must_survive=False` leaves
+        the rename itself unsynced: a power cut may then bring back the previous version."""
+        with atomic_write(self.path, sync_directory=must_survive) as handle:
             json.dump(self._state, handle, indent=1, allow_nan=False)
         if self.records is not None:
             self.identity.record_records(self.path.name, self.records)
@@ -581,8 +586,12 @@ class PrivacyLedger:
 
         Anything but exactly the reserved (σ, q, steps) is recorded as withheld (the reservation stays
         charged) and raises SettlementMismatch: the update must not leave the node, because what it
-        spent is not what the ledger composed."""
-        with self._transaction():
+        spent is not what the ledger composed.
+
+        Not synced to survive a power cut on its own (one fsync fewer a round): the reservation it closes
+        is already durable and charged, so losing a settlement leaves the round charged as reserved —
+        never less — and the next reservation's durable write carries it."""
+        with self._transaction(must_survive=False):
             record = next((r for r in reversed(self.rounds_of(run_id))
                            if r["round"] == server_round and r["status"] == "reserved"), None)
             if record is None:

@@ -107,58 +107,66 @@ class ResultsWriter:
             writer.writeheader()
             writer.writerows(rows)
 
-    def plot(self, history: list[dict[str, Any]]) -> Path:
-        """`accuracy_epsilon.png` (the task's headline metric — accuracy for classifiers — and ε per round)
-        and `rounds.png` (headline metric, loss, and ε with every node's value per round)."""
-        import matplotlib
+    def plot(self, history: list[dict[str, Any]]) -> None:
+        """`accuracy_epsilon.png` and `rounds.png` (draw_results): drawn now, or by the plot helper
+        (fedsafe.server.plots) when the run has one."""
+        from .plots import draw
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        draw("results", str(self.directory), history, self.config)
 
-        metrics = metric_columns(history)
-        metric = metrics[0] if metrics else "accuracy"
-        rounds = [h["round"] for h in history]
-        values = [h.get("eval", {}).get(metric) for h in history]
-        values = [v if v is not None else float("nan") for v in values]
-        loss = [h.get("eval", {}).get("loss", float("nan")) for h in history]
-        eps_max = [float("nan") if h.get("epsilon_max") is None else h["epsilon_max"] for h in history]
-        title = f"{self.config.get('model')} on {self.config.get('dataset')}"
 
-        fig, ax_acc = plt.subplots(figsize=(7, 4))
-        ax_acc.plot(rounds, values, "o-", color="tab:blue", label=f"test {metric}")
-        ax_acc.set_xlabel("round")
-        ax_acc.set_ylabel(metric, color="tab:blue")
-        if metric in _UNIT_RANGE:
-            ax_acc.set_ylim(0, 1)
-        if any(math.isfinite(e) for e in eps_max):
-            ax_eps = ax_acc.twinx()
-            ax_eps.plot(rounds, eps_max, "s--", color="tab:red", label="ε (max over nodes)")
-            ax_eps.set_ylabel("ε spent (max over nodes)", color="tab:red")
-            ax_eps.set_ylim(bottom=0)
-        ax_acc.set_title(title)
-        ax_acc.grid(alpha=0.3)
-        fig.tight_layout()
-        path = self.directory / "accuracy_epsilon.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+def draw_results(directory: str, history: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    """`accuracy_epsilon.png` (the task's headline metric — accuracy for classifiers — and ε per round)
+    and `rounds.png` (headline metric, loss, and ε with every node's value per round)."""
+    import matplotlib
 
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        axes[0].plot(rounds, values, "o-")
-        axes[0].set_title(f"test {metric}")
-        if metric in _UNIT_RANGE:
-            axes[0].set_ylim(0, 1)
-        axes[1].plot(rounds, loss, "o-", color="tab:orange")
-        axes[1].set_title("test loss")
-        for h in history:
-            per_node = list(h.get("node_epsilon", {}).values())
-            axes[2].scatter([h["round"]] * len(per_node), per_node, s=8, alpha=0.4, color="tab:gray")
-        axes[2].plot(rounds, eps_max, "s-", color="tab:red", label="max")
-        axes[2].set_title("ε per node (cumulative)")
-        for ax in axes:
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(self.directory / "rounds.png", dpi=110)
-        plt.close(fig)
-        return path
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    metrics = metric_columns(history)
+    metric = metrics[0] if metrics else "accuracy"
+    rounds = [h["round"] for h in history]
+    values = [h.get("eval", {}).get(metric) for h in history]
+    values = [v if v is not None else float("nan") for v in values]
+    loss = [h.get("eval", {}).get("loss", float("nan")) for h in history]
+    eps_max = [float("nan") if h.get("epsilon_max") is None else h["epsilon_max"] for h in history]
+    title = f"{config.get('model')} on {config.get('dataset')}"
+
+    fig, ax_acc = plt.subplots(figsize=(7, 4))
+    ax_acc.plot(rounds, values, "o-", color="tab:blue", label=f"test {metric}")
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel(metric, color="tab:blue")
+    if metric in _UNIT_RANGE:
+        ax_acc.set_ylim(0, 1)
+    if any(math.isfinite(e) for e in eps_max):
+        ax_eps = ax_acc.twinx()
+        ax_eps.plot(rounds, eps_max, "s--", color="tab:red", label="ε (max over nodes)")
+        ax_eps.set_ylabel("ε spent (max over nodes)", color="tab:red")
+        ax_eps.set_ylim(bottom=0)
+    ax_acc.set_title(title)
+    ax_acc.grid(alpha=0.3)
+    fig.tight_layout()
+    path = directory / "accuracy_epsilon.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(rounds, values, "o-")
+    axes[0].set_title(f"test {metric}")
+    if metric in _UNIT_RANGE:
+        axes[0].set_ylim(0, 1)
+    axes[1].plot(rounds, loss, "o-", color="tab:orange")
+    axes[1].set_title("test loss")
+    for h in history:
+        per_node = list(h.get("node_epsilon", {}).values())
+        axes[2].scatter([h["round"]] * len(per_node), per_node, s=8, alpha=0.4, color="tab:gray")
+    axes[2].plot(rounds, eps_max, "s-", color="tab:red", label="max")
+    axes[2].set_title("ε per node (cumulative)")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(directory / "rounds.png", dpi=110)
+    plt.close(fig)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedsafe.client.data import ArrayDataset, PartitionScheme, partition_indices
+if TYPE_CHECKING:  # imported where used: the figure's helper process draws without PyTorch (fedsafe.models)
+    from fedsafe.client.data import ArrayDataset, PartitionScheme
 
 MAX_PLOTTED_NODES = 100
 
@@ -36,6 +38,8 @@ def histogram_columns(data: ArrayDataset) -> list[str]:
 def label_histograms(data: ArrayDataset, scheme: PartitionScheme, parts: list[np.ndarray] | None = None) -> np.ndarray:
     """(nodes × columns) sample counts, per class label or, for a continuous target, per quantile bin
     (histogram_columns); `parts`: the nodes' indices, if already computed."""
+    from fedsafe.client.data import partition_indices
+
     parts = partition_indices(data, scheme) if parts is None else parts
     columns = len(histogram_columns(data))
     column = np.digitize(data.y, _target_edges(data)) if _continuous(data) else data.y
@@ -44,43 +48,52 @@ def label_histograms(data: ArrayDataset, scheme: PartitionScheme, parts: list[np
 
 def write_partition_report(data: ArrayDataset, scheme: PartitionScheme, directory: Path,
                            parts: list[np.ndarray] | None = None) -> np.ndarray:
-    """Write `partitions.csv` and `partitions.png` under `directory`; return the histograms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Write `partitions.csv` and `partitions.png` under `directory` (the figure drawn now, or by the run's
+    plot helper, fedsafe.server.plots); return the histograms."""
+    from fedsafe.server.plots import draw
 
     counts = label_histograms(data, scheme, parts)
     directory.mkdir(parents=True, exist_ok=True)
+    columns = histogram_columns(data)
     with (directory / "partitions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         prefix = "target_" if _continuous(data) else "label_"
-        writer.writerow(["node", "samples", *[prefix + c for c in histogram_columns(data)]])
+        writer.writerow(["node", "samples", *[prefix + c for c in columns]])
         for node, row in enumerate(counts):
             writer.writerow([node, int(row.sum()), *map(int, row)])
-
-    shown = counts[:MAX_PLOTTED_NODES]
-    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.15 * len(shown)), 4))
-    bottom = np.zeros(len(shown))
-    cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
-    for label, name in enumerate(histogram_columns(data)):
-        ax.bar(np.arange(len(shown)), shown[:, label], bottom=bottom, color=cmap(label % cmap.N),
-               label=name, width=0.9)
-        bottom += shown[:, label]
     title = f"{scheme.kind} partition over {scheme.num_partitions} nodes"
     if scheme.kind == "dirichlet":
         title += f" (α={scheme.alpha:g})"
     if len(counts) > MAX_PLOTTED_NODES:
         title += f" — first {MAX_PLOTTED_NODES} shown"
+    draw("partitions", str(directory), counts[:MAX_PLOTTED_NODES].tolist(), columns, title,
+         "target" if _continuous(data) else "label")
+    return counts
+
+
+def draw_partitions(directory: str, shown: list[list[int]], columns: list[str], title: str, legend: str) -> None:
+    """`partitions.png`: each shown node's samples, stacked by label (or target range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = np.asarray(shown, dtype=np.int64).reshape(len(shown), len(columns))
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.15 * len(shown)), 4))
+    bottom = np.zeros(len(shown))
+    cmap = plt.get_cmap("tab10" if len(columns) <= 10 else "tab20")
+    for label, name in enumerate(columns):
+        ax.bar(np.arange(len(shown)), shown[:, label], bottom=bottom, color=cmap(label % cmap.N),
+               label=name, width=0.9)
+        bottom += shown[:, label]
     ax.set_title(title)
     ax.set_xlabel("node")
     ax.set_ylabel("samples")
-    if counts.shape[1] <= 20:
-        ax.legend(title="target" if _continuous(data) else "label", ncol=2, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    if len(columns) <= 20:
+        ax.legend(title=legend, ncol=2, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
-    fig.savefig(directory / "partitions.png", dpi=110)
+    fig.savefig(Path(directory) / "partitions.png", dpi=110)
     plt.close(fig)
-    return counts
 
 
 def print_partition_table(counts: np.ndarray, columns: list[str] | None = None, limit: int = 20) -> None:

@@ -15,6 +15,7 @@ from fedsafe.flower.linkstate import deterministic_node_ids, seeded_ids
 from fedsafe.flower.simulation import SIMULATED_GRID_POLL_SECONDS, named_virtual_nodes, scalable_engine, warm_actors
 from fedsafe.server.config import ConfigError, RunConfig
 from fedsafe.server.loop import ProgressSink, RunOutcome, check_out_dir, print_progress
+from fedsafe.server.plots import plots_in_background
 
 from .backend import BackendChoice, BackendError, choose_backend
 from .engine import LocalRay, quiet_flower_environment, start_local_ray
@@ -197,12 +198,13 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
     """`simulate()` without Ray: the nodes' ClientApp is called in this process (simulations/local.py).
     `max_epsilon` overrides the virtual nodes' lifetime cap; `drop(node, message)` loses messages."""
     quiet_flower_environment()
-    validate_against_data(cfg, options)
-    federation = _simulated_federation(cfg, options, max_epsilon)
-    try:
-        return _run_in_process(federation, options, progress, drop)
-    finally:
-        federation.remove_store()
+    with plots_in_background():
+        validate_against_data(cfg, options)
+        federation = _simulated_federation(cfg, options, max_epsilon)
+        try:
+            return _run_in_process(federation, options, progress, drop)
+        finally:
+            federation.remove_store()
 
 
 def _run_in_process(federation: SimulatedFederation, options: SimulationOptions, progress: ProgressSink | None,
@@ -251,18 +253,19 @@ def simulate(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink 
     caller with its own preparation to overlap); otherwise it starts here. Either way it is stopped
     when the run ends or fails."""
     quiet_flower_environment()
-    if options.backend_choice().name == "local":
-        if local_ray is not None:
-            local_ray.release()
-        return _simulate_locally(cfg, options, progress)
-    if local_ray is None:
-        # Ray boots while the driver checks the run and prepares the federation; on a cluster Flower joins it.
-        local_ray = start_local_ray(options.ray_address, options.verbose)
-    try:
-        return _simulate(cfg, options, progress, local_ray)
-    finally:
-        if local_ray is not None:
-            local_ray.release()
+    with plots_in_background():  # matplotlib imported and the figures drawn on another core
+        if options.backend_choice().name == "local":
+            if local_ray is not None:
+                local_ray.release()
+            return _simulate_locally(cfg, options, progress)
+        if local_ray is None:
+            # Ray boots while the driver checks the run and prepares the federation; on a cluster Flower joins it.
+            local_ray = start_local_ray(options.ray_address, options.verbose)
+        try:
+            return _simulate(cfg, options, progress, local_ray)
+        finally:
+            if local_ray is not None:
+                local_ray.release()
 
 
 def _simulate_locally(cfg: RunConfig, options: SimulationOptions, progress: ProgressSink | None) -> RunOutcome:

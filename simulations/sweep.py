@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.server.plots import plots_in_background
 
 from .run import SimulationOptions, simulate, validate_against_data
 
@@ -53,21 +54,27 @@ def run_sweep(base: RunConfig, grid: SweepGrid, options: SimulationOptions, out:
               "skipped", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for index, (setting, cfg, point_options) in enumerate(points):
-        label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
-        print(f"[{index + 1}/{len(points)}] {label}", flush=True)
-        row = _failed_row(setting, refused[index]) if index in refused else _run_point(setting, cfg, point_options)
-        rows.append(row)
-        if row["status"] != RAN:
-            print(f"      {row['status']}", flush=True)
-        else:
-            accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-            print(f"      accuracy {accuracy}, ε max "
-                  + ("off" if row["epsilon_max"] is None else f"{row['epsilon_max']:.2f}")
-                  + f", {row['seconds']}s", flush=True)
-        write_table(rows, out)  # after every point: an interrupted sweep keeps what it finished
+    with plots_in_background():  # one figure-drawing helper for every point, not one each
+        for index, (setting, cfg, point_options) in enumerate(points):
+            rows.append(_sweep_point(index, len(points), setting, refused.get(index), cfg, point_options))
+            write_table(rows, out)  # after every point: an interrupted sweep keeps what it finished
     plot_privacy_utility([r for r in rows if r["status"] == RAN and r["accuracy"] is not None], out)
     return rows
+
+
+def _sweep_point(index: int, total: int, setting: dict[str, Any], refusal: str | None, cfg: RunConfig,
+                 point_options: SimulationOptions) -> dict[str, Any]:
+    label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+    print(f"[{index + 1}/{total}] {label}", flush=True)
+    row = _failed_row(setting, refusal) if refusal is not None else _run_point(setting, cfg, point_options)
+    if row["status"] != RAN:
+        print(f"      {row['status']}", flush=True)
+    else:
+        accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        print(f"      accuracy {accuracy}, ε max "
+              + ("off" if row["epsilon_max"] is None else f"{row['epsilon_max']:.2f}")
+              + f", {row['seconds']}s", flush=True)
+    return row
 
 
 def _why_not(cfg: RunConfig, options: SimulationOptions) -> str | None:

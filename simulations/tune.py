@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsafe.server.config import ConfigError, RunConfig
+from fedsafe.server.plots import plots_in_background
 from fedsafe.settings import RUN_SETTINGS, SettingError, by_key
 
 from .run import SimulationOptions, simulate_in_process
@@ -101,11 +102,12 @@ def tune(base: RunConfig, grid: TuneGrid, options: SimulationOptions, out: Path,
     cap = search_epsilon or (len(trials) * base.epsilon if base.dp else None)
     ledgers = out / "proxy-ledgers" if proxy else private_ledgers
     rows = []
-    for index, (setting, cfg) in enumerate(trials, start=1):
-        row = _trial(setting, cfg, replace(options, ledger_dir=str(ledgers)), cap)
-        rows.append(row)
-        progress(f"[trial {index}/{len(trials)}{' on proxy data' if proxy else ''}] "
-                 + ", ".join(f"{k}={v}" for k, v in setting.items()) + f": {_describe(row)}")
+    with plots_in_background():  # one figure-drawing helper for every trial, not one each
+        for index, (setting, cfg) in enumerate(trials, start=1):
+            row = _trial(setting, cfg, replace(options, ledger_dir=str(ledgers)), cap)
+            rows.append(row)
+            progress(f"[trial {index}/{len(trials)}{' on proxy data' if proxy else ''}] "
+                     + ", ".join(f"{k}={v}" for k, v in setting.items()) + f": {_describe(row)}")
     ran = [r for r in rows if r["accuracy"] is not None]
     if not ran:
         raise ConfigError("no trial of the search produced a model: " + "; ".join(r["status"] for r in rows))

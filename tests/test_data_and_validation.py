@@ -103,6 +103,24 @@ def test_iid_partitions_are_shuffled_even_when_labels_are_sorted():
         assert len(np.unique(sorted_data.y[part])) == 10  # not a contiguous block of a few classes
 
 
+@pytest.mark.parametrize("n, k", [(1347, 10), (1347, 7), (1347, 1347), (60, 13), (5, 1)])
+def test_iid_shards_are_flwr_datasets_iid_partitions(n, k):
+    """IidShards cuts the seeded order where flwr-datasets' IidPartitioner (Dataset.shard, contiguous) does:
+    the same nodes hold the same records, as before the Hugging Face Dataset was skipped."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    data = _digits().subset(np.arange(n))
+    scheme = PartitionScheme("iid", k, seed=42)
+    reference = IidPartitioner(num_partitions=k)
+    reference.dataset = Dataset.from_dict({"index": np.random.default_rng(42).permutation(n)})
+    ours = partition_indices(data, scheme)
+    assert len(ours) == k
+    for i in range(k):
+        assert np.array_equal(ours[i], np.asarray(reference.load_partition(i)["index"], dtype=np.int64))
+        assert ours[i].dtype == np.int64
+
+
 def test_dirichlet_skews_label_distributions():
     data = _digits()
     parts = partition_indices(data, PartitionScheme("dirichlet", 10, alpha=0.1))
