@@ -40,6 +40,10 @@ def test_picks_follow_the_budget_and_the_model():
     assert _values(cnn) == {"num-rounds": 60, "local-epochs": 1, "batch-size": 256, "lr": 3.0,
                             "lr-schedule": "cosine"}
     assert RunConfig(epsilon=0.5).num_rounds == 5 and RunConfig(model="cnn", epsilon=1.2).num_rounds == 29
+    # below ε = 2 the MLP's steps halve (measured over five seeds); the CNN's recipe keeps its lr
+    assert RunConfig(epsilon=1.0).lr == 0.5 and RunConfig(epsilon=2.0).lr == 1.0
+    assert "lr 0.5 below ε=2" in RunConfig(epsilon=1.0).picks_line()
+    assert RunConfig(model="cnn", dataset="digits", epsilon=1.0).lr == 3.0
     no_dp = RunConfig(dp=False)
     assert {k: getattr(no_dp, k) for k in NO_DP} == NO_DP
     distributed = RunConfig(secagg=True, distributed_dp=True, local_steps=1, num_partitions=10)
