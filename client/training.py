@@ -36,10 +36,9 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
-_RUN = RunSettings()  # the run settings' declared defaults (fedsafe.settings), one source for both sides
-# and, for the settings the coordinator picks, the per-round values it picks for a run whose rounds are set
-# (fedsafe.picked_defaults): a node itself always trains with what the train message carries.
-_PICKED = FIXED_ROUNDS
+_RUN = RunSettings()  # the run settings' declared defaults (fedsafe.settings), one source for both sides;
+# for the settings the coordinator picks, FIXED_ROUNDS: the per-round values it picks for a run whose rounds
+# are set (fedsafe.picked_defaults). A node itself always trains with what the train message carries.
 
 
 @dataclass(frozen=True)
@@ -47,12 +46,12 @@ class TrainSettings:
     """How one round of local training runs: the run's settings as the train message carried them
     (`of`), the noise the ledger fixed, and the model family's per-sample gradient mode."""
 
-    local_epochs: int = _PICKED["local_epochs"]
+    local_epochs: int = FIXED_ROUNDS["local_epochs"]
     local_steps: int = _RUN.local_steps  # > 0: this many steps per round instead of local_epochs epochs
-    batch_size: int = _PICKED["batch_size"]
+    batch_size: int = FIXED_ROUNDS["batch_size"]
     optimizer: str = _RUN.optimizer
-    lr: float = _PICKED["lr"]
-    lr_schedule: str = _PICKED["lr_schedule"]  # the lr of round server_round of num_rounds: scheduled_lr
+    lr: float = FIXED_ROUNDS["lr"]
+    lr_schedule: str = FIXED_ROUNDS["lr_schedule"]  # the lr of round server_round of num_rounds: scheduled_lr
     server_round: int = 1
     num_rounds: int = 1
     momentum: float = _RUN.momentum

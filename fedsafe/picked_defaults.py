@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 # Each recipe: values by Python name, and why (printed when a run starts with any of them picked).
-NO_DP = {"num_rounds": 5, "local_epochs": 3, "batch_size": 32, "lr": 0.5, "lr_schedule": "constant"}
+# The rounds set by the user: the per-round settings fedsafe had before it picked by budget.
+FIXED_ROUNDS = {"local_epochs": 3, "batch_size": 32, "lr": 0.5, "lr_schedule": "constant"}
+# No DP: those per-round settings, over 5 rounds.
+NO_DP = {"num_rounds": 5, **FIXED_ROUNDS}
 NO_DP_WHY = "no DP: several local epochs per round cost nothing"
 # Distributed DP runs one DP-SGD step per round (local-steps 1): the recipe benchmarks/utility.py measured.
 DISTRIBUTED_DP = {"num_rounds": 60, "local_epochs": 1, "batch_size": 32, "lr": 2.0, "lr_schedule": "constant"}
@@ -48,8 +51,6 @@ SMALL_BUDGET_EPSILON, SMALL_BUDGET_LR = 2.0, 0.5
 # max-noise-multiplier (20), where nodes would refuse the run as noise.
 ROUNDS_PER_EPSILON_SQUARED = 20
 
-# The rounds set by the user: the per-round settings fedsafe had before it picked by budget.
-FIXED_ROUNDS = {"local_epochs": 3, "batch_size": 32, "lr": 0.5, "lr_schedule": "constant"}
 FIXED_ROUNDS_WHY = ("num-rounds set, so not the budget's recipe, whose per-round settings were measured with its own "
                     "rounds: leave --rounds out for them")
 
