@@ -450,9 +450,13 @@ class PrivacyLedger:
                 cap_basis: str = OWN_UPDATE) -> tuple[float, float]:
         """(ε of all spend on this data on `cap_basis`, ε of this run's spend against the aggregate) if one
         more `spend` (σ the node's own, shared by `noise_shares` nodes) were taken; changes nothing."""
-        lifetime = [*self.spends(cap_basis), spend if cap_basis == OWN_UPDATE else aggregate_spend(spend, noise_shares)]
-        return epsilon(lifetime, delta, accountant), epsilon(
+        return epsilon(self._spends_with(spend, noise_shares, cap_basis), delta, accountant), epsilon(
             [*self._run_spends(run_id), aggregate_spend(spend, noise_shares)], delta, accountant)
+
+    def _spends_with(self, spend: Spend, noise_shares: int, basis: str) -> list[Spend]:
+        """All spend on this data on `basis` (`spends`) with one more `spend`, the node's own σ shared by
+        `noise_shares` nodes, on the same basis."""
+        return [*self.spends(basis), spend if basis == OWN_UPDATE else aggregate_spend(spend, noise_shares)]
 
     def _run_spends(self, run_id: str) -> list[Spend]:
         """Run `run_id`'s spends against the aggregate: what its grant (the run's ε) is charged with."""
@@ -568,7 +572,7 @@ class PrivacyLedger:
                     f"privacy budget exhausted: round {server_round} would take run {run_id} to "
                     f"ε={run_after:.3f}, over the ε={run_epsilon:g} it was granted (δ={delta:g})"
                 )
-        after = epsilon([*self.spends(cap_basis), spend if cap_basis == OWN_UPDATE else shared], delta, accountant)
+        after = epsilon(self._spends_with(spend, noise_shares, cap_basis), delta, accountant)
         # 1e-9: bisection and accountant arithmetic agree to far better than this.
         if after > max_epsilon + 1e-9:
             spent = self.epsilon(delta, accountant, cap_basis)
