@@ -131,7 +131,7 @@ def forget_calibrations() -> None:
     accounting._rdp_per_step.cache_clear()
 
 
-def simulation(cfg, clients: int, backend: str, client_cpus: float = 1.0):
+def simulation(cfg, clients: int, backend: str, client_cpus: float = 1.0, local_workers: int | None = None):
     """(total, start-up, steady round, shut-down seconds, outcome) of one fedsafe simulation.
 
     Start-up: from the call to the first round's start, plus what round 1 took beyond a steady round
@@ -142,7 +142,8 @@ def simulation(cfg, clients: int, backend: str, client_cpus: float = 1.0):
     round_ends: list[float] = []
     forget_calibrations()
     called = time.perf_counter()
-    outcome = simulate(cfg, SimulationOptions(num_nodes=clients, client_cpus=client_cpus, backend=backend),
+    options = SimulationOptions(num_nodes=clients, client_cpus=client_cpus, backend=backend, local_workers=local_workers)
+    outcome = simulate(cfg, options,
                        progress=lambda _record, _cfg: round_ends.append(time.perf_counter()))
     returned = time.perf_counter()
     rounds = [h["seconds"] for h in outcome.history if h["round"] > 0]
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10_000, help="client count for the scale run (0: skip)")
     parser.add_argument("--backend", default="local", choices=("auto", "local", "ray"))
     parser.add_argument("--repeats", type=int, default=3, help="simulation/plain-loop pairs; medians reported")
+    parser.add_argument("--local-workers", type=int, default=None,
+                        help="the local backend's worker processes (default: one per core)")
     args = parser.parse_args()
 
     import logging
@@ -187,7 +190,8 @@ def main() -> None:
         for repeat in range(args.repeats):  # back to back, alternating: load swings hit both alike
             run_cfg = RunConfig(**{**cfg.__dict__, "out_dir": f"{tmp}/sim-{repeat}"})
             cpu_started = cpu_seconds()
-            sim_total, startup, steady, shutdown, _ = simulation(run_cfg, args.clients, args.backend)
+            sim_total, startup, steady, shutdown, _ = simulation(run_cfg, args.clients, args.backend,
+                                                                 local_workers=args.local_workers)
             sim_cpu, cpu_started = cpu_seconds() - cpu_started, cpu_seconds()
             plain_total = plain_loop(run_cfg, args.clients)
             pairs.append((sim_total, startup, steady, shutdown, sim_cpu, plain_total, cpu_seconds() - cpu_started))
