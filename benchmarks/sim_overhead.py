@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--backend", default="local", choices=("auto", "local", "ray"))
     parser.add_argument("--repeats", type=int, default=3, help="simulation/plain-loop pairs; medians reported")
     parser.add_argument("--local-workers", type=int, default=None,
-                        help="the local backend's worker processes (default: one per core)")
+                        help="the local backend's worker processes (default: as `fedsafe simulate`, one per core)")
     args = parser.parse_args()
 
     import logging

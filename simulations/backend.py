@@ -76,7 +76,7 @@ def choose_backend(backend: str, num_nodes: int, ray_address: str | None = None,
             raise BackendError(f"--backend local runs every node in this process; {' and '.join(needs_ray)} "
                                "need Ray (--backend ray or auto)")
         return _local("asked for (--backend local)", num_nodes, local_workers)
-    if local_workers is not None and (backend == "ray" or needs_ray):
+    if local_workers is not None and local_workers > 1 and (backend == "ray" or needs_ray):
         on_ray = " and ".join(needs_ray) or "--backend ray"
         raise BackendError(f"--local-workers sets the local backend's processes; with {on_ray} the nodes run on Ray")
     if backend == "ray":

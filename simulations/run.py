@@ -42,9 +42,9 @@ class SimulationOptions:
     # The virtual nodes' node-config cap-basis: which ε of a distributed-DP run their cap (ε) counts.
     cap_basis: str = "own-update"
     backend: str = "auto"  # local, ray or auto (simulations/backend.py)
-    # The local backend's worker processes (simulations/workers.py): None picks one per core (1 where this
-    # process cannot fork them); 1 trains every node in this process.
-    local_workers: int | None = None
+    # The local backend's processes (simulations/workers.py): 1 trains every node in this process, where a
+    # caller's own hooks and monkeypatches see them; None forks one worker per core (the CLI's default).
+    local_workers: int | None = 1
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:

@@ -345,6 +345,8 @@ def test_bad_local_worker_counts_are_refused_in_one_line(capsys):
         choose_backend("local", 3, local_workers=0)
     with pytest.raises(ConfigError, match="with --backend ray the nodes run on Ray"):
         SimulationOptions(num_nodes=3, backend="ray", local_workers=2)
+    assert SimulationOptions(num_nodes=3, backend="ray").backend_choice().name == "ray"
+    assert SimulationOptions(num_nodes=3, backend="local").backend_choice().workers == 1  # the API's default
     assert main(["simulate", "--local-workers", "-1", "--nodes", "2"]) != 0
     err = capsys.readouterr().err
     assert "--local-workers must be >= 1; got -1" in err and "Traceback" not in err
