@@ -230,11 +230,31 @@ def test_worker_processes_give_the_same_run_as_one_process_for_the_same_seed(tmp
                         seed=5, out_dir=str(tmp_path / f"w{workers}"))
         runs[workers] = simulate(cfg, SimulationOptions(num_nodes=3, backend="local", local_workers=workers),
                                  progress=None)
-    assert _history(runs[1])[-1]["replies"] == 3
+    assert _history(runs[1])[-1]["replies"] == 3 and _history(runs[1])[-1]["failures"] == 0
     assert _history(runs[1]) == _history(runs[2])
     assert runs[1].node_epsilon == runs[2].node_epsilon
     final = {w: runs[w].arrays.to_numpy_ndarrays() for w in runs}
     assert all(np.array_equal(a, b) for a, b in zip(final[1], final[2], strict=True))
+
+
+@pytest.mark.slow
+def test_secagg_stages_run_in_worker_processes(tmp_path):
+    """SecAgg+ with distributed DP across two workers: a node's protocol state between the stages lives in
+    its Context, which travels with its messages, so every stage finds it whichever worker serves it. The
+    masks' quantisation draws fresh randomness (not the seed), so the runs agree on ε and σ exactly and on
+    the model up to that rounding."""
+    runs = {}
+    for workers in (1, 2):
+        cfg = RunConfig(num_rounds=2, model="mlp", dataset="breast-cancer", fraction_train=1.0, local_epochs=1,
+                        seed=5, secagg=True, distributed_dp=True, local_steps=1, out_dir=str(tmp_path / f"w{workers}"))
+        runs[workers] = simulate(cfg, SimulationOptions(num_nodes=3, backend="local", local_workers=workers),
+                                 progress=None)
+    for workers, outcome in runs.items():
+        last = outcome.history[-1]
+        assert (last["replies"], last["failures"], last["secagg"]["summed"]) == (3, 0, 3), workers
+    for key in ("node_epsilon", "node_noise", "epsilon_max"):
+        assert [h.get(key) for h in runs[1].history] == [h.get(key) for h in runs[2].history]
+    assert runs[2].history[-1]["eval"]["loss"] == pytest.approx(runs[1].history[-1]["eval"]["loss"], abs=1e-4)
 
 
 def _counting_app(driver_pid: int, died, dies: int | None = None, raises: int | None = None) -> ClientApp:
