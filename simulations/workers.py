@@ -72,20 +72,23 @@ class NodeWorkers:
     def serve_all(self, deliveries: list[Delivery]) -> list[Served]:
         served: list[Served | None] = [None] * len(deliveries)
         pending = list(range(len(deliveries)))
-        busy: dict[Connection, int] = {}  # a worker's pipe -> the delivery it holds
-        idle = [slot for slot in range(len(self._workers))]
+        busy: dict[int, int] = {}  # a worker's slot -> the delivery it holds
+        idle = list(range(len(self._workers)))
         while pending or busy:
             while pending and idle:
-                slot = idle.pop()
-                index = pending.pop(0)
-                connection = self._workers[slot][1]
-                connection.send_bytes(_encode(deliveries[index]))
-                busy[connection] = index
-            for connection in wait(list(busy)):
-                index = busy.pop(connection)
-                slot = next(i for i, (_, c) in enumerate(self._workers) if c is connection)
+                slot, index = idle.pop(), pending.pop(0)
                 try:
-                    served[index] = _decode(connection.recv_bytes())
+                    self._workers[slot][1].send_bytes(_encode(deliveries[index]))
+                except OSError:  # the worker died between two messages
+                    served[index] = self._died(slot, deliveries[index])
+                    idle.append(slot)
+                else:
+                    busy[slot] = index
+            ready = wait([self._workers[slot][1] for slot in busy])
+            for slot in [slot for slot in busy if self._workers[slot][1] in ready]:
+                index = busy.pop(slot)
+                try:
+                    served[index] = _decode(self._workers[slot][1].recv_bytes())
                 except (EOFError, OSError):
                     served[index] = self._died(slot, deliveries[index])
                 idle.append(slot)
@@ -103,12 +106,14 @@ class NodeWorkers:
         return Served(error, None, delivery.random_state)
 
     def close(self) -> None:
-        for process, connection in self._workers:
+        """Stop the workers: an idle one ends at once; one still serving a message (the run was interrupted
+        or failed mid-round) is killed after a second, as a crashed node process would be."""
+        for _, connection in self._workers:
             with contextlib.suppress(OSError):
                 connection.send_bytes(b"")  # stop
             connection.close()
         for process, _ in self._workers:
-            process.join(timeout=5)
+            process.join(timeout=1)
             if process.is_alive():
                 process.kill()
                 process.join()
@@ -121,6 +126,7 @@ def _worker_loop(connection: Connection, driver_ends: list[Connection], driver_p
     for driver_end in driver_ends:
         driver_end.close()
     _end_with_driver(driver_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the driver decides
     import torch
 
     torch.set_num_threads(1)  # one thread per worker, as each node trains in process and on Ray

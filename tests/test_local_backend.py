@@ -370,3 +370,37 @@ def test_bad_local_worker_counts_are_refused_in_one_line(capsys):
     assert main(["simulate", "--local-workers", "-1", "--nodes", "2"]) != 0
     err = capsys.readouterr().err
     assert "--local-workers must be >= 1; got -1" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_in_worker_processes_and_leaves_none_behind(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's whole process group) mid-run: the driver stops the run as it always
+    did (exit 130, its message), the workers ignore the signal and end with it, and the checkpoint of the
+    last finished round is there to resume from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedsafe", "simulate", "--nodes", "4", "--rounds", "200", "--local-epochs", "1",
+               "--dataset", "breast-cancer", "--epsilon", "8", "--local-workers", "2", "--out", str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in run.stdout:  # wait for the second round: the workers exist and have trained
+            if line.startswith("round   2/"):
+                break
+        workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                                      text=True).stdout.split()]
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130 and "fedsafe: interrupted" in err and "Traceback" not in err
+    assert len(workers) >= 2  # the two workers (and the plot helper) were children of the driver
+    time.sleep(0.5)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    assert (out / "checkpoint.pt").exists()
