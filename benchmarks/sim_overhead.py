@@ -5,12 +5,12 @@ process tree.
     python benchmarks/sim_overhead.py [--clients 100] [--per-round 10] [--rounds 10] [--scale 10000]
                                       [--backend local|ray|auto] [--local-workers N] [--repeats 3]
 
-Targets (issue 18, the local backend, the default here): start-up <= 3 s, and the whole run <= 1.25x the
-plain loop *including* start-up. The local backend runs as `fedsafe simulate` does, its nodes spread over
-one forked worker per core unless --local-workers says otherwise; the plain loop is one process on one
-core, so the CPU-seconds ratio printed beside the wall-time one says what the simulation costs in all. With --backend ray (issue 5's targets): start-up <= 10 s, and the rest of
-the run <= 1.25x the plain loop. The load average is printed with the figures (the machine is shared);
-figures are printed, never asserted.
+Targets (issue 18, the local backend, the default here): start-up <= 3 s, and the whole run <= 1.25x the plain
+loop *including* start-up. The local backend runs as `fedsafe simulate` does, its nodes spread over one forked
+worker per core unless --local-workers says otherwise; the plain loop is one process on one core, so the
+CPU-seconds ratio printed beside the wall-time one says what the simulation costs in all. With --backend ray
+(issue 5's targets): start-up <= 10 s, and the rest of the run <= 1.25x the plain loop. The load average is
+printed with the figures (the machine is shared); figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def simulation(cfg, clients: int, backend: str, client_cpus: float = 1.0, local_
     round_ends: list[float] = []
     forget_calibrations()
     called = time.perf_counter()
-    options = SimulationOptions(num_nodes=clients, client_cpus=client_cpus, backend=backend, local_workers=local_workers)
+    options = SimulationOptions(num_nodes=clients, client_cpus=client_cpus, backend=backend,
+                                local_workers=local_workers)
     outcome = simulate(cfg, options,
                        progress=lambda _record, _cfg: round_ends.append(time.perf_counter()))
     returned = time.perf_counter()

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 BACKENDS = ("auto", "local", "ray")
 
-# `auto` runs up to this many virtual nodes in this process. In process, a node costs one Context until it
-# is sampled, and the sampled nodes train on this machine's cores (forked workers, one thread each); Ray
-# costs 8-12 s of start-up on 2 cores (issue 18: its processes, each actor importing PyTorch, Opacus and
-# Flower) and then trains on every core. Small federations are where researchers iterate, and where that start-up is most of the
-# run (README, "Which backend", has the measured figures); a federation of thousands of nodes is a
-# scale experiment, where Ray's parallel actors and cluster mode pay, and `--backend local` still runs
-# it in one process when asked.
+# `auto` runs up to this many virtual nodes in this process. In process, a node costs one Context until it is
+# sampled, and the sampled nodes train on this machine's cores (forked workers, one thread each); Ray costs 8-12
+# s of start-up on 2 cores (issue 18: its processes, each actor importing PyTorch, Opacus and Flower) and then
+# trains on every core. Small federations are where researchers iterate, and where that start-up is most of the
+# run (README, "Which backend", has the measured figures); a federation of thousands of nodes is a scale
+# experiment, where Ray's parallel actors and cluster mode pay, and `--backend local` still runs it in one
+# process when asked.
 LOCAL_MAX_NODES = 1000
 
 # At most this many forked workers by default (a cap chosen, not measured): each is a process holding the

@@ -1,9 +1,9 @@
 """Worker processes for the in-process backend: the virtual nodes of a round trained on every core.
 
 Without workers the local backend's nodes train one after another on one core (simulations/local.py). A
-`NodeWorkers` pool forks worker processes from the driver once the training stack is imported (so they start in milliseconds,
-not the seconds a fresh Python needs to import PyTorch, Opacus and Flower), and hands each of them the next
-message as soon as it is free. Each worker runs the very ClientApp the driver holds, with one thread.
+`NodeWorkers` pool forks worker processes from the driver once the training stack is imported (so they start in
+milliseconds, not the seconds a fresh Python needs to import PyTorch, Opacus and Flower), and hands each of them
+the next message as soon as it is free. Each worker runs the very ClientApp the driver holds, with one thread.
 
 What a node owns travels with each of its messages and comes back with its reply, so any worker can serve
 any node and the pool keeps no node's state: its Context (Flower's serialisation: the node's `state`
