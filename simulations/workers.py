@@ -17,6 +17,7 @@ Linux only (fork); never after CUDA is initialised in the driver (a forked child
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import multiprocessing
 import os
@@ -65,7 +66,13 @@ class NodeWorkers:
         process = self._context.Process(target=_worker_loop, daemon=True, name="fedsafe-node-worker",
                                         args=(worker_end, driver_ends, os.getpid(), self._client_app, self._quiet,
                                               self._serve))
-        process.start()
+        # The driver's objects (the training stack's ~350,000), inherited by the worker, frozen for its garbage
+        # collector: its collections neither scan them nor write to their pages, which would copy each page.
+        gc.freeze()
+        try:
+            process.start()
+        finally:
+            gc.unfreeze()
         worker_end.close()
         return process, driver_end
 
