@@ -17,6 +17,7 @@ Linux only (fork); never after CUDA is initialised in the driver (a forked child
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import multiprocessing
 import os
@@ -65,7 +66,13 @@ class NodeWorkers:
         process = self._context.Process(target=_worker_loop, daemon=True, name="fedsafe-node-worker",
                                         args=(worker_end, driver_ends, os.getpid(), self._client_app, self._quiet,
                                               self._serve))
-        process.start()
+        # The driver's objects (the training stack's ~350,000), inherited by the worker, frozen for its garbage
+        # collector: its collections neither scan them nor write to their pages, which would copy each page.
+        gc.freeze()
+        try:
+            process.start()
+        finally:
+            gc.unfreeze()
         worker_end.close()
         return process, driver_end
 
@@ -140,12 +147,16 @@ def _worker_loop(connection: Connection, driver_ends: list[Connection], driver_p
         delivery = _decode_delivery(frame)
         try:
             reply, random_state = serve(client_app, delivery.message, delivery.context, delivery.random_state, quiet)
-        except BaseException:  # noqa: BLE001 - `serve` turns a ClientApp's errors into replies; this is ours
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                  reason=f"the virtual node's worker failed: {traceback.format_exc(limit=1)}"),
-                            reply_to=delivery.message)
-            random_state = delivery.random_state
-        connection.send_bytes(_encode(Served(reply, delivery.context, random_state)))
+            answer = _encode(Served(reply, delivery.context, random_state))
+        except Exception:  # noqa: BLE001 - `serve` turns a ClientApp's errors into replies; these are the worker's
+            failed = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                   reason=f"the virtual node's worker failed: {traceback.format_exc(limit=1)}"),
+                             reply_to=delivery.message)
+            answer = _encode(Served(failed, None, delivery.random_state))
+        try:
+            connection.send_bytes(answer)
+        except OSError:  # the driver stopped the run (Ctrl-C, an error) while this worker was serving
+            return
 
 
 def _end_with_driver(driver_pid: int) -> None:
