@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
@@ -25,10 +26,36 @@ def content_bytes(content: RecordDict) -> int:
     them: 8–9 ms for a 4 MB update, measured on the shared 2-core machine). `content` is left as it was: it
     is measured through a view sharing its arrays' bytes, since a Flower Array that has been sliced into
     chunks keeps memoryviews, which neither copy.deepcopy (the in-process transport) nor pickle (Ray) take."""
+    return contents_bytes([content])
+
+
+def contents_bytes(contents: Iterable[RecordDict]) -> int:
+    """The sum of `content_bytes` over `contents`, each content object and each record object among them
+    measured once: a round's train messages all carry one RecordDict (Flower's strategies build one and address
+    it to every sampled node), or at least one global-model ArrayRecord, so a round's requests cost one pass
+    over its arrays and its config, not one a node. Each content still counts every distinct object it carries
+    (Flower ships a shared object once per message, not once per round), so the sum is what measuring each
+    content alone gives. Exact as long as nothing changes `contents` while this runs (the grid is called after)."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    view = RecordDict({name: _view(record) for name, record in content.items()})
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(view).values())
+    # By identity, each entry keeping its object alive so that no other object can take its id meanwhile.
+    views: dict[int, tuple[Any, Any]] = {}  # id(record) -> (record, its view)
+    measured: dict[int, tuple[RecordDict, int]] = {}  # id(content) -> (content, its bytes)
+
+    def view_of(record):
+        if id(record) not in views:
+            views[id(record)] = (record, _view(record))
+        return views[id(record)][1]
+
+    total = 0
+    for content in contents:
+        if id(content) not in measured:
+            # A viewed Array keeps its object id once computed (a deflated Array stays clean until changed, and
+            # nothing changes a private view): a record shared by several contents is hashed once.
+            view = RecordDict({name: view_of(record) for name, record in content.items()})
+            measured[id(content)] = (content, sum(len(obj.deflate()) for obj in get_all_nested_objects(view).values()))
+        total += measured[id(content)][1]
+    return total
 
 
 def _view(record):
@@ -41,7 +68,7 @@ def _view(record):
 
 def replies_bytes(replies: Iterable[Message]) -> int:
     """What `replies` uploaded: their contents' bytes (an error reply carries no content: 0)."""
-    return sum(content_bytes(reply.content) for reply in replies if not reply.has_error())
+    return contents_bytes(reply.content for reply in replies if not reply.has_error())
 
 
 @dataclass(frozen=True)
@@ -75,7 +102,7 @@ class MeteredGrid:
 
     def _push_messages(self, messages: Iterable[Message]):
         messages = list(messages)
-        self._download += sum(content_bytes(message.content) for message in messages)
+        self._download += contents_bytes(message.content for message in messages)
         return self._grid.push_messages(messages)
 
     def _pull_messages(self, message_ids: Iterable[str]):
@@ -85,7 +112,7 @@ class MeteredGrid:
 
     def _send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         messages = list(messages)
-        self._download += sum(content_bytes(message.content) for message in messages)
+        self._download += contents_bytes(message.content for message in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self._upload += replies_bytes(replies)
         return replies
