@@ -537,7 +537,10 @@ def finish_run(run: _Run, stop_reason: str | None) -> dict[str, Any]:
     run.results.plot(history)
     from fedsafe.after.card import write_card_at_end_of_run
 
-    write_card_at_end_of_run(run.cfg.out_path)  # MODEL_CARD.md + model_card.json: the run's privacy record and metrics
+    # MODEL_CARD.md + model_card.json: the run's privacy record and metrics. The run key is the one its checkpoint
+    # holds (this run wrote it, or resumed from it): the card need not read the checkpoint back for it.
+    checkpointed = (run.cfg.out_path / CHECKPOINT_NAME).is_file()
+    write_card_at_end_of_run(run.cfg.out_path, run.run_key if checkpointed else None)
     return summary
 
 

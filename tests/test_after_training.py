@@ -277,6 +277,21 @@ def test_bootstrap_metrics_equal_sklearn():
     assert r2(target, guess) == pytest.approx(r2_score(target, guess))
 
 
+def test_the_cards_f1_interval_is_the_plain_bootstraps_bit_for_bit():
+    """The card's F1 interval, from each resample's confusion counts, is the generic bootstrap of macro_f1 over
+    the same seeded resamples: the same floats, for labels that index classes or not, and classes missing
+    from some resamples."""
+    from fedsafe.after.card import bootstrap_interval, macro_f1, macro_f1_interval
+
+    rng = np.random.default_rng(5)
+    for n, classes, offset in [(2000, 4, 0), (60, 10, 0), (25, 3, 2), (12, 2, -1)]:
+        y = rng.integers(0, classes, n) + offset
+        predicted = np.where(rng.random(n) < 0.6, y, rng.integers(0, classes + 1, n) + offset)
+        assert macro_f1_interval(y, predicted) == bootstrap_interval(macro_f1, (y, predicted))
+        assert macro_f1_interval(y, predicted, resamples=50, seed=3) == bootstrap_interval(
+            macro_f1, (y, predicted), resamples=50, seed=3)
+
+
 class _Payload:
     def __reduce__(self):
         return (Path.touch, (Path("/tmp/fedsafe-after-payload-ran"),))
