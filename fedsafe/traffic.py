@@ -36,7 +36,7 @@ def contents_bytes(contents: Iterable[RecordDict]) -> int:
     over its arrays and its config, not one a node. Each content still counts every distinct object it carries
     (Flower ships a shared object once per message, not once per round), so the sum is what measuring each
     content alone gives. Exact as long as nothing changes `contents` while this runs (the grid is called after)."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
     # By identity, each entry keeping its object alive so that no other object can take its id meanwhile.
     views: dict[int, tuple[Any, Any]] = {}  # id(record) -> (record, its view)
@@ -48,20 +48,23 @@ def contents_bytes(contents: Iterable[RecordDict]) -> int:
         return views[id(record)][1]
 
     total = 0
-    for content in contents:
-        if id(content) not in measured:
-            # A viewed Array keeps its object id once computed (a deflated Array stays clean until changed, and
-            # nothing changes a private view): a record shared by several contents is hashed once.
-            view = RecordDict({name: view_of(record) for name, record in content.items()})
-            measured[id(content)] = (content, sum(len(obj.deflate()) for obj in get_all_nested_objects(view).values()))
-        total += measured[id(content)][1]
+    # Each object's id computed once (Flower recomputes an id, deflating the object again, wherever it is asked
+    # for: a record's id 5-7 times per content). Safe here because every object measured is a fresh view made
+    # below, whose id is first computed inside this block and which nothing changes: no stale id can be reused.
+    with no_object_id_recompute():
+        for content in contents:
+            if id(content) not in measured:
+                view = RecordDict({name: view_of(record) for name, record in content.items()})
+                measured[id(content)] = (content, sum(len(obj.deflate()) for obj in get_all_nested_objects(view).values()))
+            total += measured[id(content)][1]
     return total
 
 
 def _view(record):
-    """`record`, or a fresh ArrayRecord of fresh Arrays over the same bytes (no copy of the data)."""
+    """A fresh copy of `record` sharing its arrays' bytes (no copy of the data): fresh Arrays for an
+    ArrayRecord, a fresh record of the same items for a config or metric record."""
     if not isinstance(record, ArrayRecord):
-        return record  # config and metric records cache only their id (a str)
+        return type(record)(dict(record.items()))
     return ArrayRecord({key: Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data)
                         for key, array in record.items()})
 
