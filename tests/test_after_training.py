@@ -277,6 +277,28 @@ def test_bootstrap_metrics_equal_sklearn():
     assert r2(target, guess) == pytest.approx(r2_score(target, guess))
 
 
+def test_the_cards_ledger_figures_are_each_ledgers_own_and_an_edited_one_is_named(tmp_path):
+    """The card reads every ledger in a simulation's ledger directory once, audited as a node audits it: a good
+    ledger's figures are its own; an edited one is listed as unreadable with its problem, not counted."""
+    from fedsafe.after.card import ledger_records
+    from fedsafe.client.accounting import epsilon
+    from fedsafe.client.ledger import PrivacyLedger
+
+    for key, steps in (("node-a", 20), ("node-b", 30)):
+        ledger = PrivacyLedger.open(tmp_path, key)
+        sigma = ledger.plan_run("run", sample_rate=0.1, steps_per_round=steps, planned_rounds=2, run_epsilon=2.0,
+                                max_epsilon=5.0, delta=1e-5).noise_multiplier
+        ledger.reserve("run", 1, (sigma, 0.1, steps), max_epsilon=5.0, delta=1e-5)
+        ledger.settle("run", 1, steps)
+    edited = PrivacyLedger.open(tmp_path, "node-b").path
+    edited.write_text(edited.read_text().replace('"steps_per_round": 30', '"steps_per_round": 3'))
+    good, bad = sorted(ledger_records(tmp_path, "run", 1e-5, "rdp"), key=lambda r: "error" in r)
+    spend = PrivacyLedger.open(tmp_path, "node-a").history
+    assert good["data"] == "node-a" and good["steps"] == 20 and good["rounds"] == 1
+    assert good["epsilon_run"] == good["epsilon_all_runs_on_this_data"] == epsilon(spend, 1e-5)
+    assert bad["ledger"] == edited.name and bad["error"].startswith("unreadable: privacy ledger") and "hash chain" in bad["error"]
+
+
 def test_the_cards_f1_interval_is_the_plain_bootstraps_bit_for_bit():
     """The card's F1 interval, from each resample's confusion counts, is the generic bootstrap of macro_f1 over
     the same seeded resamples: the same floats, for labels that index classes or not, and classes missing

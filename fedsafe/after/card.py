@@ -251,15 +251,19 @@ def run_key_of(directory: Path) -> str | None:
 def ledger_records(ledger_dir: Path, run_key: str | None, delta: float, accountant: str) -> list[dict[str, Any]]:
     """This run's spend in every ledger under `ledger_dir`, as that ledger's own figures say."""
     from fedsafe.client.accounting import epsilon
-    from fedsafe.client.ledger import LedgerError, PrivacyLedger
+    from fedsafe.client.identity import NodeIdentity
+    from fedsafe.client.ledger import PrivacyLedger, audit_file
 
     records = []
+    identity = NodeIdentity(ledger_dir)
     for path in sorted(ledger_dir.glob("*.json")):
-        try:
-            ledger = PrivacyLedger.open(ledger_dir, json.loads(path.read_text())["data_key"])
-        except (OSError, ValueError, KeyError, TypeError, LedgerError) as err:
-            records.append({"ledger": path.name, "error": f"unreadable: {err}"})
+        # Each file read and audited once (hash chain, entries, views), as PrivacyLedger.open audits it, for
+        # the data key the file names.
+        state, problems = audit_file(path, None, identity)
+        if problems:
+            records.append({"ledger": path.name, "error": f"unreadable: privacy ledger {path} {problems[0]}"})
             continue
+        ledger = PrivacyLedger(path, state["data_key"], identity, state)
         runs = ledger.state_dict()["runs"]
         keys = [run_key] if run_key in runs else ([] if run_key else list(runs))
         history = ledger.history
