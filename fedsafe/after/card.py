@@ -463,8 +463,9 @@ def write_model_card(directory: str | Path, ledger_dir: str | Path | None = None
 
     card = _json_safe(build_model_card(directory, ledger_dir, run_key))
     markdown, document = card_paths(Path(directory).expanduser())
+    text = json.dumps(card, indent=1)  # one write, not one per token as json.dump makes
     with atomic_write(document) as handle:
-        json.dump(card, handle, indent=1)
+        handle.write(text)
     with atomic_write(markdown) as handle:
         handle.write(render_markdown(card))
     return markdown, document
