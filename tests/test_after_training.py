@@ -299,19 +299,30 @@ def test_the_cards_ledger_figures_are_each_ledgers_own_and_an_edited_one_is_name
     assert bad["ledger"] == edited.name and bad["error"].startswith("unreadable: privacy ledger") and "hash chain" in bad["error"]
 
 
-def test_the_cards_f1_interval_is_the_plain_bootstraps_bit_for_bit():
-    """The card's F1 interval, from each resample's confusion counts, is the generic bootstrap of macro_f1 over
-    the same seeded resamples: the same floats, for labels that index classes or not, and classes missing
-    from some resamples."""
-    from fedsafe.after.card import bootstrap_interval, macro_f1, macro_f1_interval
+def test_the_cards_f1_interval_is_the_record_bootstraps_drawn_from_confusion_counts():
+    """The card draws each bootstrap resample as its confusion counts (multinomial over the (true, predicted)
+    cells): each resample's F1 is macro_f1's for records with those counts, the interval is reproducible, and
+    it agrees with the bootstrap that resamples the records one by one within the resampling noise."""
+    from fedsafe.after.card import _macro_f1_of_confusions, bootstrap_interval, macro_f1, macro_f1_interval
 
     rng = np.random.default_rng(5)
-    for n, classes, offset in [(2000, 4, 0), (60, 10, 0), (25, 3, 2), (12, 2, -1)]:
+    confusions = rng.integers(0, 4, (30, 4, 4)) * (rng.random((30, 4, 4)) < 0.6)
+    confusions[0] = 0
+    confusions[0, 1, 1] = 3  # one class present only
+    for confusion, value in zip(confusions, _macro_f1_of_confusions(confusions)):
+        true, predicted = np.nonzero(confusion)
+        y = np.repeat(true, confusion[true, predicted])
+        guess = np.repeat(predicted, confusion[true, predicted])
+        assert value == pytest.approx(macro_f1(y, guess), rel=1e-12)
+    for n, classes, offset in [(3000, 4, 0), (800, 10, -3)]:
         y = rng.integers(0, classes, n) + offset
-        predicted = np.where(rng.random(n) < 0.6, y, rng.integers(0, classes + 1, n) + offset)
-        assert macro_f1_interval(y, predicted) == bootstrap_interval(macro_f1, (y, predicted))
-        assert macro_f1_interval(y, predicted, resamples=50, seed=3) == bootstrap_interval(
-            macro_f1, (y, predicted), resamples=50, seed=3)
+        predicted = np.where(rng.random(n) < 0.7, y, rng.integers(0, classes + 1, n) + offset)
+        low, high = macro_f1_interval(y, predicted)
+        assert (low, high) == macro_f1_interval(y, predicted)  # seeded
+        plain_low, plain_high = bootstrap_interval(macro_f1, (y, predicted))
+        assert low < macro_f1(y, predicted) < high
+        assert abs(low - plain_low) < 0.25 * (plain_high - plain_low)
+        assert abs(high - plain_high) < 0.25 * (plain_high - plain_low)
 
 
 class _Payload:

@@ -79,18 +79,29 @@ def bootstrap_interval(statistic, arrays: tuple[np.ndarray, ...], confidence: fl
 
 def macro_f1_interval(y: np.ndarray, predicted: np.ndarray, confidence: float = CONFIDENCE,
                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """`bootstrap_interval(macro_f1, (y, predicted))`, the same floats, from each resample's confusion counts:
-    one bincount of the records' (true, predicted) cells per resample instead of two gathers and three
-    bincounts. The resamples are the same draws, and each value is `_macro_f1_of_counts` of the same counts."""
+    """Percentile bootstrap of macro F1 over records (seeded: the card is reproducible), drawn as each
+    resample's confusion counts. Macro F1 depends on the records only through their (true, predicted)
+    counts, and n records drawn uniformly with replacement fall into the cells with Multinomial(n, cell
+    count / n) counts: the bootstrap distribution of `bootstrap_interval(macro_f1, (y, predicted))`, at k²
+    numbers a resample instead of n (12,000 held-out records: 0.28 s before, a few ms now)."""
+    if len(y) == 0:
+        return (math.nan, math.nan)
     classes = np.union1d(y, predicted)
     k = len(classes)
-    cells = np.searchsorted(classes, y) * k + np.searchsorted(classes, predicted)
+    cells = np.bincount(np.searchsorted(classes, y) * k + np.searchsorted(classes, predicted), minlength=k * k)
+    counts = np.random.default_rng(seed).multinomial(len(y), cells / len(y), size=resamples)
+    return _percentile_interval(list(_macro_f1_of_confusions(counts.reshape(resamples, k, k))), confidence)
 
-    def f1_of(idx: np.ndarray) -> float:
-        confusion = np.bincount(cells[idx], minlength=k * k).reshape(k, k)
-        return _macro_f1_of_counts(np.diagonal(confusion), confusion.sum(axis=1), confusion.sum(axis=0))
 
-    return _percentile_interval(_resampled(f1_of, len(y), resamples, seed), confidence)
+def _macro_f1_of_confusions(confusions: np.ndarray) -> np.ndarray:
+    """Macro F1 of each confusion matrix in `confusions` (resamples × true class × predicted class), over the
+    classes present in its row or column, as macro_f1 counts them."""
+    tp = np.diagonal(confusions, axis1=1, axis2=2).astype(float)
+    true_count, predicted_count = confusions.sum(axis=2), confusions.sum(axis=1)
+    present = (true_count + predicted_count) > 0
+    denominator = 2 * tp + (predicted_count - tp) + (true_count - tp)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return (f1 * present).sum(axis=1) / present.sum(axis=1)
 
 
 def _resampled(value_of, n: int, resamples: int, seed: int) -> list[float]:
@@ -135,11 +146,8 @@ def macro_f1(y: np.ndarray, predicted: np.ndarray) -> float:
         size = len(classes)
         true_class, predicted_class = np.searchsorted(classes, y), np.searchsorted(classes, predicted)
     tp = np.bincount(true_class[predicted == y], minlength=size)
-    return _macro_f1_of_counts(tp, np.bincount(true_class, minlength=size), np.bincount(predicted_class, minlength=size))
-
-
-def _macro_f1_of_counts(tp: np.ndarray, true_count: np.ndarray, predicted_count: np.ndarray) -> float:
-    """Macro F1 from per-class counts (classes in ascending order; a class with no count in either is absent)."""
+    true_count = np.bincount(true_class, minlength=size)
+    predicted_count = np.bincount(predicted_class, minlength=size)
     present = (true_count + predicted_count) > 0  # the classes in y or predicted, in ascending order
     tp = tp[present].astype(float)
     fp = predicted_count[present] - tp
