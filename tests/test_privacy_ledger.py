@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -355,3 +356,25 @@ def test_a_rounds_epsilons_are_the_accountants_however_often_asked(tmp_path):
         assert following[0] == following[1] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     with pytest.raises(ValueError, match="step count"):
         ledger.project("r1", (sigma, 0.1, 20.0), 1e-5)  # refused as the accountant refuses it, cached or not
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_node_round_writes_its_ledger_twice_and_audits_it_once(tmp_path, monkeypatch):
+    """A run's first round on a node: the plan and the reservation in one durable write before training, the
+    settlement in one more; the file audited once (its open), each transaction finding its own bytes."""
+    import os
+
+    from fedsafe.client import files
+
+    audits, replaced = _counting_audits(monkeypatch), []
+    real_replace = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (replaced.append(Path(b)), real_replace(a, b))[1])
+    policy = _policy(tmp_path)
+    for rnd in (1, 2):
+        replaced.clear(), audits.clear()
+        _eps(train_round(train_message(CFG, rnd), node_context(), policy))
+        ledger_writes = [p for p in replaced if p.parent == tmp_path / "ledgers" and p.suffix == ".json"]
+        assert len(ledger_writes) == 2, ledger_writes  # reservation (with the plan on round 1), settlement
+        assert len(audits) == (0 if rnd == 1 else 1)
+    (path,) = (tmp_path / "ledgers").glob("*.json")
+    assert [e["kind"] for e in json.loads(path.read_text())["entries"]] == ["plan", "reserve", "settle", "reserve", "settle"]
