@@ -201,26 +201,28 @@ class PrivacyGate:
         # A fresh process every round: keep the RDP math of this node's runs on its disk (pure functions).
         accounting.use_disk_cache(Path(self.policy.state_dir).expanduser() / "cache" / "accounting.json")
         self._ledger = ledger = PrivacyLedger.open(self.policy.state_dir, self.data_key, records=self.records)
-        run_plan = ledger.plan_run(
-            request.run_id, sample_rate=sample_rate, steps_per_round=steps,
-            planned_rounds=request.num_rounds, run_epsilon=terms.run_epsilon,
-            max_epsilon=terms.max_epsilon, delta=terms.delta, accountant=request.accountant,
-            max_noise_multiplier=self.policy.max_noise_multiplier,
-            noise_shares=(shares := self._noise_shares()), cap_basis=self.policy.cap_basis,
-        )
-        if run_plan.noise_shares > shares:
-            raise PolicyError(
-                f"distributed DP: this run's noise share σ/√{run_plan.noise_shares} was fixed for sums of at least "
-                f"{run_plan.noise_shares} nodes, but this round's SecAgg+ threshold guarantees only {shares}: the "
-                f"sum would carry less noise than the ledger records; refusing the round")
-        plan = Plan(True, run_plan.noise_multiplier, sample_rate, steps, run_plan.noise_shares)
-        basis = self.policy.cap_basis
-        before = ledger.epsilon(terms.delta, request.accountant, basis)
-        after = ledger.reserve(
-            request.run_id, request.server_round, (plan.noise_multiplier, sample_rate, steps),
-            max_epsilon=terms.max_epsilon, run_epsilon=terms.run_epsilon, delta=terms.delta,
-            accountant=request.accountant, noise_shares=plan.noise_shares, cap_basis=basis,
-        )
+        shares, basis = self._noise_shares(), self.policy.cap_basis
+        # One transaction for the run's plan and the round's reservation: the file read once under the lock
+        # and, on a run's first round, written once (durably, before training) with both entries, not twice.
+        with ledger.transaction():
+            run_plan = ledger.plan_run(
+                request.run_id, sample_rate=sample_rate, steps_per_round=steps,
+                planned_rounds=request.num_rounds, run_epsilon=terms.run_epsilon,
+                max_epsilon=terms.max_epsilon, delta=terms.delta, accountant=request.accountant,
+                max_noise_multiplier=self.policy.max_noise_multiplier, noise_shares=shares, cap_basis=basis,
+            )
+            if run_plan.noise_shares > shares:
+                raise PolicyError(
+                    f"distributed DP: this run's noise share σ/√{run_plan.noise_shares} was fixed for sums of at "
+                    f"least {run_plan.noise_shares} nodes, but this round's SecAgg+ threshold guarantees only "
+                    f"{shares}: the sum would carry less noise than the ledger records; refusing the round")
+            plan = Plan(True, run_plan.noise_multiplier, sample_rate, steps, run_plan.noise_shares)
+            before = ledger.epsilon(terms.delta, request.accountant, basis)
+            after = ledger.reserve(
+                request.run_id, request.server_round, (plan.noise_multiplier, sample_rate, steps),
+                max_epsilon=terms.max_epsilon, run_epsilon=terms.run_epsilon, delta=terms.delta,
+                accountant=request.accountant, noise_shares=plan.noise_shares, cap_basis=basis,
+            )
         shared = (f" (its share of the aggregate's σ={run_plan.aggregate_noise_multiplier:.3f}, summed over >= "
                   f"{plan.noise_shares} nodes by SecAgg+; the cap counts {basis} ε)" if plan.noise_shares > 1 else "")
         say(

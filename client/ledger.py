@@ -240,6 +240,11 @@ def audit_file(path: Path, data_key: str | None, identity: NodeIdentity) -> tupl
         raw = path.read_bytes()
     except OSError as err:
         return None, [f"cannot be read ({err.strerror})"]
+    return audit_bytes(raw, path, data_key, identity)
+
+
+def audit_bytes(raw: bytes, path: Path, data_key: str | None, identity: NodeIdentity) -> tuple[dict | None, list[str]]:
+    """`audit_file` of the bytes `raw` read from `path`."""
     try:
         state = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as err:
@@ -292,14 +297,28 @@ def _view_mismatch(name: str, stored: Any, derived: Any) -> str:
 
 
 # ---- the ledger -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Verified:
+    """A ledger file's bytes as audited (or written) by one PrivacyLedger, the node id its chain was checked
+    against, and the state those bytes hold."""
+
+    raw: bytes
+    node_id: str | None
+    state: dict[str, Any]
+
+
 class PrivacyLedger:
     def __init__(self, path: Path, data_key: str, identity: NodeIdentity, state: dict[str, Any] | None = None,
-                 records=None) -> None:
+                 records=None, verified: _Verified | None = None) -> None:
         self.path = path
         self.data_key = data_key
         self.identity = identity
         self.records = records  # the record hashes of a node's own data file (kept beside the identity file)
         self._state = state or {"version": LEDGER_VERSION, "data_key": data_key, "entries": [], **_Views([], [], {}).as_state()}
+        self._verified = verified  # the file as this object last audited or wrote it (see _read_under_lock)
+        self._transaction_depth = 0
+        self._transaction_durable = False
+        self._epsilons: dict[tuple, float] = {}  # ε of each spend history already composed (see _epsilon)
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
@@ -327,13 +346,18 @@ class PrivacyLedger:
             if records is not None:
                 cls._refuse_shared_records(identity, data_key, records)
             return cls(path, data_key, identity, records=records)
-        state, problems = audit_file(path, data_key, identity)
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise LedgerError(f"privacy ledger {path} cannot be read ({err.strerror}); refusing to train rather "
+                              "than forget past spend — restore it from backup") from None
+        state, problems = audit_bytes(raw, path, data_key, identity)
         if problems:
             more = f" (and {len(problems) - 1} more problem(s): `fedsafe ledger verify --state-dir {state_dir}`)" \
                 if len(problems) > 1 else ""
             raise LedgerError(f"privacy ledger {path} {problems[0]}{more}; refusing to train rather than forget "
                               "past spend — restore it from backup")
-        return cls(path, data_key, identity, state, records)
+        return cls(path, data_key, identity, state, records, _Verified(raw, identity.node_id, state))
 
     @staticmethod
     def _refuse_shared_records(identity: NodeIdentity, data_key: str, records) -> None:
@@ -351,23 +375,69 @@ class PrivacyLedger:
             )
 
     @contextlib.contextmanager
-    def _transaction(self, must_survive: bool = True):
+    def transaction(self, must_survive: bool = True):
         """Read-modify-write under an exclusive lock, so two processes on one dataset cannot
         both spend what only one of them may. Written (durably) only where an entry was added: a run's
         plan read back every round changes nothing, and rewriting it cost two fsyncs a node-round.
-        `must_survive=False`: a power cut may leave the previous version (whole), never a torn one."""
+        `must_survive=False`: a power cut may leave the previous version (whole), never a torn one.
+
+        Transactions nest: the ledger's own steps (plan_run, reserve, settle) inside a caller's transaction
+        (the gate's plan and reservation) read the file once and write it once, when the outermost ends,
+        durably if any step asked for it. Entries added before an exception are written too: each was
+        checked when it was added, and a step that refuses (BudgetExhausted) adds nothing, so a run's new
+        plan followed by a refused reservation leaves the plan recorded, as two transactions did."""
+        if self._transaction_depth:
+            self._transaction_durable = self._transaction_durable or must_survive
+            self._transaction_depth += 1
+            try:
+                yield
+            finally:
+                self._transaction_depth -= 1
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_suffix(".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                self._state = PrivacyLedger.open(self.path.parent, self.data_key)._state
+                self._state = self._read_under_lock()
                 entries = len(self._state["entries"])
-                yield
-                if len(self._state["entries"]) != entries:
-                    self._save(must_survive)
+                self._transaction_depth, self._transaction_durable = 1, must_survive
+                try:
+                    yield
+                finally:
+                    self._transaction_depth = 0
+                    if len(self._state["entries"]) != entries:
+                        self._save(self._transaction_durable)
         except OSError as err:  # a full disk, a read-only state dir: no spend may go unrecorded
             raise LedgerError(f"privacy ledger {self.path} cannot be written ({err.strerror or err}); refusing "
                               "to train without a record of the spend") from None
+
+    def _read_under_lock(self) -> dict[str, Any]:
+        """The ledger's state as the file holds it now, verified as `open` verifies it.
+
+        Audited afresh (`open`: the hash chain, every entry against its plan, the derived views) unless the
+        file's bytes are exactly those this object last audited or wrote, and the node identity file still
+        names the node those bytes were checked against. Those two are everything the audit reads besides
+        this object's path and key, so the audit would give the same state again; a node-round (open, plan,
+        reserve, settle) then audits its file once instead of four times.
+
+        As an attacker: any change to the file between two transactions — a hand edit, a file copied in,
+        a truncation, another process' or another PrivacyLedger object's spend (each entry carries its own
+        time and hash) — changes its bytes, and a replaced identity file changes the node id: either is
+        audited in full. Nothing is trusted from file metadata (size, mtime, inode), which an edit can keep.
+        Bytes that are exactly the verified ones are the verified ledger, whoever wrote them. The file is
+        read under the lock, so no write lands between this comparison and the transaction's own write."""
+        verified = self._verified
+        if verified is not None:
+            try:
+                unchanged = (self.path.read_bytes() == verified.raw
+                             and NodeIdentity(self.path.parent).node_id == verified.node_id)
+            except (OSError, ValueError):  # gone or damaged: `open` names the problem
+                unchanged = False
+            if unchanged:
+                return verified.state
+        fresh = PrivacyLedger.open(self.path.parent, self.data_key)
+        self._verified = fresh._verified
+        return fresh._state
 
     def state_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._state))
@@ -396,8 +466,13 @@ class PrivacyLedger:
         """Write atomically and durably (a crash leaves the old file or the new one, never half), then
         record in the node identity file that this key has been trained on. `must_survive=False` leaves
         the rename itself unsynced: a power cut may then bring back the previous version."""
+        text = json.dumps(self._state, indent=1, allow_nan=False)
         with atomic_write(self.path, sync_directory=must_survive) as handle:
-            json.dump(self._state, handle, indent=1, allow_nan=False)
+            handle.write(text)
+        # What the next transaction compares the file with: these bytes, the state they hold (read back from
+        # them, so it is exactly what `open` would derive), and the node id the chain was built from.
+        self._state = json.loads(text)
+        self._verified = _Verified(text.encode(), self.identity.node_id, self._state)
         if self.records is not None:
             self.identity.record_records(self.path.name, self.records)
             self.records = None  # kept: once per ledger object is enough
@@ -430,7 +505,17 @@ class PrivacyLedger:
         return [aggregate_spend(spend, m) for spend, m in zip(self.history, self.noise_shares, strict=True)]
 
     def epsilon(self, delta: float, accountant: str = "rdp", basis: str = OWN_UPDATE) -> float:
-        return epsilon(self.spends(basis), delta, accountant)
+        return self._epsilon(self.spends(basis), delta, accountant)
+
+    def _epsilon(self, spends: list[Spend], delta: float, accountant: str) -> float:
+        """accounting.epsilon of `spends`, each history composed once by this object: a node-round asks for
+        the same few again (ε after the reservation, as the round's figure; this run's ε, which is all spend
+        on a dataset's first run). Keyed by the checked spends themselves (check_spend raises as epsilon
+        would), δ and the accountant, so a value is never stale: another history is another key."""
+        key = (tuple(map(check_spend, spends)), delta, accountant)
+        if key not in self._epsilons:
+            self._epsilons[key] = epsilon(key[0], delta, accountant)
+        return self._epsilons[key]
 
     def run_plan(self, run_id: str) -> RunPlan | None:
         plan = self._state["runs"].get(run_id)
@@ -444,13 +529,15 @@ class PrivacyLedger:
         return next((e["hash"] for e in self._state["entries"] if e["kind"] == "plan" and e["run"] == run_id), None)
 
     def rounds_of(self, run_id: str) -> list[dict[str, Any]]:
-        return [r for r in self._state["rounds"] if r["run"] == run_id]
+        # Copies: the state is kept between transactions as verified (_read_under_lock), so no caller may
+        # change it in place.
+        return [dict(r) for r in self._state["rounds"] if r["run"] == run_id]
 
     def project(self, run_id: str, spend: Spend, delta: float, accountant: str = "rdp", noise_shares: int = 1,
                 cap_basis: str = OWN_UPDATE) -> tuple[float, float]:
         """(ε of all spend on this data on `cap_basis`, ε of this run's spend against the aggregate) if one
         more `spend` (σ the node's own, shared by `noise_shares` nodes) were taken; changes nothing."""
-        return epsilon(self._spends_with(spend, noise_shares, cap_basis), delta, accountant), epsilon(
+        return self._epsilon(self._spends_with(spend, noise_shares, cap_basis), delta, accountant), self._epsilon(
             [*self._run_spends(run_id), aggregate_spend(spend, noise_shares)], delta, accountant)
 
     def _spends_with(self, spend: Spend, noise_shares: int, basis: str) -> list[Spend]:
@@ -487,7 +574,7 @@ class PrivacyLedger:
         Distributed DP (`noise_shares` m > 1): σ is the aggregate's, the run's grant is charged against
         the aggregate, and the node adds σ/√m; the lifetime cap counts the ε of `cap_basis` (own-update:
         the node's update alone at σ/√m; aggregate: the sum at σ)."""
-        with self._transaction():
+        with self.transaction():
             existing = self.run_plan(run_id)
             if existing is not None:
                 _check_noise(existing.aggregate_noise_multiplier, max_noise_multiplier)
@@ -520,7 +607,7 @@ class PrivacyLedger:
         history = self.spends(cap_basis)
         # The cap's basis sees σ/√m where it counts the node's own update, σ where it trusts the sum.
         scale = math.sqrt(noise_shares) if cap_basis == OWN_UPDATE else 1.0
-        if epsilon([*history, (sigma_run / scale, sample_rate, steps)], delta, accountant) <= max_epsilon:
+        if self._epsilon([*history, (sigma_run / scale, sample_rate, steps)], delta, accountant) <= max_epsilon:
             # σ_run already keeps the lifetime cap, so the cap's own (smaller) σ cannot be the larger:
             # skip its calibration (seconds of RDP evaluations, in every fresh ClientApp process).
             return sigma_run
@@ -556,7 +643,7 @@ class PrivacyLedger:
             spend = check_spend(spend, min_steps=1)
         except ValueError as err:
             raise LedgerError(f"privacy ledger {self.path}: refusing to reserve round {server_round}: {err}") from None
-        with self._transaction():
+        with self.transaction():
             return self._reserve(run_id, server_round, spend, max_epsilon, run_epsilon, delta, accountant,
                                  noise_shares, cap_basis)
 
@@ -566,13 +653,13 @@ class PrivacyLedger:
     ) -> float:
         shared = aggregate_spend(spend, noise_shares)
         if run_epsilon is not None:
-            run_after = epsilon([*self._run_spends(run_id), shared], delta, accountant)
+            run_after = self._epsilon([*self._run_spends(run_id), shared], delta, accountant)
             if run_after > run_epsilon + 1e-9:
                 raise BudgetExhausted(
                     f"privacy budget exhausted: round {server_round} would take run {run_id} to "
                     f"ε={run_after:.3f}, over the ε={run_epsilon:g} it was granted (δ={delta:g})"
                 )
-        after = epsilon(self._spends_with(spend, noise_shares, cap_basis), delta, accountant)
+        after = self._epsilon(self._spends_with(spend, noise_shares, cap_basis), delta, accountant)
         # 1e-9: bisection and accountant arithmetic agree to far better than this.
         if after > max_epsilon + 1e-9:
             spent = self.epsilon(delta, accountant, cap_basis)
@@ -595,7 +682,7 @@ class PrivacyLedger:
         Not synced to survive a power cut on its own (one fsync fewer a round): the reservation it closes
         is already durable and charged, so losing a settlement leaves the round charged as reserved —
         never less — and the next reservation's durable write carries it."""
-        with self._transaction(must_survive=False):
+        with self.transaction(must_survive=False):
             record = next((r for r in reversed(self.rounds_of(run_id))
                            if r["round"] == server_round and r["status"] == "reserved"), None)
             if record is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
@@ -25,23 +26,52 @@ def content_bytes(content: RecordDict) -> int:
     them: 8–9 ms for a 4 MB update, measured on the shared 2-core machine). `content` is left as it was: it
     is measured through a view sharing its arrays' bytes, since a Flower Array that has been sliced into
     chunks keeps memoryviews, which neither copy.deepcopy (the in-process transport) nor pickle (Ray) take."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    return contents_bytes([content])
 
-    view = RecordDict({name: _view(record) for name, record in content.items()})
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(view).values())
+
+def contents_bytes(contents: Iterable[RecordDict]) -> int:
+    """The sum of `content_bytes` over `contents`, each content object and each record object among them
+    measured once: a round's train messages all carry one RecordDict (Flower's strategies build one and address
+    it to every sampled node), or at least one global-model ArrayRecord, so a round's requests cost one pass
+    over its arrays and its config, not one a node. Each content still counts every distinct object it carries
+    (Flower ships a shared object once per message, not once per round), so the sum is what measuring each
+    content alone gives. Exact as long as nothing changes `contents` while this runs (the grid is called after)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
+
+    # By identity, each entry keeping its object alive so that no other object can take its id meanwhile.
+    views: dict[int, tuple[Any, Any]] = {}  # id(record) -> (record, its view)
+    measured: dict[int, tuple[RecordDict, int]] = {}  # id(content) -> (content, its bytes)
+
+    def view_of(record):
+        if id(record) not in views:
+            views[id(record)] = (record, _view(record))
+        return views[id(record)][1]
+
+    total = 0
+    # Each object's id computed once (Flower recomputes an id, deflating the object again, wherever it is asked
+    # for: a record's id 5-7 times per content). Safe here because every object measured is a fresh view made
+    # below, whose id is first computed inside this block and which nothing changes: no stale id can be reused.
+    with no_object_id_recompute():
+        for content in contents:
+            if id(content) not in measured:
+                view = RecordDict({name: view_of(record) for name, record in content.items()})
+                measured[id(content)] = (content, sum(len(obj.deflate()) for obj in get_all_nested_objects(view).values()))
+            total += measured[id(content)][1]
+    return total
 
 
 def _view(record):
-    """`record`, or a fresh ArrayRecord of fresh Arrays over the same bytes (no copy of the data)."""
+    """A fresh copy of `record` sharing its arrays' bytes (no copy of the data): fresh Arrays for an
+    ArrayRecord, a fresh record of the same items for a config or metric record."""
     if not isinstance(record, ArrayRecord):
-        return record  # config and metric records cache only their id (a str)
+        return type(record)(dict(record.items()))
     return ArrayRecord({key: Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data)
                         for key, array in record.items()})
 
 
 def replies_bytes(replies: Iterable[Message]) -> int:
     """What `replies` uploaded: their contents' bytes (an error reply carries no content: 0)."""
-    return sum(content_bytes(reply.content) for reply in replies if not reply.has_error())
+    return contents_bytes(reply.content for reply in replies if not reply.has_error())
 
 
 @dataclass(frozen=True)
@@ -75,7 +105,7 @@ class MeteredGrid:
 
     def _push_messages(self, messages: Iterable[Message]):
         messages = list(messages)
-        self._download += sum(content_bytes(message.content) for message in messages)
+        self._download += contents_bytes(message.content for message in messages)
         return self._grid.push_messages(messages)
 
     def _pull_messages(self, message_ids: Iterable[str]):
@@ -85,7 +115,7 @@ class MeteredGrid:
 
     def _send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         messages = list(messages)
-        self._download += sum(content_bytes(message.content) for message in messages)
+        self._download += contents_bytes(message.content for message in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self._upload += replies_bytes(replies)
         return replies

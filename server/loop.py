@@ -39,7 +39,7 @@ from fedsafe.strategies import (
     validate_update,
 )
 from fedsafe.strategies.state import excluded_nodes, find_link, hides_updates
-from fedsafe.strategies.validation import NUM_EXAMPLES_FACTOR
+from fedsafe.strategies.validation import NUM_EXAMPLES_FACTOR, global_reference
 from fedsafe.traffic import MeteredGrid, Traffic
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunState, load_checkpoint, save_checkpoint
@@ -173,7 +173,8 @@ def _decode_compressed(content, global_arrays: ArrayRecord, frozen) -> None:
         raise UpdateRejected(f"malformed compressed update: {err}") from None
 
 
-def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen) -> float | None:
+def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, masked: bool, frozen,
+                 reference=None) -> float | None:
     """Raise UpdateRejected unless `reply` is an update fit to aggregate (decodes a compressed update and
     completes frozen arrays in place); returns its norm (None under secure aggregation), which the round's
     bound is checked against later."""
@@ -192,7 +193,7 @@ def _check_reply(reply: Message, global_arrays: ArrayRecord, cfg: RunConfig, mas
         validate_dp_metrics(content[METRICS])
     if masked:  # under secure aggregation the server never holds an update to check
         return None
-    norm = validate_update(global_arrays, content[ARRAYS], None, frozen)
+    norm = validate_update(global_arrays, content[ARRAYS], None, frozen, reference)
     # nodes do not upload frozen parameters: aggregate whole models, frozen ones unchanged
     content[ARRAYS] = complete_update(global_arrays, content[ARRAYS], frozen)
     return norm
@@ -258,13 +259,16 @@ def validate_replies(
     names = names if names is not None else NodeNames()
     checked = Checked()
     candidates: list[tuple[int, Message, float | None]] = []
+    reference = None  # the global model as every update is compared with it, once a round
     for node, reply in collected.replies:
         if reply.has_error():
             entry = {"node": node, "code": reply.error.code, "reason": reply.error.reason}
             (checked.refusals if reply.error.code == BUDGET_EXHAUSTED else checked.failures).append(entry)
             continue
         try:
-            candidates.append((node, reply, _check_reply(reply, global_arrays, cfg, masked, frozen)))
+            if reference is None and not masked:
+                reference = global_reference(global_arrays)
+            candidates.append((node, reply, _check_reply(reply, global_arrays, cfg, masked, frozen, reference)))
         except UpdateRejected as err:
             checked.rejected.append({"node": node, "reason": str(err)})
     valid = _enforce_norm_bound(candidates, cfg, checked)
@@ -537,7 +541,10 @@ def finish_run(run: _Run, stop_reason: str | None) -> dict[str, Any]:
     run.results.plot(history)
     from fedsafe.after.card import write_card_at_end_of_run
 
-    write_card_at_end_of_run(run.cfg.out_path)  # MODEL_CARD.md + model_card.json: the run's privacy record and metrics
+    # MODEL_CARD.md + model_card.json: the run's privacy record and metrics. The run key is the one its checkpoint
+    # holds (this run wrote it, or resumed from it): the card need not read the checkpoint back for it.
+    checkpointed = (run.cfg.out_path / CHECKPOINT_NAME).is_file()
+    write_card_at_end_of_run(run.cfg.out_path, run.run_key if checkpointed else None)
     return summary
 
 

@@ -95,8 +95,9 @@ class ResultsWriter:
 
     def write(self, history: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> None:
         document = {"config": self.config, "rounds": history, "summary": summary or {}}
+        text = json.dumps(_json_safe(document), indent=1)  # one write, not one per token as json.dump makes
         with atomic_write(self.directory / "metrics.json") as handle:
-            json.dump(_json_safe(document), handle, indent=1)
+            handle.write(text)
         columns = ["round", *metric_columns(history), *RUN_COLUMNS]
         rows = [
             {c: ("" if r.get(c) is None else r.get(c)) for c in columns}

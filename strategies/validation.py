@@ -18,12 +18,20 @@ class UpdateRejected(ValueError):
     """An update that must not be aggregated; the message says why."""
 
 
+def global_reference(global_arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The global model's arrays as validate_update compares updates with them (float64): computed once a
+    round for all its replies, not once a reply (Flower's Array.numpy() deserialises the bytes every call)."""
+    return {key: global_arrays[key].numpy().astype(np.float64) for key in global_arrays.keys()}
+
+
 def validate_update(
-    global_arrays: ArrayRecord, update: ArrayRecord, max_update_norm: float | None = None, frozen: Iterable[str] = ()
+    global_arrays: ArrayRecord, update: ArrayRecord, max_update_norm: float | None = None, frozen: Iterable[str] = (),
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> float:
     """Raise UpdateRejected unless `update` has the global model's keys (less the `frozen` ones,
     which nodes do not upload), shapes and dtypes, holds only finite values, and (if a bound is
-    set) moves the model by at most `max_update_norm` (L2). Returns that distance, the update's norm."""
+    set) moves the model by at most `max_update_norm` (L2). Returns that distance, the update's norm.
+    `reference`: global_reference(global_arrays), where the caller checks several updates against it."""
     frozen = set(frozen)
     expected, got = set(global_arrays.keys()) - frozen, set(update.keys())
     if expected != got:
@@ -33,16 +41,17 @@ def validate_update(
         raise UpdateRejected(f"keys differ from the global model (missing {missing[:5]}, unexpected {extra[:5]})")
     squared = 0.0
     for key in (k for k in global_arrays.keys() if k not in frozen):
-        reference, array = global_arrays[key], update[key]
-        if tuple(array.shape) != tuple(reference.shape):
-            raise UpdateRejected(f"{key}: shape {tuple(array.shape)}, expected {tuple(reference.shape)}")
-        if array.dtype != reference.dtype:
-            raise UpdateRejected(f"{key}: dtype {array.dtype}, expected {reference.dtype}")
+        start, array = global_arrays[key], update[key]
+        if tuple(array.shape) != tuple(start.shape):
+            raise UpdateRejected(f"{key}: shape {tuple(array.shape)}, expected {tuple(start.shape)}")
+        if array.dtype != start.dtype:
+            raise UpdateRejected(f"{key}: dtype {array.dtype}, expected {start.dtype}")
         values = array.numpy()
         if not np.all(np.isfinite(values)):
             raise UpdateRejected(f"{key}: holds NaN or infinite values")
         if np.issubdtype(values.dtype, np.floating):
-            squared += float(np.sum((values.astype(np.float64) - reference.numpy().astype(np.float64)) ** 2))
+            start_values = reference[key] if reference is not None else start.numpy().astype(np.float64)
+            squared += float(np.sum((values.astype(np.float64) - start_values) ** 2))
     norm = float(np.sqrt(squared))
     if max_update_norm is not None and norm > max_update_norm:
         raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {max_update_norm:.3g}")

@@ -277,6 +277,54 @@ def test_bootstrap_metrics_equal_sklearn():
     assert r2(target, guess) == pytest.approx(r2_score(target, guess))
 
 
+def test_the_cards_ledger_figures_are_each_ledgers_own_and_an_edited_one_is_named(tmp_path):
+    """The card reads every ledger in a simulation's ledger directory once, audited as a node audits it: a good
+    ledger's figures are its own; an edited one is listed as unreadable with its problem, not counted."""
+    from fedsafe.after.card import ledger_records
+    from fedsafe.client.accounting import epsilon
+    from fedsafe.client.ledger import PrivacyLedger
+
+    for key, steps in (("node-a", 20), ("node-b", 30)):
+        ledger = PrivacyLedger.open(tmp_path, key)
+        sigma = ledger.plan_run("run", sample_rate=0.1, steps_per_round=steps, planned_rounds=2, run_epsilon=2.0,
+                                max_epsilon=5.0, delta=1e-5).noise_multiplier
+        ledger.reserve("run", 1, (sigma, 0.1, steps), max_epsilon=5.0, delta=1e-5)
+        ledger.settle("run", 1, steps)
+    edited = PrivacyLedger.open(tmp_path, "node-b").path
+    edited.write_text(edited.read_text().replace('"steps_per_round": 30', '"steps_per_round": 3'))
+    good, bad = sorted(ledger_records(tmp_path, "run", 1e-5, "rdp"), key=lambda r: "error" in r)
+    spend = PrivacyLedger.open(tmp_path, "node-a").history
+    assert good["data"] == "node-a" and good["steps"] == 20 and good["rounds"] == 1
+    assert good["epsilon_run"] == good["epsilon_all_runs_on_this_data"] == epsilon(spend, 1e-5)
+    assert bad["ledger"] == edited.name and bad["error"].startswith("unreadable: privacy ledger") and "hash chain" in bad["error"]
+
+
+def test_the_cards_f1_interval_is_the_record_bootstraps_drawn_from_confusion_counts():
+    """The card draws each bootstrap resample as its confusion counts (multinomial over the (true, predicted)
+    cells): each resample's F1 is macro_f1's for records with those counts, the interval is reproducible, and
+    it agrees with the bootstrap that resamples the records one by one within the resampling noise."""
+    from fedsafe.after.card import _macro_f1_of_confusions, bootstrap_interval, macro_f1, macro_f1_interval
+
+    rng = np.random.default_rng(5)
+    confusions = rng.integers(0, 4, (30, 4, 4)) * (rng.random((30, 4, 4)) < 0.6)
+    confusions[0] = 0
+    confusions[0, 1, 1] = 3  # one class present only
+    for confusion, value in zip(confusions, _macro_f1_of_confusions(confusions)):
+        true, predicted = np.nonzero(confusion)
+        y = np.repeat(true, confusion[true, predicted])
+        guess = np.repeat(predicted, confusion[true, predicted])
+        assert value == pytest.approx(macro_f1(y, guess), rel=1e-12)
+    for n, classes, offset in [(3000, 4, 0), (800, 10, -3)]:
+        y = rng.integers(0, classes, n) + offset
+        predicted = np.where(rng.random(n) < 0.7, y, rng.integers(0, classes + 1, n) + offset)
+        low, high = macro_f1_interval(y, predicted)
+        assert (low, high) == macro_f1_interval(y, predicted)  # seeded
+        plain_low, plain_high = bootstrap_interval(macro_f1, (y, predicted))
+        assert low < macro_f1(y, predicted) < high
+        assert abs(low - plain_low) < 0.25 * (plain_high - plain_low)
+        assert abs(high - plain_high) < 0.25 * (plain_high - plain_low)
+
+
 class _Payload:
     def __reduce__(self):
         return (Path.touch, (Path("/tmp/fedsafe-after-payload-ran"),))

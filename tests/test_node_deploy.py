@@ -223,6 +223,38 @@ def test_replay_cache_ignores_torn_or_mismatched_files(tmp_path):
     assert cache.lookup("run", 3, "digest") is None
 
 
+def test_replay_entries_written_in_place_are_used_only_when_whole_and_matching(tmp_path):
+    """The cache is overwritten in place, unsynced: whatever a crash leaves — a meta cut short, a longer old
+    meta's tail after a shorter new one, a meta edited to name this request, arrays of another reply — is
+    ignored (the round is trained and charged again), never answered from."""
+    import json
+
+    from fedsafe.client.replay import ReplayCache
+
+    cache = ReplayCache(tmp_path, "clinic")
+    first, second = {"w": np.ones((40, 40), np.float32)}, {"w": np.full((2, 2), 7, np.float32)}
+    cache.store("run", 3, "first-request", first, {"num-examples": 5, "epsilon": 1.25})
+    longer_meta, first_arrays = cache.meta_path.read_bytes(), cache.arrays_path.read_bytes()
+    cache.store("run", 4, "second", second, {"num-examples": 5})
+    assert np.array_equal(cache.lookup("run", 4, "second")[0]["w"], second["w"])
+    assert cache.lookup("run", 3, "first-request") is None  # one entry per dataset: the latest reply
+    assert len(cache.arrays_path.read_bytes()) < len(first_arrays)  # shortened in place: no stale tail
+
+    whole = cache.meta_path.read_bytes()
+    assert len(longer_meta) > len(whole)
+    cache.meta_path.write_bytes(whole[: len(whole) // 2])  # cut short
+    assert cache.lookup("run", 4, "second") is None
+    cache.meta_path.write_bytes(whole + longer_meta[len(whole):])  # a shorter meta over a longer one, not cut
+    assert cache.lookup("run", 4, "second") is None
+    meta = json.loads(whole)
+    meta["request"] = "first-request"  # names another request, its own digest not redone
+    cache.meta_path.write_bytes(json.dumps(meta).encode())
+    assert cache.lookup("run", 4, "first-request") is None
+    cache.meta_path.write_bytes(whole)
+    cache.arrays_path.write_bytes(first_arrays)  # the meta's arrays replaced by another reply's
+    assert cache.lookup("run", 4, "second") is None
+
+
 # ------------------------------------------------------------------------- warm start
 PROBE = """
 import os, sys

@@ -1,6 +1,8 @@
 """The product's promise: the ε a node reports is true, persisted, and enforced before it is exceeded."""
 
 import json
+import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -248,3 +250,131 @@ def test_calibration_is_cached_in_memory_and_on_the_nodes_disk(tmp_path):
         assert acc.calibrate_noise([], 0.125, 64, 2.5, 1e-5) == sigma
     finally:
         acc.use_disk_cache(None)
+
+
+PLAN = dict(sample_rate=0.1, steps_per_round=20, planned_rounds=4, run_epsilon=2.0, max_epsilon=5.0, delta=1e-5)
+
+
+def _counting_audits(monkeypatch) -> list[int]:
+    """Every full audit of a ledger file (hash chain, entries, views) appends to the list returned."""
+    from fedsafe.client import ledger as ledger_module
+
+    audits, real = [], ledger_module.audit_bytes
+    monkeypatch.setattr(ledger_module, "audit_bytes", lambda *a, **k: (audits.append(1), real(*a, **k))[1])
+    return audits
+
+
+def test_a_transaction_re_audits_the_file_only_when_its_bytes_changed(tmp_path, monkeypatch):
+    """A node-round (open, plan, reserve, settle) audits its ledger once; a write by another ledger object or
+    another process, and a hand edit, between two transactions of one object are still seen or refused."""
+    audits = _counting_audits(monkeypatch)
+    first = PrivacyLedger.open(tmp_path, "k")
+    sigma = first.plan_run("r1", **PLAN).noise_multiplier
+    first.reserve("r1", 1, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    first.settle("r1", 1, 20)
+    assert audits == []  # a new ledger: everything it holds, this object wrote
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    ledger.plan_run("r1", **PLAN)
+    ledger.reserve("r1", 2, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    ledger.settle("r1", 2, 20)
+    assert len(audits) == 1  # the open; each transaction found the bytes it had read or written
+
+    # Another object on the same file (what a second SuperNode process on this data would be), then another
+    # process: each spend is seen by the first object's next transaction, and counted.
+    PrivacyLedger.open(tmp_path, "k").reserve("r1", 3, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    code = ("from fedsafe.client.ledger import PrivacyLedger; import sys; PrivacyLedger.open(sys.argv[1], 'k')"
+            ".reserve('r2', 1, (1.5, 0.1, 10), max_epsilon=5.0, delta=1e-5)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    ledger.settle("r1", 3, 20)
+    assert ledger.history == [(sigma, 0.1, 20)] * 3 + [(1.5, 0.1, 10)]
+    assert [r["status"] for r in PrivacyLedger.open(tmp_path, "k").rounds_of("r1")] == ["spent"] * 3
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, 0.1, 60), (1.5, 0.1, 10)]
+    assert ledger.epsilon(1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+    # A hand edit between two transactions of one object: refused, nothing written.
+    state = json.loads(ledger.path.read_text())
+    state["entries"][1]["spend"][2] = 1  # a reservation's steps cut to 1
+    ledger.path.write_text(json.dumps(state, indent=1))
+    edited = ledger.path.read_bytes()
+    with pytest.raises(LedgerError, match="hash chain broken"):
+        ledger.reserve("r1", 4, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    assert ledger.path.read_bytes() == edited
+
+
+def test_a_replaced_identity_file_is_seen_between_transactions(tmp_path):
+    from fedsafe.client.identity import IDENTITY_FILE
+
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    sigma = ledger.plan_run("r1", **PLAN).noise_multiplier
+    ledger.reserve("r1", 1, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5)
+    PrivacyLedger.open(tmp_path / "elsewhere", "other").reserve("r", 1, (1.0, 0.1, 5), max_epsilon=5.0, delta=1e-5)
+    shutil.copy(tmp_path / "elsewhere" / IDENTITY_FILE, tmp_path / IDENTITY_FILE)  # another node's identity
+    with pytest.raises(LedgerError, match="hash chain broken at entry 0"):
+        ledger.settle("r1", 1, 20)
+
+
+def test_a_runs_plan_and_first_reservation_are_one_durable_write(tmp_path, monkeypatch):
+    """The gate plans and reserves in one transaction: on a run's first round the file is replaced once
+    (file and directory synced) with both entries; a refused reservation still leaves a new plan recorded."""
+    import os
+
+    from fedsafe.client import files
+
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    ledger.reserve("r0", 1, (1.0, 0.1, 10), max_epsilon=50.0, delta=1e-5)  # the identity file exists already
+    synced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (replaced.append(b), real_replace(a, b))[1])
+    with ledger.transaction():
+        sigma = ledger.plan_run("r1", **{**PLAN, "max_epsilon": 50.0}).noise_multiplier
+        ledger.reserve("r1", 1, (sigma, 0.1, 20), max_epsilon=50.0, delta=1e-5, run_epsilon=2.0)
+        assert replaced == [] and synced == []  # nothing written before the transaction ends
+    assert replaced == [ledger.path] and len(synced) == 2
+    reread = PrivacyLedger.open(tmp_path, "k")
+    assert reread.run_plan("r1").noise_multiplier == sigma and len(reread.rounds_of("r1")) == 1
+
+    with pytest.raises(BudgetExhausted), ledger.transaction():
+        ledger.plan_run("r2", **{**PLAN, "max_epsilon": 50.0})
+        ledger.reserve("r2", 1, (ledger.run_plan("r2").noise_multiplier, 0.1, 20), max_epsilon=0.01, delta=1e-5)
+    reread = PrivacyLedger.open(tmp_path, "k")
+    assert reread.run_plan("r2") is not None and reread.rounds_of("r2") == []  # the plan kept, no spend
+
+
+def test_a_rounds_epsilons_are_the_accountants_however_often_asked(tmp_path):
+    """ε figures a ledger object has composed once are kept for the same history: still Opacus' own."""
+    ledger = PrivacyLedger.open(tmp_path, "k")
+    sigma = ledger.plan_run("r1", **PLAN).noise_multiplier
+    for rnd in (1, 2):
+        after = ledger.reserve("r1", rnd, (sigma, 0.1, 20), max_epsilon=5.0, delta=1e-5, run_epsilon=2.0)
+        accountant = RDPAccountant()
+        accountant.history = [(sigma, 0.1, 20 * rnd)]
+        assert after == ledger.epsilon(1e-5) == ledger.epsilon(1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+        following = ledger.project("r1", (sigma, 0.1, 20), 1e-5)
+        accountant.history = [(sigma, 0.1, 20 * (rnd + 1))]
+        assert following[0] == following[1] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    with pytest.raises(ValueError, match="step count"):
+        ledger.project("r1", (sigma, 0.1, 20.0), 1e-5)  # refused as the accountant refuses it, cached or not
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_node_round_writes_its_ledger_twice_and_audits_it_once(tmp_path, monkeypatch):
+    """A run's first round on a node: the plan and the reservation in one durable write before training, the
+    settlement in one more; the file audited once (its open), each transaction finding its own bytes."""
+    import os
+
+    from fedsafe.client import files
+
+    audits, replaced = _counting_audits(monkeypatch), []
+    real_replace = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (replaced.append(Path(b)), real_replace(a, b))[1])
+    policy = _policy(tmp_path)
+    for rnd in (1, 2):
+        replaced.clear(), audits.clear()
+        _eps(train_round(train_message(CFG, rnd), node_context(), policy))
+        ledger_writes = [p for p in replaced if p.parent == tmp_path / "ledgers" and p.suffix == ".json"]
+        assert len(ledger_writes) == 2, ledger_writes  # reservation (with the plan on round 1), settlement
+        assert len(audits) == (0 if rnd == 1 else 1)
+    (path,) = (tmp_path / "ledgers").glob("*.json")
+    assert [e["kind"] for e in json.loads(path.read_text())["entries"]] == ["plan", "reserve", "settle", "reserve", "settle"]

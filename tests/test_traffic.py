@@ -103,3 +103,28 @@ def test_a_polled_grid_counts_each_reply_once(flower_task_identity):
     assert traffic.download_bytes == pushed_bytes(messages)
     assert grid.take().upload_bytes == 0  # each round's count starts afresh
     assert not hasattr(MeteredGrid(object()), "pull_messages")  # the loop still tells an in-process grid apart
+
+
+def test_a_content_shared_by_many_messages_counts_once_per_message(flower_task_identity):
+    """Flower's strategies address one RecordDict to every sampled node; the meter measures it once but counts
+    it for each message, and contents that share only the global model's ArrayRecord still count it each."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedsafe.traffic import MeteredGrid
+
+    arrays = ArrayRecord({"w": Array(np.arange(300_000, dtype=np.float32)), "b": Array(np.zeros(7, np.float32))})
+    shared = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "lr": 0.5})})
+    own = [RecordDict({"arrays": arrays, "config": ConfigRecord({"node": n})}) for n in (1, 2)]
+    twice = RecordDict({"arrays": arrays, "again": arrays})  # one object twice in a message: shipped once
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+                for n, content in enumerate([shared, shared, shared, *own, twice], start=1)]
+
+    class Sink:
+        def push_messages(self, messages):
+            return [str(m.metadata.dst_node_id) for m in messages]
+
+    grid = MeteredGrid(Sink())
+    grid.push_messages(messages)
+    assert grid.take().download_bytes == pushed_bytes(messages) > 6 * 1_200_000
+    assert pushed_bytes(messages[:3]) == 3 * pushed_bytes(messages[:1])
