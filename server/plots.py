@@ -112,11 +112,14 @@ class PlotHelper:
 
 def main() -> None:
     """The helper: matplotlib imported first, then one drawing per line on stdin, one answer per line."""
+    gc.disable()  # matplotlib's objects are none of them garbage: imported with the collector paused, then frozen
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401 - imported while the run starts, not when its first figure is due
 
+    gc.freeze()  # so the collections while drawing walk the figures' objects, not matplotlib's
+    gc.enable()
     for line in sys.stdin:
         try:
             job = json.loads(line)
