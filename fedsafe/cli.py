@@ -58,6 +58,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "local", "ray"),
                    help="local: every node in this process; ray: Flower's simulation engine; auto (default): local "
                         "for up to 1000 nodes without --ray-address or --client-gpus, else ray")
+    p.add_argument("--local-workers", type=int, default=None, metavar="N",
+                   help="backend local: train each round's nodes in N processes forked from this one, one thread "
+                        "each (default: one per core; 1: every node in this process)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--cap-basis", default="own-update", choices=("own-update", "aggregate"),
                    help="the virtual nodes' node-config cap-basis: which ε of a distributed-dp run counts against "
@@ -257,7 +260,7 @@ def _simulation_options(args: argparse.Namespace, nodes: int):
     return SimulationOptions(num_nodes=nodes, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
                              ray_address=args.ray_address, verbose=args.verbose, attack=args.attack,
                              attackers=args.attackers, attack_factor=args.attack_factor, backend=args.backend,
-                             cap_basis=args.cap_basis)
+                             cap_basis=args.cap_basis, local_workers=args.local_workers)
 
 
 def _backend(args: argparse.Namespace, nodes: int):
@@ -265,7 +268,7 @@ def _backend(args: argparse.Namespace, nodes: int):
     from fedsafe.simulations.backend import BackendError, choose_backend
 
     try:
-        return choose_backend(args.backend, nodes, args.ray_address, args.client_gpus)
+        return choose_backend(args.backend, nodes, args.ray_address, args.client_gpus, args.local_workers)
     except BackendError as err:
         raise CliError(f"fedsafe: {err}") from None
 

@@ -42,6 +42,9 @@ class SimulationOptions:
     # The virtual nodes' node-config cap-basis: which ε of a distributed-DP run their cap (ε) counts.
     cap_basis: str = "own-update"
     backend: str = "auto"  # local, ray or auto (simulations/backend.py)
+    # The local backend's processes (simulations/workers.py): 1 trains every node in this process, where a
+    # caller's own hooks and monkeypatches see them; None forks one worker per core (the CLI's default).
+    local_workers: int | None = 1
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -66,7 +69,8 @@ class SimulationOptions:
 
     def backend_choice(self) -> BackendChoice:
         try:
-            return choose_backend(self.backend, self.num_nodes, self.ray_address, self.client_gpus)
+            return choose_backend(self.backend, self.num_nodes, self.ray_address, self.client_gpus,
+                                  self.local_workers)
         except BackendError as err:
             raise ConfigError(str(err)) from None
 
@@ -209,8 +213,9 @@ def simulate_in_process(cfg: RunConfig, options: SimulationOptions, progress: Pr
 
 def _run_in_process(federation: SimulatedFederation, options: SimulationOptions, progress: ProgressSink | None,
                     drop=None) -> RunOutcome:
-    """The round loop over a LocalGrid: every node's ClientApp called in this process, one after another,
-    each training with one thread (as each Ray actor does), under the node ids Flower's engine would give."""
+    """The round loop over a LocalGrid: every node's ClientApp called in this process or in its forked worker
+    processes (simulations/workers.py), each training with one thread (as each Ray actor does), under the
+    node ids Flower's engine would give."""
     import torch
 
     from fedsafe.server.app import run_server
@@ -219,13 +224,15 @@ def _run_in_process(federation: SimulatedFederation, options: SimulationOptions,
 
     if not options.verbose:  # as on Ray: fedsafe prints its own progress and logs refusals under "fedsafe.*"
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    grid = LocalGrid(federation.client_app, options.num_nodes, drop=drop, quiet=not options.verbose,
-                     node_ids=simulated_node_ids(federation.cfg.seed, options.num_nodes))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # before any worker is forked: each inherits one thread
+    grid = LocalGrid(federation.client_app, options.num_nodes, drop=drop, quiet=not options.verbose,
+                     node_ids=simulated_node_ids(federation.cfg.seed, options.num_nodes),
+                     workers=options.backend_choice().workers)
     try:
         return run_server(grid, federation.cfg, progress)
     finally:
+        grid.close()
         torch.set_num_threads(threads)
 
 

@@ -62,9 +62,14 @@ class TuneGrid:
         trials = []
         for index, combo in enumerate(itertools.product(*(self.values[k] for k in keys)), start=1):
             setting = dict(zip(keys, combo, strict=True))
-            fields = {k.replace("-", "_"): v for k, v in setting.items()}
-            trials.append((setting, replace(base, **fields, out_dir=str(out / f"trial-{index}"))))
+            trials.append((setting, with_setting(base, setting, out / f"trial-{index}")))
         return trials
+
+
+def with_setting(base: RunConfig, setting: dict[str, Any], out_dir: Path) -> RunConfig:
+    """`base` with `setting` (values by run-config key) applied, writing its results to `out_dir`."""
+    settings = by_key(RUN_SETTINGS)
+    return replace(base, **{settings[key].name: value for key, value in setting.items()}, out_dir=str(out_dir))
 
 
 @dataclass
@@ -116,8 +121,7 @@ def tune(base: RunConfig, grid: TuneGrid, options: SimulationOptions, out: Path,
                         charged_to_private=[] if proxy else [r["out_dir"] for r in rows],
                         search_epsilon={}, delta=base.delta, proxy=proxy)
     if proxy:
-        final_cfg = replace(base, **{k.replace("-", "_"): v for k, v in best["setting"].items()},
-                            out_dir=str(out / "final"))
+        final_cfg = with_setting(base, best["setting"], out / "final")
         report.final = _trial(best["setting"], final_cfg, replace(options, ledger_dir=str(private_ledgers)), None)
         report.charged_to_private = [report.final["out_dir"]]
         progress(f"[final run on the private data] {_describe(report.final)}")
