@@ -528,7 +528,7 @@ def _app_hash(args: argparse.Namespace) -> int:
 SIMULATION_IMPORTS = ("fedsafe.client.app", "fedsafe.server.app", "opacus", "sklearn.datasets",
                       "sklearn.model_selection", "sklearn.metrics", "torch._dynamo")
 
-_command_process = False  # main() is this process' command (`fedsafe …`, `python -m fedsafe …`), not a caller's call
+_command_process = False  # main() runs as this process' own command (command()), not as a program's call
 
 
 @contextlib.contextmanager
@@ -537,8 +537,8 @@ def _start_up_imports(*modules: str) -> Iterator[None]:
     garbage collector paused, and what they made frozen after (gc.freeze). PyTorch, Opacus, SciPy,
     scikit-learn and Flower make ~350,000 objects, none of them garbage, and the collector walked the growing
     heap again and again as they loaded and once more in the rounds (7 full collections, 1.0-1.2 s of CPU in a
-    digits simulation of 10 nodes × 5 rounds); frozen, no later collection walks them. Only where main() is
-    the process' command: a program calling main() (a test) keeps its collector and its imports as they are."""
+    digits simulation of 10 nodes × 5 rounds); frozen, no later collection walks them. Only in the `fedsafe`
+    program's own process (command()): a program calling main() (a test) keeps its collector and imports."""
     if not _command_process or not gc.isenabled():
         yield
         return
@@ -563,11 +563,16 @@ def _skip_the_final_collection() -> None:
     atexit.register(gc.freeze)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `fedsafe` command; `argv` None: this process is the command (the `fedsafe` script, `python -m
-    fedsafe`), argv from sys.argv."""
+def command() -> int:
+    """The `fedsafe` program (its console script, `python -m fedsafe`): main() as this process' own command,
+    whose start-up may change what only the process' owner should (_start_up_imports)."""
+    return main(owns_process=True)
+
+
+def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> int:
+    """The `fedsafe` command with `argv` (default: sys.argv[1:])."""
     global _command_process
-    _command_process = argv is None
+    _command_process = owns_process
     _skip_the_final_collection()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [after_training.PREDICT]:  # onnxruntime and numpy only: before the imports below pull in torch
@@ -603,4 +608,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -20,14 +20,14 @@ NOT_IMPORTED = (
 RUN = ["simulate", "--dataset", "digits", "--model", "mlp", "--nodes", "2", "--rounds", "1", "--local-epochs", "1",
        "--epsilon", "3", "--backend", "local"]
 
-# As the `fedsafe` script runs it: main() with the arguments in sys.argv. An exit handler registered before
-# main() runs after the command's own: what it sees is what the interpreter's final collections see.
+# As the `fedsafe` script runs it (fedsafe.cli.command, its entry point), with the arguments in sys.argv. An
+# exit handler registered before it runs after the command's own: what it sees the final collections see.
 AS_THE_COMMAND = """
 import atexit, gc, json, sys
 atexit.register(lambda: print(json.dumps({{"frozen_at_exit": gc.get_freeze_count()}}), flush=True))
-from fedsafe.cli import main
+from fedsafe.cli import command
 sys.argv = ["fedsafe", *{args!r}]
-status = main()
+status = command()
 print(json.dumps({{"status": status, "frozen": gc.get_freeze_count(), "collector_on": gc.isenabled(),
                    "imported": [m for m in {names!r} if m in sys.modules]}}), flush=True)
 """
