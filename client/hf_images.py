@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .data_error import DataError
-from .image_folder import UNREADABLE, image_channels, image_transform, pixel_digest, read_image_schema
+from .image_folder import image_channels, image_transform, pixel_digest, read_image_schema, unreadable
 
 HF_FILE_SUFFIXES = (".parquet", ".arrow")
 
@@ -146,7 +146,7 @@ def _open(path: Path, row: int, source):
 
     try:
         return Image.open(source)
-    except UNREADABLE as err:
+    except unreadable() as err:
         raise DataError(f"{path}: row {row} is not a readable image ({type(err).__name__})") from None
 
 
@@ -171,6 +171,6 @@ def _inputs(path: Path, column, labels: np.ndarray, schema: dict, schema_file: P
             with _open(path, row, source) as image:
                 digests[row] = pixel_digest(image, labels[row].item() if hasattr(labels[row], "item") else labels[row])
                 x[row] = transform.apply(image)
-        except UNREADABLE as err:
+        except unreadable() as err:
             raise DataError(f"{path}: row {row} is not a readable image ({type(err).__name__})") from None
     return x, digests

@@ -36,15 +36,14 @@ IGNORED_NAMES = ("Thumbs.db", "desktop.ini")
 SCHEMA_KEYS = {"classes", "size", "channels", "mean", "std"}
 
 
-def _unreadable() -> tuple[type[BaseException], ...]:
+@functools.cache
+def unreadable() -> tuple[type[BaseException], ...]:
     """What Pillow raises for a file it cannot decode: OSError, and for an image whose pixel count is a
-    decompression bomb (over twice Image.MAX_IMAGE_PIXELS), DecompressionBombError."""
+    decompression bomb (over twice Image.MAX_IMAGE_PIXELS), DecompressionBombError. A function, so that
+    importing this module (every run imports fedsafe.client.data) does not import Pillow."""
     from PIL import Image
 
     return (OSError, ValueError, Image.DecompressionBombError)
-
-
-UNREADABLE = _unreadable()
 
 
 @dataclass(frozen=True)
@@ -64,11 +63,11 @@ class ImageTransform:
         try:
             with Image.open(path) as image:
                 return self.apply(image)
-        except UNREADABLE as err:
+        except unreadable() as err:
             raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
 
     def apply(self, image) -> np.ndarray:
-        """An open PIL image as float32 (channels, height, width); Pillow's errors (UNREADABLE) pass up."""
+        """An open PIL image as float32 (channels, height, width); Pillow's errors (unreadable()) pass up."""
         from PIL import Image
 
         pixels = image.convert("L" if self.channels == 1 else "RGB").resize(
@@ -123,7 +122,7 @@ class ImageFolderDataset:
             try:
                 with Image.open(path) as image:
                     digests[row] = pixel_digest(image, int(label))
-            except UNREADABLE as err:
+            except unreadable() as err:
                 raise DataError(f"{path}: not a readable image ({type(err).__name__})") from None
         return digests
 
@@ -206,7 +205,7 @@ def _transform(schema: dict, first_image: str, schema_file: Path) -> ImageTransf
         try:
             with Image.open(first_image) as image:
                 found = ((image.size[1], image.size[0]), image_channels(image))
-        except UNREADABLE as err:
+        except unreadable() as err:
             raise DataError(f"{first_image}: not a readable image ({type(err).__name__})") from None
     return image_transform(schema, schema_file, found)
 

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsafe.client.files import atomic_write
+from fedsafe.server.node_names import NODE_NAME_CHARACTERS, NODE_NAME_MAX_LENGTH
 
 __all__ = [
     "CredentialError",
@@ -81,10 +82,6 @@ _SIGNATURE_HASH = hashes.SHA384
 _CLOCK_SKEW = _dt.timedelta(minutes=5)
 
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-# What a node name (and a file name stem) may hold; results and logs show a registered name in these
-# characters only (fedsafe.server.node_names).
-NODE_NAME_CHARACTERS = "A-Za-z0-9._-"
-NODE_NAME_MAX_LENGTH = 64
 _NODE_NAME = re.compile(rf"^[A-Za-z0-9][{NODE_NAME_CHARACTERS}]{{0,{NODE_NAME_MAX_LENGTH - 1}}}$")
 
 

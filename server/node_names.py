@@ -19,9 +19,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from fedsafe.credentials import NODE_NAME_CHARACTERS, NODE_NAME_MAX_LENGTH
-
 log = logging.getLogger("fedsafe.server")
+
+# What a node name (and a file name stem) may hold: `fedsafe node-keys` (fedsafe.credentials) registers
+# names in these characters only, and results and logs show a registered name in them. Defined here,
+# not in fedsafe.credentials, so that naming nodes does not import the cryptography that module needs.
+NODE_NAME_CHARACTERS = "A-Za-z0-9._-"
+NODE_NAME_MAX_LENGTH = 64
 
 ID_SUFFIX_DIGITS = 6  # the end of the id shown beside a name two nodes share
 
