@@ -68,11 +68,15 @@ class NodeWorkers:
                                               self._serve))
         # The driver's objects (the training stack's ~350,000), inherited by the worker, frozen for its garbage
         # collector: its collections neither scan them nor write to their pages, which would copy each page.
+        # The driver's own collector gets back what was not frozen before (the fedsafe command freezes its
+        # imports for good: fedsafe.cli), so a program forking workers keeps collecting its own objects.
+        frozen_before = gc.get_freeze_count() > 0
         gc.freeze()
         try:
             process.start()
         finally:
-            gc.unfreeze()
+            if not frozen_before:
+                gc.unfreeze()
         worker_end.close()
         return process, driver_end
 
