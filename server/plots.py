@@ -112,6 +112,8 @@ class PlotHelper:
 
 def main() -> None:
     """The helper: matplotlib imported first, then one drawing per line on stdin, one answer per line."""
+    with contextlib.suppress(OSError):  # the run's nodes train on every core: the figures take what they leave
+        os.nice(10)
     gc.disable()  # matplotlib's objects are none of them garbage: imported with the collector paused, then frozen
     import matplotlib
 
