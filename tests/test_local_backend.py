@@ -386,19 +386,27 @@ def test_ctrl_c_stops_a_run_in_worker_processes_and_leaves_none_behind(tmp_path)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "fedsafe", "simulate", "--nodes", "4", "--rounds", "200", "--local-epochs", "1",
                "--dataset", "breast-cancer", "--epsilon", "8", "--local-workers", "2", "--out", str(out)]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def as_from_a_terminal() -> None:  # SIGINT handled and unblocked, whatever this test process inherited
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=as_from_a_terminal)
     try:
         for line in run.stdout:  # wait for the second round: the workers exist and have trained
             if line.startswith("round   2/"):
                 break
         workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
                                                       text=True).stdout.split()]
+        with open(f"/proc/{run.pid}/status") as status:  # said if the driver did not stop
+            signals = [line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
         os.killpg(run.pid, signal.SIGINT)
         _, err = run.communicate(timeout=60)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 130 and "fedsafe: interrupted" in err and "Traceback" not in err
+    assert run.returncode == 130, f"exit {run.returncode}; the driver's signals when interrupted: {signals}"
+    assert "fedsafe: interrupted" in err and "Traceback" not in err
     assert len(workers) >= 2  # the two workers (and the plot helper) were children of the driver
     time.sleep(0.5)
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and

@@ -54,7 +54,9 @@ def test_a_simulate_command_imports_no_module_it_does_not_use_and_no_collection_
     assert ran["imported"] == []
     assert ran["frozen"] > 100_000  # PyTorch's, SciPy's, … objects, frozen once imported: before the rounds
     assert ran["collector_on"]  # the collector itself is on again for the rounds and whatever follows
-    assert ended["frozen_at_exit"] >= ran["frozen"]  # and none walked again at exit
+    # ... and still frozen at exit, so the final collections walk none of it. (Exit handlers that run after the
+    # freeze at exit, such as logging's, may free a few hundred frozen objects: not a count that must grow.)
+    assert ended["frozen_at_exit"] >= 0.99 * ran["frozen"]
 
 
 def test_what_a_simulate_command_imports_up_front_its_run_imports_anyway(tmp_path):
