@@ -88,6 +88,8 @@ class NodeWorkers:
         while pending or busy:
             while pending and idle:
                 slot, index = idle.pop(), pending.pop(0)
+                if not self._workers[slot][0].is_alive():  # died while idle: replaced before it costs a message
+                    self._replace(slot)
                 try:
                     self._workers[slot][1].send_bytes(_encode(deliveries[index]))
                 except OSError:  # the worker died between two messages
@@ -95,6 +97,8 @@ class NodeWorkers:
                     idle.append(slot)
                 else:
                     busy[slot] = index
+            if not busy:  # every message left was answered as a dead worker's: nothing to wait for
+                continue
             ready = wait([self._workers[slot][1] for slot in busy])
             for slot in [slot for slot in busy if self._workers[slot][1] in ready]:
                 index = busy.pop(slot)
@@ -107,14 +111,18 @@ class NodeWorkers:
 
     def _died(self, slot: int, delivery: Delivery) -> Served:
         """The reply of a node whose worker process died holding its message; a new worker takes the slot."""
+        exit_code = self._replace(slot)
+        reason = f"the virtual node's worker process died (exit code {exit_code}) while serving this message"
+        error = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=delivery.message)
+        return Served(error, None, delivery.random_state)
+
+    def _replace(self, slot: int) -> int | None:
+        """A new worker in a dead one's slot; the dead one's exit code."""
         process, connection = self._workers[slot]
         process.join(timeout=5)
         connection.close()
-        reason = (f"the virtual node's worker process died (exit code {process.exitcode}) while serving this "
-                  "message")
         self._workers[slot] = self._start()
-        error = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=delivery.message)
-        return Served(error, None, delivery.random_state)
+        return process.exitcode
 
     def close(self) -> None:
         """Stop the workers: an idle one ends at once; one still serving a message (the run was interrupted

@@ -300,6 +300,27 @@ def test_a_node_that_raises_or_kills_its_worker_is_an_error_reply_and_the_others
     assert {again[n].content["r"]["pid"] for n in (1000, 1001, 1002)} - {os.getpid()}  # workers served them
 
 
+def test_workers_killed_while_idle_are_replaced_before_they_cost_a_message(flower_task_identity, tmp_path):
+    """Every worker killed between two rounds: the next round's messages go to new workers, every node is
+    served, and its Context carries on (a worker that dies holding a message: the test above)."""
+    import os
+    import signal
+
+    nodes = (1000, 1001)
+    grid = LocalGrid(_counting_app(os.getpid(), tmp_path / "died"), num_nodes=2, workers=2)
+    try:
+        grid.send_and_receive([_message(n) for n in nodes])
+        killed = [process for process, _ in grid._pool._workers]
+        for process in killed:
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
+        after = [grid.send_and_receive([_message(n) for n in nodes]) for _ in range(2)]
+    finally:
+        grid.close()
+    assert [[r.content["r"]["calls"] for r in replies] for replies in after] == [[2, 2], [3, 3]]
+    assert not {r.content["r"]["pid"] for replies in after for r in replies} & {p.pid for p in killed}
+
+
 def test_worker_processes_end_with_their_driver_even_when_it_is_killed(tmp_path):
     """A driver killed mid-round (SIGKILL: no clean-up runs) leaves no worker process behind."""
     import os
